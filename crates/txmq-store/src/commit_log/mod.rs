@@ -157,6 +157,13 @@ impl CommitLog {
         let mut out = Vec::new();
         let mut bytes = 0;
         while pos < end && out.len() < max_records && bytes < max_bytes {
+            // A segment that was filled exactly ends where the next one's header begins.
+            if let Some(seg) = self.segment_at(pos)
+                && pos < seg.first_record()
+            {
+                pos = seg.first_record();
+                continue;
+            }
             match self.read_at(pos, end)? {
                 Some(rec) => {
                     bytes += rec.data.body.len();
