@@ -325,6 +325,19 @@ impl Writer {
             self.write_pos = self.buf_start;
             self.buf.clear();
             self.entries.clear();
+            // Bytes of the refused write may have landed; cut them so that no record of it
+            // can be found by a later recovery. Truncation frees space, so it works on a
+            // full disk; if it fails we can no longer vouch for the tail.
+            let cut = self.buf_start - self.active.base;
+            if let Err(te) = self.active.file.set_len(cut) {
+                self.shared.poison(format!(
+                    "cannot cut a failed write from {}: {te}",
+                    self.active.path.display()
+                ));
+            } else if self.shared.config.preallocate {
+                // Best effort: without the reservation, later writes extend the file.
+                let _ = self.active.file.allocate(self.active.capacity);
+            }
             let err = map_io("cannot write to the commit log", &e);
             tracing::warn!(error = %err, "append failed");
             for p in pending {

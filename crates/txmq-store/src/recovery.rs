@@ -507,6 +507,8 @@ fn replay(
         off = SEGMENT_HEADER_LEN as u64;
     }
     report.log_end = write_pos;
+    // A brand-new store has nothing to rebuild.
+    report.full_index_rebuild &= report.records_scanned > 0;
     for r in queues.values_mut() {
         r.flush(io, cfg).map_err(Err)?;
     }

@@ -1,1 +1,48 @@
-fn main() {}
+//! `txmq`: the one binary of txmq. Today it benchmarks and checks the storage engine;
+//! `serve` and the other commands of ARCHITECTURE.md follow.
+
+mod bench;
+mod cli;
+mod debug;
+mod store_check;
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use cli::{BenchCommand, Cli, Command, DebugCommand, StoreCommand};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(e) = init_logging(&cli.log_level) {
+        eprintln!("txmq: error: {e:#}");
+        return ExitCode::from(2);
+    }
+    let result = match cli.command {
+        Command::Bench(BenchCommand::Store(args)) => bench::store::run(&args),
+        Command::Store(StoreCommand::Check(args)) => store_check::run(&args),
+        Command::Debug(DebugCommand::StoreWriter(args)) => debug::store_writer::run(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("txmq: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Sends logs to stderr, filtered by `--log-level` (or `RUST_LOG`), so stdout stays for
+/// results.
+fn init_logging(filter: &str) -> anyhow::Result<()> {
+    let filter = EnvFilter::try_new(filter)
+        .map_err(|e| anyhow::anyhow!("invalid --log-level / RUST_LOG {filter:?}: {e}"))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    Ok(())
+}

@@ -88,6 +88,10 @@ impl CommitLog {
         let max_len = (seg.end() - pos) as usize;
         let mut buf = vec![0u8; FIRST_READ.min(max_len)];
         let n = read_full(seg, &mut buf, pos - seg.base)?;
+        if n == 0 {
+            // Past the end of a file that was not preallocated: unwritten, like zeros.
+            return Ok(Raw::Bad(DecodeError::Empty));
+        }
         buf.truncate(n);
         let header = match record::decode_header(&buf, max_len) {
             Ok(h) => h,
