@@ -59,7 +59,7 @@ pub use retention::RetentionReport;
 pub use state::StateFiles;
 
 use commit_log::CommitLog;
-use group_commit::{Command, Writer};
+use group_commit::{Command, Syncer, Writer};
 use io::{FsIo, Io};
 use queue_index::{QueueIndex, QueueKey};
 
@@ -81,6 +81,36 @@ pub struct Appended {
     pub store_timestamp: i64,
 }
 
+/// Counters of the write path since the store was opened.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Records acknowledged.
+    pub records: u64,
+    /// Group commits (writes of one or more requests).
+    pub group_commits: u64,
+    /// Bytes written to the log.
+    pub bytes_written: u64,
+    /// fdatasync calls on the log.
+    pub syncs: u64,
+    /// Time spent in those fdatasync calls, in microseconds.
+    pub sync_micros: u64,
+}
+
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub records: AtomicU64,
+    pub group_commits: AtomicU64,
+    pub bytes_written: AtomicU64,
+    pub syncs: AtomicU64,
+    pub sync_micros: AtomicU64,
+}
+
+impl Counters {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
 /// State shared by the writer, the maintenance thread and readers.
 pub(crate) struct Shared {
     pub config: StoreConfig,
@@ -90,9 +120,12 @@ pub(crate) struct Shared {
     pub queues: RwLock<HashMap<QueueKey, Arc<QueueIndex>>>,
     /// Readers see the log below this position.
     pub committed: AtomicU64,
+    /// The log below this position is durable.
+    pub durable: AtomicU64,
     /// Position of the last durable checkpoint.
     pub checkpointed: AtomicU64,
     pub state: StateFiles,
+    pub counters: Counters,
     poison: Mutex<Option<String>>,
     floors: Mutex<HashMap<String, u64>>,
     /// Set when an index sync failed: no checkpoint can be trusted until restart.
@@ -154,7 +187,8 @@ impl Shared {
 pub struct Store {
     shared: Arc<Shared>,
     tx: Mutex<Option<mpsc::Sender<Command>>>,
-    writer: Mutex<Option<JoinHandle<()>>>,
+    /// The writer and syncer threads.
+    threads: Mutex<Vec<JoinHandle<()>>>,
     maintenance: Mutex<Option<maintenance::Handle>>,
     report: RecoveryReport,
     /// The data directory lock, released by `close`.
@@ -213,8 +247,10 @@ impl Store {
                     .collect(),
             ),
             committed: AtomicU64::new(recovered.write_pos),
+            durable: AtomicU64::new(recovered.write_pos),
             checkpointed: AtomicU64::new(recovered.checkpoint.position),
             state,
+            counters: Counters::default(),
             poison: Mutex::new(None),
             floors: Mutex::new(HashMap::new()),
             checkpoints_disabled: Default::default(),
@@ -222,30 +258,34 @@ impl Store {
             io,
             config,
         });
+        // Recovery leaves the write position in the last segment.
         let active = shared
             .log
-            .segment_at(
-                recovered
-                    .write_pos
-                    .saturating_sub(1)
-                    .max(shared.log.start()),
-            )
-            .or_else(|| shared.log.segments().pop())
+            .segments()
+            .pop()
             .ok_or_else(|| OpenError::Config("no log segment".into()))?;
+        let spawn_err = |e| OpenError::Io {
+            path: shared.config.dir.clone(),
+            source: e,
+        };
+        let (to_syncer, from_writer) = mpsc::channel();
+        let syncer = Syncer::new(shared.clone(), recovered.write_pos);
+        let syncer = std::thread::Builder::new()
+            .name("txmq-store-syncer".into())
+            .spawn(move || syncer.run(from_writer))
+            .map_err(spawn_err)?;
         let writer = Writer::new(
             shared.clone(),
             active,
             recovered.write_pos,
             recovered.queues,
+            to_syncer,
         );
         let (tx, rx) = mpsc::channel();
-        let handle = std::thread::Builder::new()
+        let writer = std::thread::Builder::new()
             .name("txmq-store-writer".into())
             .spawn(move || writer.run(rx))
-            .map_err(|e| OpenError::Io {
-                path: shared.config.dir.clone(),
-                source: e,
-            })?;
+            .map_err(spawn_err)?;
         let maintenance =
             maintenance::start(shared.clone(), tx.clone()).map_err(|e| OpenError::Io {
                 path: shared.config.dir.clone(),
@@ -254,7 +294,7 @@ impl Store {
         Ok(Self {
             shared,
             tx: Mutex::new(Some(tx)),
-            writer: Mutex::new(Some(handle)),
+            threads: Mutex::new(vec![writer, syncer]),
             maintenance: Mutex::new(Some(maintenance)),
             report,
             dir_lock: Mutex::new(Some(lock)),
@@ -442,7 +482,7 @@ impl Store {
     pub fn checkpoint(&self) -> Result<(), MaintenanceError> {
         let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let tx = tx.ok_or(AppendError::Closed)?;
-        maintenance::checkpoint(&self.shared, &tx)
+        maintenance::checkpoint(&self.shared, &tx, false)
     }
 
     /// Declares that `owner` still needs every record at or after `position` (`None` lifts
@@ -469,6 +509,18 @@ impl Store {
     /// I/O failures while deleting.
     pub fn apply_retention_at(&self, now_ms: i64) -> Result<RetentionReport, MaintenanceError> {
         retention::apply(&self.shared, now_ms)
+    }
+
+    /// Counters of the write path since the store was opened.
+    pub fn stats(&self) -> StoreStats {
+        let c = &self.shared.counters;
+        StoreStats {
+            records: c.records.load(Ordering::Relaxed),
+            group_commits: c.group_commits.load(Ordering::Relaxed),
+            bytes_written: c.bytes_written.load(Ordering::Relaxed),
+            syncs: c.syncs.load(Ordering::Relaxed),
+            sync_micros: c.sync_micros.load(Ordering::Relaxed),
+        }
     }
 
     /// The store's atomically replaced state files (in `DIR/state`).
@@ -498,7 +550,7 @@ impl Store {
         let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner()).take();
         let Some(tx) = tx else { return Ok(()) };
         if self.shared.poison_reason().is_none()
-            && let Err(e) = maintenance::checkpoint(&self.shared, &tx)
+            && let Err(e) = maintenance::checkpoint(&self.shared, &tx, true)
         {
             tracing::warn!(error = %e, "final checkpoint failed; the next open rescans more of the log");
         }
@@ -508,7 +560,7 @@ impl Store {
             Err(_) => Err(AppendError::Closed),
         };
         drop(tx);
-        if let Some(h) = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        for h in std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner())) {
             let _ = h.join();
         }
         self.dir_lock

@@ -36,7 +36,7 @@ pub(crate) fn start(shared: Arc<Shared>, tx: mpsc::Sender<Command>) -> std::io::
                 if shared.poison_reason().is_some() {
                     continue;
                 }
-                if let Err(e) = checkpoint(&shared, &tx) {
+                if let Err(e) = checkpoint(&shared, &tx, false) {
                     tracing::warn!(error = %e, "checkpoint failed");
                 }
                 if last_retention.elapsed() >= shared.config.retention.check_interval {
@@ -59,12 +59,14 @@ pub(crate) fn start(shared: Arc<Shared>, tx: mpsc::Sender<Command>) -> std::io::
 }
 
 /// Takes a consistent cut from the writer, syncs the index files it lists, and writes the
-/// checkpoint. If an index sync fails, the index can no longer be trusted up to any
+/// checkpoint (`clean` only at shutdown, once nothing more can be appended). If an index
+/// sync fails, the index can no longer be trusted up to any
 /// checkpoint, so the checkpoint is removed and no other is written until restart (which
 /// then rebuilds the index from the log).
 pub(crate) fn checkpoint(
     shared: &Shared,
     tx: &mpsc::Sender<Command>,
+    clean: bool,
 ) -> Result<(), MaintenanceError> {
     let _guard = shared
         .checkpoint_lock
@@ -76,7 +78,8 @@ pub(crate) fn checkpoint(
     let (reply, rx) = mpsc::channel();
     tx.send(Command::Snapshot(reply))
         .map_err(|_| AppendError::Closed)?;
-    let snap = rx.recv().map_err(|_| AppendError::Closed)??;
+    let mut snap = rx.recv().map_err(|_| AppendError::Closed)??;
+    snap.checkpoint.clean = clean;
     let synced = (|| {
         for f in &snap.dirty {
             f.file.sync_data().at(&f.path)?;

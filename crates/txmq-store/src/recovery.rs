@@ -130,6 +130,18 @@ impl<'a> Reader<'a> {
         Ok(record::decode(bytes, &header).map(|r| (r, header.synced_upto)))
     }
 
+    /// The first aligned offset at or after `off` that is not zero (or the end of the file).
+    fn skip_zeros(&mut self, mut off: u64) -> std::io::Result<u64> {
+        while off < self.limit {
+            let chunk = self.get(off, CHUNK)?;
+            match chunk.iter().position(|&b| b != 0) {
+                Some(i) => return Ok((off + i as u64) / ALIGN as u64 * ALIGN as u64),
+                None => off += chunk.len().max(1) as u64,
+            }
+        }
+        Ok(off)
+    }
+
     /// Scans from `off` to the end of the segment for valid records at aligned offsets.
     fn survey(&mut self, mut off: u64) -> std::io::Result<Survey> {
         let mut s = Survey::default();
@@ -143,7 +155,7 @@ impl<'a> Reader<'a> {
                     s.extent = off + len;
                     off += len;
                 }
-                Err(DecodeError::Empty) => off += ALIGN as u64,
+                Err(DecodeError::Empty) => off = self.skip_zeros(off)?.max(off + ALIGN as u64),
                 Err(_) => {
                     s.extent = s.extent.max(off + ALIGN as u64);
                     off += ALIGN as u64;
@@ -186,7 +198,8 @@ pub(crate) fn recover(
     io.create_dir_all(&log_dir).at(&log_dir)?;
     io.create_dir_all(&index_dir).at(&index_dir)?;
     let mut segments = open_segments(io, &log_dir)?;
-    if segments.is_empty() {
+    let fresh = segments.is_empty();
+    if fresh {
         segments.push(
             Segment::create(io, &log_dir, 0, cfg.segment_size, cfg.preallocate).at(&log_dir)?,
         );
@@ -215,7 +228,7 @@ pub(crate) fn recover(
 
     let mut attempt = checkpoint.filter(|_| !cfg.repair);
     loop {
-        match replay(io, cfg, &index_dir, &mut segments, attempt.as_ref()) {
+        match replay(io, cfg, &index_dir, &mut segments, attempt.as_ref(), fresh) {
             Ok(rec) => return finish(io, state, &index_dir, segments, rec),
             Err(Ok(NeedsFullRebuild(why))) if attempt.is_some() => {
                 tracing::warn!(reason = %why, "queue index does not match the checkpoint; rebuilding it");
@@ -325,6 +338,7 @@ fn replay(
     index_dir: &Path,
     segments: &mut Vec<Segment>,
     checkpoint: Option<&Checkpoint>,
+    fresh: bool,
 ) -> ReplayResult {
     let log_start = segments[0].first_record();
     let mut report = RecoveryReport {
@@ -385,6 +399,15 @@ fn replay(
         }
     };
     report.scanned_from = start;
+    if fresh || checkpoint.is_some_and(|c| c.clean && ends_at(segments, c.position)) {
+        // A new log, or a clean shutdown: the log ends exactly here, nothing to scan.
+        report.log_end = start;
+        return Ok(ReplayDone {
+            write_pos: start,
+            queues,
+            report,
+        });
+    }
 
     let mut i = segments
         .iter()
@@ -519,6 +542,22 @@ fn replay(
     })
 }
 
+/// Whether `pos` lies in the last segment and holds no record: the end of the log.
+fn ends_at(segments: &[Segment], pos: u64) -> bool {
+    let Some(last) = segments.last() else {
+        return false;
+    };
+    if pos < last.first_record() || pos > last.end() {
+        return false;
+    }
+    if pos == last.end() {
+        return true;
+    }
+    Reader::new(last)
+        .and_then(|mut r| r.probe(pos - last.base))
+        .is_ok_and(|probe| matches!(probe, Err(DecodeError::Empty)))
+}
+
 /// Zeroes everything from `off` to the end of the segment and syncs it.
 fn cut_tail(file: &dyn IoFile, off: u64, capacity: u64, preallocate: bool) -> std::io::Result<()> {
     file.set_len(off)?;
@@ -644,6 +683,7 @@ fn finish(
     }
     let checkpoint = Checkpoint {
         position: done.write_pos,
+        clean: false,
         queues: done
             .queues
             .iter()

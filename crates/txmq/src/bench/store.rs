@@ -103,6 +103,10 @@ struct Report {
     p99_ms: f64,
     p999_ms: f64,
     max_ms: f64,
+    /// Records acknowledged per group commit (one write and one fdatasync).
+    records_per_group_commit: f64,
+    /// Mean time of one fdatasync of the log.
+    fdatasync_mean_ms: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     dd_mb_per_sec: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -136,11 +140,16 @@ pub fn run(args: &BenchStoreArgs) -> anyhow::Result<()> {
     let measured = runtime.block_on(append_for_a_while(store.clone(), args, body));
     drop(runtime);
     // Close even after a failed run, so that the store is left with a final checkpoint.
+    let stats = store.stats();
     let closed = store.close();
     let (tally, latency_us, elapsed) = measured?;
     closed.context("closing the store failed")?;
 
-    let report = report(args, segment_size, &tally, &latency_us, elapsed, dd);
+    let mut report = report(args, segment_size, &tally, &latency_us, elapsed, dd);
+    report.records_per_group_commit =
+        round3(stats.records as f64 / stats.group_commits.max(1) as f64);
+    report.fdatasync_mean_ms =
+        round3(stats.sync_micros as f64 / stats.syncs.max(1) as f64 / 1000.0);
     let table = table(&report);
     let mut out = std::io::stdout().lock();
     if args.json {
@@ -310,6 +319,8 @@ fn report(
         p99_ms: ms(h.value_at_quantile(0.99)),
         p999_ms: ms(h.value_at_quantile(0.999)),
         max_ms: round3(tally.max_latency.as_secs_f64() * 1000.0),
+        records_per_group_commit: 0.0,
+        fdatasync_mean_ms: 0.0,
         dd_mb_per_sec: dd_mb_per_sec.map(round3),
         ratio_to_dd: dd_mb_per_sec.map(|dd| round3(log_mb_per_sec / dd)),
     }
@@ -347,6 +358,11 @@ fn table(r: &Report) -> String {
         ("ack p99", format!("{:.3} ms", r.p99_ms)),
         ("ack p99.9", format!("{:.3} ms", r.p999_ms)),
         ("ack max", format!("{:.3} ms", r.max_ms)),
+        (
+            "group commit",
+            format!("{:.1} records", r.records_per_group_commit),
+        ),
+        ("fdatasync", format!("{:.3} ms mean", r.fdatasync_mean_ms)),
     ];
     if let (Some(dd), Some(ratio)) = (r.dd_mb_per_sec, r.ratio_to_dd) {
         rows.push(("dd MB/s", format!("{dd:.3}")));
