@@ -59,7 +59,7 @@ pub use retention::RetentionReport;
 pub use state::StateFiles;
 
 use commit_log::CommitLog;
-use group_commit::{Command, Syncer, Writer};
+use group_commit::{Command, Prewriter, Syncer, Writer};
 use io::{FsIo, Io};
 use queue_index::{QueueIndex, QueueKey};
 
@@ -187,8 +187,9 @@ impl Shared {
 pub struct Store {
     shared: Arc<Shared>,
     tx: Mutex<Option<mpsc::Sender<Command>>>,
-    /// The writer and syncer threads.
+    /// The writer, syncer and prewriter threads.
     threads: Mutex<Vec<JoinHandle<()>>>,
+    prewriter: Option<Arc<Prewriter>>,
     maintenance: Mutex<Option<maintenance::Handle>>,
     report: RecoveryReport,
     /// The data directory lock, released by `close`.
@@ -274,12 +275,23 @@ impl Store {
             .name("txmq-store-syncer".into())
             .spawn(move || syncer.run(from_writer))
             .map_err(spawn_err)?;
+        let mut threads = vec![syncer];
+        let prewriter = if shared.config.preallocate && shared.config.prewrite_bytes > 0 {
+            let at = recovered.write_pos - active.base;
+            let (p, handle) = Prewriter::start(active.clone(), at, shared.config.prewrite_bytes)
+                .map_err(spawn_err)?;
+            threads.push(handle);
+            Some(p)
+        } else {
+            None
+        };
         let writer = Writer::new(
             shared.clone(),
             active,
             recovered.write_pos,
             recovered.queues,
             to_syncer,
+            prewriter.clone(),
         );
         let (tx, rx) = mpsc::channel();
         let writer = std::thread::Builder::new()
@@ -294,7 +306,11 @@ impl Store {
         Ok(Self {
             shared,
             tx: Mutex::new(Some(tx)),
-            threads: Mutex::new(vec![writer, syncer]),
+            threads: Mutex::new({
+                threads.push(writer);
+                threads
+            }),
+            prewriter,
             maintenance: Mutex::new(Some(maintenance)),
             report,
             dir_lock: Mutex::new(Some(lock)),
@@ -560,6 +576,9 @@ impl Store {
             Err(_) => Err(AppendError::Closed),
         };
         drop(tx);
+        if let Some(p) = &self.prewriter {
+            p.stop();
+        }
         for h in std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner())) {
             let _ = h.join();
         }

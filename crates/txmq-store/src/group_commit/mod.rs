@@ -17,6 +17,7 @@
 //!   which lets recovery tell a torn tail from damage to acknowledged data;
 //! - after a failed fdatasync the store is poisoned and nothing more is acknowledged.
 
+mod prewrite;
 mod syncer;
 mod writer;
 
@@ -25,6 +26,7 @@ use std::sync::{Arc, mpsc};
 
 use tokio::sync::oneshot;
 
+pub(crate) use prewrite::Prewriter;
 pub(crate) use syncer::Syncer;
 pub(crate) use writer::Writer;
 

@@ -7,7 +7,7 @@ use std::sync::{Arc, mpsc};
 
 use tokio::sync::oneshot;
 
-use super::{Command, Group, Handoff, Pending};
+use super::{Command, Group, Handoff, Pending, Prewriter};
 use crate::commit_log::{SEGMENT_HEADER_LEN, Segment};
 use crate::error::AppendError;
 use crate::io::is_disk_full;
@@ -35,6 +35,7 @@ pub(crate) struct Writer {
     entries: Vec<(QueueKey, u64, IndexEntry)>,
     new_dirs: BTreeSet<PathBuf>,
     syncer: mpsc::Sender<Handoff>,
+    prewriter: Option<Arc<Prewriter>>,
 }
 
 impl Writer {
@@ -44,6 +45,7 @@ impl Writer {
         write_pos: u64,
         queues: Vec<(Arc<QueueIndex>, u64)>,
         syncer: mpsc::Sender<Handoff>,
+        prewriter: Option<Arc<Prewriter>>,
     ) -> Self {
         let queues = queues
             .into_iter()
@@ -61,6 +63,7 @@ impl Writer {
             entries: Vec::new(),
             new_dirs: BTreeSet::new(),
             syncer,
+            prewriter,
         }
     }
 
@@ -215,6 +218,9 @@ impl Writer {
         }
         let pending = std::mem::take(&mut self.pending);
         let offset = self.buf_start - self.active.base;
+        if let Some(p) = &self.prewriter {
+            p.claim(offset, offset + self.buf.len() as u64);
+        }
         if let Err(e) = self.active.file.write_all_at(&self.buf, offset) {
             self.rewind();
             let err = map_io("cannot write to the commit log", &e);
@@ -273,6 +279,9 @@ impl Writer {
         // be found by a later recovery. Truncation frees space, so it works on a full disk;
         // if it fails we can no longer vouch for the tail.
         let cut = self.buf_start - self.active.base;
+        if let Some(p) = &self.prewriter {
+            p.reset(self.active.clone(), cut);
+        }
         if let Err(e) = self.active.file.set_len(cut) {
             self.shared.poison(format!(
                 "cannot cut a failed write from {}: {e}",
@@ -306,6 +315,9 @@ impl Writer {
         let seg = Arc::new(seg);
         shared.log.insert(seg.clone());
         tracing::debug!(base, "rolled to a new log segment");
+        if let Some(p) = &self.prewriter {
+            p.reset(seg.clone(), SEGMENT_HEADER_LEN as u64);
+        }
         self.active = seg;
         self.write_pos = self.active.first_record();
         self.buf_start = self.write_pos;

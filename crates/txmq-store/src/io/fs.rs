@@ -37,6 +37,27 @@ impl IoFile for FsFile {
         self.0.set_len(len)
     }
 
+    fn write_back(&self, offset: u64, len: u64) -> io::Result<()> {
+        let (Ok(off), Ok(n)) = (
+            libc::off64_t::try_from(offset),
+            libc::off64_t::try_from(len),
+        ) else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "range too large",
+            ));
+        };
+        let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+            | libc::SYNC_FILE_RANGE_WRITE
+            | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+        // SAFETY: sync_file_range on a valid, open file descriptor owned by `self.0`.
+        if unsafe { libc::sync_file_range(self.0.as_raw_fd(), off, n, flags) } == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
     fn allocate(&self, len: u64) -> io::Result<()> {
         let Ok(len_off) = libc::off_t::try_from(len) else {
             return Err(io::Error::new(

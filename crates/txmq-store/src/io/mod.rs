@@ -32,6 +32,12 @@ pub trait IoFile: Send + Sync {
     }
     /// Truncates or extends the file to `len` bytes.
     fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Writes the range's dirty pages to the device and waits for them, without syncing
+    /// metadata or the device cache (Linux `sync_file_range`). Not a durability barrier: it
+    /// only moves I/O off a later `sync_data`. The default does nothing.
+    fn write_back(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
     /// Reserves disk space for the first `len` bytes, so writes inside it cannot fail for
     /// lack of space. Extends the file to `len` with zeros if it is shorter.
     fn allocate(&self, len: u64) -> io::Result<()>;
