@@ -131,6 +131,8 @@ pub(crate) struct Shared {
     /// Set when an index sync failed: no checkpoint can be trusted until restart.
     checkpoints_disabled: std::sync::atomic::AtomicBool,
     checkpoint_lock: Mutex<()>,
+    /// One retention pass at a time.
+    pub retention_lock: Mutex<()>,
 }
 
 impl Shared {
@@ -256,6 +258,7 @@ impl Store {
             floors: Mutex::new(HashMap::new()),
             checkpoints_disabled: Default::default(),
             checkpoint_lock: Mutex::new(()),
+            retention_lock: Mutex::new(()),
             io,
             config,
         });

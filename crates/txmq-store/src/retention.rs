@@ -29,6 +29,10 @@ pub struct RetentionReport {
 }
 
 pub(crate) fn apply(shared: &Shared, now_ms: i64) -> Result<RetentionReport, MaintenanceError> {
+    let _pass = shared
+        .retention_lock
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
     let cfg = &shared.config.retention;
     let segments = shared.log.segments();
     let mut report = RetentionReport::default();
