@@ -1,0 +1,337 @@
+//! The broker: where messages are accepted, and what ties the parts together.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{Notify, RwLock};
+use txmq_proto::v2::Code;
+use txmq_store::{RecordKind, Store};
+
+use crate::config::BrokerConfig;
+use crate::delivery::Delivery;
+use crate::error::{BrokerError, BrokerResult};
+use crate::message::{NewMessage, SendType, prop, to_record};
+use crate::metadata::{Group, Metadata, TopicType};
+use crate::names::{self, TX_TOPIC};
+use crate::sessions::Sessions;
+use crate::transactions::Transactions;
+
+/// Where a sent message landed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SendReceipt {
+    /// The producer's message id.
+    pub message_id: String,
+    /// Transaction id, for a transactional message.
+    pub transaction_id: Option<String>,
+    /// Queue the message went to.
+    pub queue: u32,
+    /// Offset in that queue (of the half-message queue, for a transactional message).
+    pub offset: u64,
+}
+
+/// The broker. Shared behind an `Arc` by the gRPC service, the admin API and background
+/// tasks.
+pub struct Broker {
+    pub(crate) config: BrokerConfig,
+    pub(crate) store: Arc<Store>,
+    pub(crate) metadata: Metadata,
+    pub(crate) transactions: Transactions,
+    pub(crate) delivery: Delivery,
+    pub(crate) sessions: Sessions,
+    /// Held (shared) by every change of broker state from before its record is appended
+    /// until it is applied in memory; a snapshot takes it exclusively, so the state it saves
+    /// is exactly that of the log below the position it names.
+    pub(crate) gate: RwLock<()>,
+    /// Identifies this run of the broker in receipt handles.
+    pub(crate) nonce: u32,
+    arrivals: Mutex<HashMap<String, Arc<Notify>>>,
+    round_robin: AtomicU32,
+}
+
+impl Broker {
+    pub(crate) fn assemble(config: BrokerConfig, store: Arc<Store>, metadata: Metadata) -> Self {
+        let nonce = (crate::now_ms() as u32) ^ std::process::id().rotate_left(16);
+        Self {
+            config,
+            store,
+            metadata,
+            transactions: Transactions::default(),
+            delivery: Delivery::default(),
+            sessions: Sessions::default(),
+            gate: RwLock::new(()),
+            nonce,
+            arrivals: Mutex::new(HashMap::new()),
+            round_robin: AtomicU32::new(0),
+        }
+    }
+
+    /// The configuration the broker runs with.
+    pub fn config(&self) -> &BrokerConfig {
+        &self.config
+    }
+
+    /// The topics and groups.
+    pub fn metadata(&self) -> &Metadata {
+        &self.metadata
+    }
+
+    /// The transaction table.
+    pub fn transactions(&self) -> &Transactions {
+        &self.transactions
+    }
+
+    /// The storage engine.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The connected clients.
+    pub fn sessions(&self) -> &Sessions {
+        &self.sessions
+    }
+
+    pub(crate) fn next_round(&self) -> u32 {
+        self.round_robin.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Wakes long-polling receivers of a topic.
+    pub(crate) fn arrived(&self, topic: &str) {
+        let map = self.arrivals.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get(topic) {
+            n.notify_waiters();
+        }
+    }
+
+    pub(crate) fn arrivals_of(&self, topic: &str) -> Arc<Notify> {
+        let mut map = self.arrivals.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(topic.to_string()).or_default().clone()
+    }
+
+    /// A group's settings; unknown groups get the defaults (created on first use when topics
+    /// are auto-created).
+    pub(crate) fn group_or_default(&self, name: &str) -> BrokerResult<Group> {
+        names::check_group(name)?;
+        if let Some(g) = self.metadata.group(name) {
+            return Ok(g);
+        }
+        if name.starts_with("%REDRIVE%") {
+            return Ok(Group {
+                name: name.into(),
+                max_attempts: u32::MAX,
+                fifo: false,
+                backoff_ms: Vec::new(),
+            });
+        }
+        if !self.config.auto_create_topics {
+            return Err(BrokerError::group_not_found(name));
+        }
+        self.metadata
+            .put_group(name, self.config.default_max_attempts, false, Vec::new())
+    }
+
+    /// Stores a batch of messages for one topic, all or nothing, durably before it returns.
+    /// A transactional message is stored as a half message, invisible until committed.
+    ///
+    /// # Errors
+    /// The first invalid message's error (nothing is stored then): unknown topic, a message
+    /// type the topic does not take, a body too large or empty, a bad tag, key, message id,
+    /// message group or delivery time; or a storage error.
+    pub async fn send(&self, messages: Vec<NewMessage>) -> BrokerResult<Vec<SendReceipt>> {
+        let Some(first) = messages.first() else {
+            return Err(BrokerError::bad_request("no message to send"));
+        };
+        if messages.iter().any(|m| m.topic != first.topic) {
+            return Err(BrokerError::bad_request(
+                "all messages of a batch must have the same topic",
+            ));
+        }
+        if messages.len() > 1
+            && messages
+                .iter()
+                .any(|m| m.send_type == SendType::Transaction)
+        {
+            return Err(BrokerError::bad_request(
+                "transactional messages are sent one at a time",
+            ));
+        }
+        let topic = self.topic_for_send(first)?;
+        for m in &messages {
+            self.validate(m, topic.message_type)?;
+        }
+        let mut records = Vec::with_capacity(messages.len());
+        let mut receipts = Vec::with_capacity(messages.len());
+        for m in &messages {
+            let queue = match &m.message_group {
+                Some(g) if m.send_type == SendType::Fifo => {
+                    crc32c::crc32c(g.as_bytes()) % topic.queues
+                }
+                _ => self.next_round() % topic.queues,
+            };
+            let (record, tx_id) = match m.send_type {
+                SendType::Transaction => {
+                    let id = uuid::Uuid::now_v7().simple().to_string();
+                    let extra = [
+                        (prop::TRANSACTION_ID, id.clone()),
+                        (prop::REAL_TOPIC, topic.name.clone()),
+                        (prop::REAL_QUEUE, queue.to_string()),
+                    ];
+                    (
+                        to_record(m, RecordKind::Half, TX_TOPIC, 0, &extra),
+                        Some(id),
+                    )
+                }
+                SendType::Delay => (
+                    to_record(m, RecordKind::Delayed, &topic.name, queue, &[]),
+                    None,
+                ),
+                SendType::Normal | SendType::Fifo => (
+                    to_record(m, RecordKind::Normal, &topic.name, queue, &[]),
+                    None,
+                ),
+            };
+            records.push(record);
+            receipts.push(SendReceipt {
+                message_id: m.message_id.clone(),
+                transaction_id: tx_id,
+                queue,
+                offset: 0,
+            });
+        }
+        let half = receipts[0].transaction_id.is_some();
+        // A half message changes the transaction table: hold the gate until it is applied.
+        let _gate = if half {
+            Some(self.gate.read().await)
+        } else {
+            None
+        };
+        let appended = self.store.append(records.clone()).await?;
+        for ((r, at), data) in receipts.iter_mut().zip(&appended).zip(records) {
+            r.offset = at.queue_offset;
+            if half {
+                let rec = txmq_store::Record {
+                    position: at.position,
+                    queue_offset: at.queue_offset,
+                    store_timestamp: at.store_timestamp,
+                    data,
+                };
+                self.transactions.apply(
+                    &rec,
+                    |rec| self.first_check_ms(rec),
+                    |c| self.check_interval_ms(c),
+                );
+            }
+        }
+        if !half {
+            self.arrived(&topic.name);
+        }
+        Ok(receipts)
+    }
+
+    fn topic_for_send(&self, m: &NewMessage) -> BrokerResult<crate::metadata::Topic> {
+        names::check_topic(&m.topic)?;
+        if let Some(t) = self.metadata.topic(&m.topic) {
+            return Ok(t);
+        }
+        if !self.config.auto_create_topics {
+            return Err(BrokerError::topic_not_found(&m.topic));
+        }
+        let kind = match m.send_type {
+            SendType::Normal => TopicType::Normal,
+            SendType::Fifo => TopicType::Fifo,
+            SendType::Delay => TopicType::Delay,
+            SendType::Transaction => TopicType::Transaction,
+        };
+        tracing::info!(topic = %m.topic, kind = kind.as_str(), "auto-creating topic");
+        self.metadata
+            .create_topic(&m.topic, kind, self.config.default_queues)
+    }
+
+    fn validate(&self, m: &NewMessage, topic_type: TopicType) -> BrokerResult<()> {
+        let expected = match topic_type {
+            TopicType::Normal => SendType::Normal,
+            TopicType::Fifo => SendType::Fifo,
+            TopicType::Delay => SendType::Delay,
+            TopicType::Transaction => SendType::Transaction,
+        };
+        if m.send_type != expected {
+            return Err(BrokerError::new(
+                Code::MessagePropertyConflictWithType,
+                format!(
+                    "topic {} takes {} messages, not {}",
+                    m.topic,
+                    topic_type.as_str(),
+                    m.send_type.as_str()
+                ),
+            ));
+        }
+        if m.message_id.is_empty() || m.message_id.len() > 128 {
+            return Err(BrokerError::new(
+                Code::IllegalMessageId,
+                "message id must be 1 to 128 characters",
+            ));
+        }
+        if m.body.is_empty() {
+            return Err(BrokerError::new(
+                Code::MessageBodyEmpty,
+                "message body is empty",
+            ));
+        }
+        if m.body.len() > self.config.max_body_size {
+            return Err(BrokerError::new(
+                Code::MessageBodyTooLarge,
+                format!(
+                    "message body of {} bytes exceeds {} bytes",
+                    m.body.len(),
+                    self.config.max_body_size
+                ),
+            ));
+        }
+        if let Some(tag) = &m.tag {
+            names::check_tag(tag)?;
+        }
+        for k in &m.keys {
+            names::check_key(k)?;
+        }
+        for (k, _) in &m.user_properties {
+            if k.is_empty() || k.len() > 1024 {
+                return Err(BrokerError::new(
+                    Code::IllegalMessagePropertyKey,
+                    format!("illegal property key {k:?}"),
+                ));
+            }
+        }
+        match m.send_type {
+            SendType::Fifo
+                if m.message_group
+                    .as_deref()
+                    .is_none_or(|g| g.is_empty() || g.len() > 256) =>
+            {
+                return Err(BrokerError::new(
+                    Code::IllegalMessageGroup,
+                    "a FIFO message needs a message group of 1 to 256 characters",
+                ));
+            }
+            SendType::Delay => {
+                let now = crate::now_ms();
+                match m.delivery_timestamp {
+                    Some(t) if t <= now + 40 * 24 * 3600 * 1000 => {}
+                    Some(_) => {
+                        return Err(BrokerError::new(
+                            Code::IllegalDeliveryTime,
+                            "delivery time is more than 40 days ahead",
+                        ));
+                    }
+                    None => {
+                        return Err(BrokerError::new(
+                            Code::IllegalDeliveryTime,
+                            "a delay message needs a delivery time",
+                        ));
+                    }
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}

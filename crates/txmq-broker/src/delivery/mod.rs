@@ -1,0 +1,855 @@
+//! Delivery to consumer groups: where a message becomes visible to a group, where it is
+//! acknowledged, and where it is dead-lettered.
+//!
+//! For each (group, topic, queue) the broker keeps an *ack floor* (every offset below it is
+//! done) and the acknowledged offsets above it; both are rebuilt from the log, where every
+//! acknowledgement is a `DeliveryState` record written before the ack is answered. What was
+//! handed out but not acknowledged is kept in memory only, so after a restart every
+//! unacknowledged message is delivered again and no acknowledged one is.
+//!
+//! A delivered message is invisible to the group until its invisible time runs out; then it
+//! is delivered again with `delivery_attempt + 1`, and past the group's max attempts it is
+//! moved to `%DLQ%<group>` (one record that is both the dead-lettered copy and the end of the
+//! original). A FIFO group holds the next message of a message group until the current one
+//! is acknowledged or dead-lettered. A delayed message waits, undelivered, until its time.
+
+mod filter;
+mod handle;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Mutex;
+use std::time::Duration;
+
+pub use filter::Filter;
+pub use handle::ReceiptHandle;
+use serde::{Deserialize, Serialize};
+use txmq_proto::v2::Code;
+use txmq_store::{Record, RecordData, RecordKind};
+
+use crate::broker::Broker;
+use crate::error::{BrokerError, BrokerResult};
+use crate::message::{copy_record, prop, sys};
+use crate::names::{DELIVERY_TOPIC, DLQ_PREFIX, dlq_topic};
+
+/// A message handed to a consumer.
+#[derive(Debug, Clone)]
+pub struct Delivered {
+    /// The stored message.
+    pub record: Record,
+    /// Which delivery this is, from 1.
+    pub attempt: u32,
+    /// What the consumer acknowledges with.
+    pub handle: String,
+    /// How long it stays invisible, ms.
+    pub invisible_ms: i64,
+}
+
+/// A receive request.
+#[derive(Debug, Clone)]
+pub struct ReceiveRequest {
+    /// Consumer group.
+    pub group: String,
+    /// Topic.
+    pub topic: String,
+    /// One queue, or all of them.
+    pub queue: Option<u32>,
+    /// Which tags the group wants.
+    pub filter: Filter,
+    /// Most messages to return.
+    pub batch: usize,
+    /// Invisible time of delivered messages, ms.
+    pub invisible_ms: i64,
+    /// Wait this long for a message when none is ready.
+    pub long_poll: Duration,
+    /// Client to renew the invisible time for while it is connected (push consumers).
+    pub renew_for: Option<String>,
+}
+
+/// A handed-out or held message of a queue.
+#[derive(Debug, Clone)]
+struct Pending {
+    /// Invisible until then (ms); a held message (never delivered) is ready at once.
+    visible_at: i64,
+    /// Deliveries made so far.
+    attempt: u32,
+    /// Bumped on every delivery and invisibility change; a handle names one epoch.
+    epoch: u32,
+    /// Whether it is out with a consumer now (as opposed to held back).
+    delivered: bool,
+    /// FIFO message group.
+    message_group: Option<String>,
+    /// Client whose connection keeps it invisible (push consumers).
+    renew_for: Option<String>,
+    /// When auto-renewal stops, ms.
+    renew_until: i64,
+}
+
+/// What is kept durable per (group, topic, queue).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueProgress {
+    /// Every offset below is done.
+    pub ack_floor: u64,
+    /// Done offsets above the floor.
+    pub acked: BTreeSet<u64>,
+    /// Messages dead-lettered so far.
+    pub dead: u64,
+}
+
+#[derive(Debug, Default)]
+struct QueueState {
+    progress: QueueProgress,
+    /// Next offset never looked at.
+    next: u64,
+    pending: BTreeMap<u64, Pending>,
+}
+
+impl QueueState {
+    fn ack(&mut self, offset: u64) {
+        self.pending.remove(&offset);
+        if offset < self.progress.ack_floor {
+            return;
+        }
+        self.progress.acked.insert(offset);
+        while self.progress.acked.remove(&self.progress.ack_floor) {
+            self.progress.ack_floor += 1;
+        }
+        self.next = self.next.max(self.progress.ack_floor);
+    }
+}
+
+type QueueKey = (String, u32);
+
+/// Delivery state of every group.
+#[derive(Default)]
+pub struct Delivery {
+    groups: Mutex<HashMap<String, HashMap<QueueKey, QueueState>>>,
+}
+
+/// Group statistics for operators.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct GroupStats {
+    /// Messages not yet done.
+    pub lag: u64,
+    /// Messages out with consumers now.
+    pub in_flight: u64,
+    /// Messages dead-lettered.
+    pub dead_lettered: u64,
+}
+
+/// A message to move to the dead-letter topic once the lock is released.
+struct DeadLetter {
+    record: Record,
+    attempts: u32,
+}
+
+impl Delivery {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, HashMap<QueueKey, QueueState>>> {
+        self.groups.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Durable progress of every group (for snapshots): group → "topic/queue" → progress.
+    pub fn progress(&self) -> BTreeMap<String, BTreeMap<String, QueueProgress>> {
+        self.lock()
+            .iter()
+            .map(|(g, qs)| {
+                (
+                    g.clone(),
+                    qs.iter()
+                        .map(|((t, q), s)| (format!("{t}/{q}"), s.progress.clone()))
+                        .collect(),
+                )
+            })
+            .collect()
+    }
+
+    /// Loads progress from a snapshot; nothing is in flight after a restart.
+    pub fn restore(&self, saved: BTreeMap<String, BTreeMap<String, QueueProgress>>) {
+        let mut groups = self.lock();
+        groups.clear();
+        for (g, qs) in saved {
+            let map = groups.entry(g).or_default();
+            for (key, progress) in qs {
+                let Some((t, q)) = key.rsplit_once('/') else {
+                    continue;
+                };
+                let Ok(q) = q.parse() else { continue };
+                map.insert(
+                    (t.to_string(), q),
+                    QueueState {
+                        next: progress.ack_floor,
+                        progress,
+                        pending: BTreeMap::new(),
+                    },
+                );
+            }
+        }
+    }
+
+    /// Applies a record read back from the log: acknowledgements and dead-lettered copies.
+    pub(crate) fn apply(&self, rec: &Record) {
+        let origin =
+            if rec.data.kind == RecordKind::DeliveryState && rec.data.topic == DELIVERY_TOPIC {
+                std::str::from_utf8(&rec.data.body)
+                    .ok()
+                    .and_then(|s| s.strip_prefix("ack "))
+            } else if rec.data.topic.starts_with(DLQ_PREFIX) {
+                sys(&rec.data, prop::DLQ_ORIGIN)
+            } else {
+                None
+            };
+        let Some((group, topic, queue, offset)) = origin.and_then(parse_origin) else {
+            return;
+        };
+        let mut groups = self.lock();
+        let q = groups
+            .entry(group)
+            .or_default()
+            .entry((topic, queue))
+            .or_default();
+        if rec.data.topic.starts_with(DLQ_PREFIX) {
+            q.progress.dead += 1;
+        }
+        q.ack(offset);
+    }
+
+    /// Statistics of a group, given each queue's end offset.
+    pub fn stats(&self, group: &str, now_ms: i64, end_of: impl Fn(&str, u32) -> u64) -> GroupStats {
+        let groups = self.lock();
+        let mut s = GroupStats::default();
+        if let Some(qs) = groups.get(group) {
+            for ((t, q), st) in qs {
+                let end = end_of(t, *q);
+                s.lag += end
+                    .saturating_sub(st.progress.ack_floor)
+                    .saturating_sub(st.progress.acked.len() as u64);
+                s.in_flight += st
+                    .pending
+                    .values()
+                    .filter(|p| p.delivered && p.visible_at > now_ms)
+                    .count() as u64;
+                s.dead_lettered += st.progress.dead;
+            }
+        }
+        s
+    }
+
+    /// Groups that have consumed from a topic.
+    pub fn groups_of(&self, topic: &str) -> Vec<String> {
+        self.lock()
+            .iter()
+            .filter(|(_, qs)| qs.keys().any(|(t, _)| t == topic))
+            .map(|(g, _)| g.clone())
+            .collect()
+    }
+
+    /// The earliest (topic, queue, offset) each group still needs, for retention floors.
+    pub fn floors(&self) -> Vec<(String, u32, u64)> {
+        let groups = self.lock();
+        let mut out: HashMap<QueueKey, u64> = HashMap::new();
+        for qs in groups.values() {
+            for (k, st) in qs {
+                let f = out.entry(k.clone()).or_insert(u64::MAX);
+                *f = (*f).min(st.progress.ack_floor);
+            }
+        }
+        out.into_iter().map(|((t, q), o)| (t, q, o)).collect()
+    }
+
+    /// Extends the invisible time of messages held by connected push consumers.
+    pub fn renew(&self, now_ms: i64, connected: &HashSet<String>, extend_ms: i64) {
+        let mut groups = self.lock();
+        for qs in groups.values_mut() {
+            for st in qs.values_mut() {
+                for p in st.pending.values_mut() {
+                    if let Some(client) = &p.renew_for
+                        && p.delivered
+                        && connected.contains(client)
+                        && now_ms < p.renew_until
+                        && p.visible_at - now_ms < extend_ms / 2
+                    {
+                        p.visible_at = now_ms + extend_ms;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Parses `group topic queue offset`.
+fn parse_origin(s: &str) -> Option<(String, String, u32, u64)> {
+    let mut it = s.split(' ');
+    let (g, t, q, o) = (it.next()?, it.next()?, it.next()?, it.next()?);
+    Some((
+        g.to_string(),
+        t.to_string(),
+        q.parse().ok()?,
+        o.parse().ok()?,
+    ))
+}
+
+fn origin(group: &str, topic: &str, queue: u32, offset: u64) -> String {
+    format!("{group} {topic} {queue} {offset}")
+}
+
+/// How long a push consumer's message stays invisible between renewals, and for how long at
+/// most it is renewed.
+pub const RENEW_MS: i64 = 60_000;
+const RENEW_MAX_MS: i64 = 3 * 3600 * 1000;
+
+impl Broker {
+    /// Delivers up to `req.batch` messages to a group, waiting up to `req.long_poll` for
+    /// one to be ready.
+    ///
+    /// # Errors
+    /// Unknown topic or group, or storage errors.
+    pub async fn receive(&self, req: &ReceiveRequest) -> BrokerResult<Vec<Delivered>> {
+        let topic = self
+            .metadata
+            .topic(&req.topic)
+            .ok_or_else(|| BrokerError::topic_not_found(&req.topic))?;
+        let group = self.group_or_default(&req.group)?;
+        if let Some(q) = req.queue
+            && q >= topic.queues
+        {
+            return Err(BrokerError::bad_request(format!(
+                "topic {} has no queue {q}",
+                topic.name
+            )));
+        }
+        let deadline = tokio::time::Instant::now() + req.long_poll;
+        let arrivals = self.arrivals_of(&req.topic);
+        loop {
+            let notified = arrivals.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let now = crate::now_ms();
+            let (delivered, dead, wake_ms) = {
+                let _gate = self.gate.read().await;
+                let (mut delivered, dead, wake_ms) =
+                    self.collect(req, group.max_attempts, group.fifo, topic.queues, now)?;
+                let dead_count = dead.len();
+                self.dead_letter(&req.group, dead).await?;
+                if dead_count > 0 && delivered.is_empty() {
+                    // Dead-lettering may have freed a FIFO message group: look again at once.
+                    let more = self.collect(
+                        req,
+                        group.max_attempts,
+                        group.fifo,
+                        topic.queues,
+                        crate::now_ms(),
+                    )?;
+                    delivered = more.0;
+                }
+                (delivered, dead_count, wake_ms)
+            };
+            let _ = dead;
+            if !delivered.is_empty() {
+                return Ok(delivered);
+            }
+            let now_i = tokio::time::Instant::now();
+            if now_i >= deadline {
+                return Ok(Vec::new());
+            }
+            let mut wake = deadline;
+            if let Some(ms) = wake_ms {
+                let at = now_i + Duration::from_millis((ms - crate::now_ms()).max(1) as u64);
+                wake = wake.min(at);
+            }
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep_until(wake) => {}
+            }
+        }
+    }
+
+    /// Picks what is ready, under the delivery lock. Returns the deliveries, the messages
+    /// past their max attempts, and when the next held message becomes visible.
+    #[allow(clippy::type_complexity)]
+    fn collect(
+        &self,
+        req: &ReceiveRequest,
+        max_attempts: u32,
+        fifo: bool,
+        queues: u32,
+        now: i64,
+    ) -> BrokerResult<(Vec<Delivered>, Vec<DeadLetter>, Option<i64>)> {
+        let mut out = Vec::new();
+        let mut dead = Vec::new();
+        let mut wake: Option<i64> = None;
+        let mut groups = self.delivery.lock();
+        let states = groups.entry(req.group.clone()).or_default();
+        let order: Vec<u32> = match req.queue {
+            Some(q) => vec![q],
+            None => {
+                let start = self.next_round() % queues;
+                (0..queues).map(|i| (start + i) % queues).collect()
+            }
+        };
+        for q in order {
+            if out.len() >= req.batch {
+                break;
+            }
+            let Some(range) = self.store.queue_range(&req.topic, q) else {
+                continue;
+            };
+            let st = states
+                .entry((req.topic.clone(), q))
+                .or_insert_with(|| QueueState {
+                    progress: QueueProgress {
+                        ack_floor: range.start,
+                        ..Default::default()
+                    },
+                    next: range.start,
+                    pending: BTreeMap::new(),
+                });
+            if st.progress.ack_floor < range.start {
+                // Retention removed what the group never consumed.
+                st.progress.ack_floor = range.start;
+                st.progress.acked.retain(|&o| o >= range.start);
+                st.pending.retain(|&o, _| o >= range.start);
+                st.next = st.next.max(range.start);
+            }
+            // Message groups with a message out (FIFO): nothing more of them is delivered.
+            let mut busy: HashSet<String> = HashSet::new();
+            if fifo {
+                for p in st.pending.values() {
+                    if p.delivered
+                        && p.visible_at > now
+                        && let Some(g) = &p.message_group
+                    {
+                        busy.insert(g.clone());
+                    }
+                }
+            }
+            // Held or timed-out messages, oldest first.
+            let offsets: Vec<u64> = st.pending.keys().copied().collect();
+            for offset in offsets {
+                if out.len() >= req.batch {
+                    break;
+                }
+                let Some(p) = st.pending.get(&offset).cloned() else {
+                    continue;
+                };
+                if p.visible_at > now {
+                    if !p.delivered {
+                        wake = Some(wake.map_or(p.visible_at, |w| w.min(p.visible_at)));
+                    } else if let Some(g) = &p.message_group {
+                        busy.insert(g.clone());
+                    }
+                    continue;
+                }
+                if let Some(g) = &p.message_group
+                    && fifo
+                    && busy.contains(g)
+                {
+                    continue;
+                }
+                let rec = self.read_offset(&req.topic, q, offset)?;
+                if p.attempt >= max_attempts {
+                    st.pending.remove(&offset);
+                    dead.push(DeadLetter {
+                        record: rec,
+                        attempts: p.attempt,
+                    });
+                    if let Some(g) = &p.message_group {
+                        busy.insert(g.clone());
+                    }
+                    continue;
+                }
+                out.push(hand_out(st, offset, rec, p, req, now, self.nonce));
+                if let Some(g) = out
+                    .last()
+                    .and_then(|d| sys(&d.record.data, prop::MESSAGE_GROUP))
+                {
+                    busy.insert(g.to_string());
+                }
+            }
+            // New messages.
+            while out.len() < req.batch && st.next < range.end {
+                let offset = st.next;
+                st.next += 1;
+                if st.progress.acked.contains(&offset) || st.pending.contains_key(&offset) {
+                    continue;
+                }
+                let rec = self.read_offset(&req.topic, q, offset)?;
+                if !req.filter.matches(&rec.data.tag) {
+                    // Not for this group: done, as if consumed.
+                    st.ack(offset);
+                    continue;
+                }
+                let message_group = sys(&rec.data, prop::MESSAGE_GROUP).map(str::to_string);
+                let held = Pending {
+                    visible_at: 0,
+                    attempt: 0,
+                    epoch: 0,
+                    delivered: false,
+                    message_group: message_group.clone(),
+                    renew_for: None,
+                    renew_until: 0,
+                };
+                if rec.data.kind == RecordKind::Delayed && rec.data.deliver_at > now {
+                    wake = Some(wake.map_or(rec.data.deliver_at, |w| w.min(rec.data.deliver_at)));
+                    st.pending.insert(
+                        offset,
+                        Pending {
+                            visible_at: rec.data.deliver_at,
+                            ..held
+                        },
+                    );
+                    continue;
+                }
+                if fifo && message_group.as_ref().is_some_and(|g| busy.contains(g)) {
+                    st.pending.insert(offset, held);
+                    continue;
+                }
+                out.push(hand_out(st, offset, rec, held, req, now, self.nonce));
+                if let Some(g) = message_group {
+                    busy.insert(g);
+                }
+            }
+        }
+        Ok((out, dead, wake))
+    }
+
+    fn read_offset(&self, topic: &str, queue: u32, offset: u64) -> BrokerResult<Record> {
+        let mut recs = self.store.read_queue(topic, queue, offset, 1)?;
+        recs.pop()
+            .ok_or_else(|| BrokerError::internal(format!("{topic}/{queue}@{offset} is missing")))
+    }
+
+    /// Moves messages past their max attempts to the group's dead-letter topic.
+    async fn dead_letter(&self, group: &str, dead: Vec<DeadLetter>) -> BrokerResult<()> {
+        if dead.is_empty() {
+            return Ok(());
+        }
+        let topic = dlq_topic(group);
+        if self.metadata.topic(&topic).is_none() {
+            self.metadata
+                .create_topic(&topic, crate::metadata::TopicType::Normal, 1)?;
+        }
+        let records: Vec<RecordData> = dead
+            .iter()
+            .map(|d| {
+                let r = &d.record;
+                copy_record(
+                    r,
+                    RecordKind::Normal,
+                    &topic,
+                    0,
+                    &[],
+                    &[
+                        (
+                            prop::DLQ_ORIGIN,
+                            origin(group, &r.data.topic, r.data.queue_id, r.queue_offset),
+                        ),
+                        (prop::DLQ_ATTEMPTS, d.attempts.to_string()),
+                    ],
+                )
+            })
+            .collect();
+        match self.store.append(records).await {
+            Ok(_) => {
+                let mut groups = self.delivery.lock();
+                let states = groups.entry(group.to_string()).or_default();
+                for d in &dead {
+                    let st = states
+                        .entry((d.record.data.topic.clone(), d.record.data.queue_id))
+                        .or_default();
+                    st.progress.dead += 1;
+                    st.ack(d.record.queue_offset);
+                }
+                drop(groups);
+                tracing::info!(
+                    group,
+                    count = dead.len(),
+                    "moved messages to the dead-letter topic"
+                );
+                self.arrived(&topic);
+                Ok(())
+            }
+            Err(e) => {
+                // Not moved: they stay due and are tried again on the next receive.
+                let mut groups = self.delivery.lock();
+                let states = groups.entry(group.to_string()).or_default();
+                for d in dead {
+                    let st = states
+                        .entry((d.record.data.topic.clone(), d.record.data.queue_id))
+                        .or_default();
+                    st.pending.insert(
+                        d.record.queue_offset,
+                        Pending {
+                            visible_at: 0,
+                            attempt: d.attempts,
+                            epoch: 0,
+                            delivered: false,
+                            message_group: sys(&d.record.data, prop::MESSAGE_GROUP)
+                                .map(str::to_string),
+                            renew_for: None,
+                            renew_until: 0,
+                        },
+                    );
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Takes the message a handle names out of flight, checking the handle is current.
+    fn take_in_flight(&self, group: &str, topic: &str, h: &ReceiptHandle) -> BrokerResult<Pending> {
+        let bad = || {
+            BrokerError::new(
+                Code::InvalidReceiptHandle,
+                "receipt handle is expired or was already used",
+            )
+        };
+        if h.nonce != self.nonce || h.topic != topic {
+            return Err(bad());
+        }
+        let mut groups = self.delivery.lock();
+        let st = groups
+            .get_mut(group)
+            .and_then(|g| g.get_mut(&(h.topic.clone(), h.queue)))
+            .ok_or_else(bad)?;
+        let current = st
+            .pending
+            .get(&h.offset)
+            .is_some_and(|p| p.delivered && p.epoch == h.epoch);
+        if !current {
+            return Err(bad());
+        }
+        st.pending.remove(&h.offset).ok_or_else(bad)
+    }
+
+    fn put_back(&self, group: &str, h: &ReceiptHandle, p: Pending) {
+        let mut groups = self.delivery.lock();
+        let st = groups
+            .entry(group.to_string())
+            .or_default()
+            .entry((h.topic.clone(), h.queue))
+            .or_default();
+        st.pending.insert(h.offset, p);
+    }
+
+    /// Acknowledges messages; each acknowledgement is durable before it is answered.
+    /// Returns one result per handle.
+    ///
+    /// # Errors
+    /// Per handle: `INVALID_RECEIPT_HANDLE` for a handle that is malformed, expired (the
+    /// message was delivered again since) or already used.
+    pub async fn ack(&self, group: &str, topic: &str, handles: &[String]) -> Vec<BrokerResult<()>> {
+        let _gate = self.gate.read().await;
+        let mut results: Vec<BrokerResult<()>> = Vec::with_capacity(handles.len());
+        let mut taken = Vec::new();
+        for (i, raw) in handles.iter().enumerate() {
+            match ReceiptHandle::parse(raw)
+                .and_then(|h| self.take_in_flight(group, topic, &h).map(|p| (h, p)))
+            {
+                Ok((h, p)) => {
+                    taken.push((i, h, p));
+                    results.push(Ok(()));
+                }
+                Err(e) => results.push(Err(e)),
+            }
+        }
+        if taken.is_empty() {
+            return results;
+        }
+        let records = taken
+            .iter()
+            .map(|(_, h, _)| {
+                let body = format!("ack {}", origin(group, &h.topic, h.queue, h.offset));
+                RecordData::new(
+                    RecordKind::DeliveryState,
+                    DELIVERY_TOPIC,
+                    0,
+                    body.into_bytes(),
+                )
+            })
+            .collect();
+        match self.store.append(records).await {
+            Ok(_) => {
+                let mut groups = self.delivery.lock();
+                let states = groups.entry(group.to_string()).or_default();
+                for (_, h, _) in &taken {
+                    states
+                        .entry((h.topic.clone(), h.queue))
+                        .or_default()
+                        .ack(h.offset);
+                }
+                drop(groups);
+                // An ack may free the next message of a FIFO message group.
+                self.arrived(topic);
+            }
+            Err(e) => {
+                let err = BrokerError::from(e);
+                for (i, h, p) in taken {
+                    self.put_back(group, &h, p);
+                    results[i] = Err(err.clone());
+                }
+            }
+        }
+        results
+    }
+
+    /// Changes how long a delivered message stays invisible (a negative acknowledgement when
+    /// short). Returns the new handle; the old one is no longer valid.
+    ///
+    /// # Errors
+    /// `INVALID_RECEIPT_HANDLE`, or `ILLEGAL_INVISIBLE_TIME` for a negative duration.
+    pub fn change_invisible(
+        &self,
+        group: &str,
+        topic: &str,
+        handle: &str,
+        invisible_ms: i64,
+    ) -> BrokerResult<String> {
+        if !(0..=12 * 3600 * 1000).contains(&invisible_ms) {
+            return Err(BrokerError::new(
+                Code::IllegalInvisibleTime,
+                "invisible duration must be 0 to 12 hours",
+            ));
+        }
+        let h = ReceiptHandle::parse(handle)?;
+        let mut p = self.take_in_flight(group, topic, &h)?;
+        p.epoch += 1;
+        p.visible_at = crate::now_ms() + invisible_ms;
+        // Renewal would undo a negative acknowledgement.
+        p.renew_for = None;
+        let new = ReceiptHandle {
+            epoch: p.epoch,
+            ..h.clone()
+        };
+        self.put_back(group, &h, p);
+        if invisible_ms == 0 {
+            self.arrived(topic);
+        }
+        Ok(new.encode())
+    }
+
+    /// Moves a delivered message to the group's dead-letter topic now (clients do this when
+    /// their own retry count runs out, e.g. FIFO push consumers).
+    ///
+    /// # Errors
+    /// `INVALID_RECEIPT_HANDLE`, or storage errors.
+    pub async fn forward_to_dead_letter(
+        &self,
+        group: &str,
+        topic: &str,
+        handle: &str,
+    ) -> BrokerResult<()> {
+        let _gate = self.gate.read().await;
+        let h = ReceiptHandle::parse(handle)?;
+        let p = self.take_in_flight(group, topic, &h)?;
+        let record = self.read_offset(&h.topic, h.queue, h.offset)?;
+        self.dead_letter(
+            group,
+            vec![DeadLetter {
+                record,
+                attempts: p.attempt,
+            }],
+        )
+        .await
+    }
+
+    /// Copies dead-lettered messages of a group back to their topics, as new messages
+    /// (same id, body and properties), and marks them done in the dead-letter topic.
+    /// Returns how many were redriven.
+    ///
+    /// # Errors
+    /// Unknown group, or storage errors.
+    pub async fn redrive(&self, group: &str, max: usize) -> BrokerResult<usize> {
+        let dlq = dlq_topic(group);
+        if self.metadata.topic(&dlq).is_none() {
+            return Ok(0);
+        }
+        let redrive_group = format!("%REDRIVE%{group}");
+        let req = ReceiveRequest {
+            group: redrive_group.clone(),
+            topic: dlq.clone(),
+            queue: None,
+            filter: Filter::All,
+            batch: max.clamp(1, 1024),
+            invisible_ms: 60_000,
+            long_poll: Duration::ZERO,
+            renew_for: None,
+        };
+        let batch = self.receive(&req).await?;
+        let mut copies = Vec::new();
+        for d in &batch {
+            let Some((_, topic, _, _)) =
+                sys(&d.record.data, prop::DLQ_ORIGIN).and_then(parse_origin)
+            else {
+                continue;
+            };
+            let Some(t) = self.metadata.topic(&topic) else {
+                continue;
+            };
+            let queue = d.record.queue_offset as u32 % t.queues.max(1);
+            copies.push(copy_record(
+                &d.record,
+                RecordKind::Normal,
+                &topic,
+                queue,
+                &[prop::DLQ_ORIGIN, prop::DLQ_ATTEMPTS],
+                &[(
+                    prop::REDRIVEN_FROM,
+                    format!("{dlq} 0 {}", d.record.queue_offset),
+                )],
+            ));
+        }
+        let n = copies.len();
+        let topics: BTreeSet<String> = copies.iter().map(|c| c.topic.clone()).collect();
+        if !copies.is_empty() {
+            self.store.append(copies).await?;
+        }
+        let handles: Vec<String> = batch.iter().map(|d| d.handle.clone()).collect();
+        for r in self.ack(&redrive_group, &dlq, &handles).await {
+            r?;
+        }
+        for t in topics {
+            self.arrived(&t);
+        }
+        Ok(n)
+    }
+
+    /// Delivery statistics of a group.
+    pub fn group_stats(&self, group: &str) -> GroupStats {
+        self.delivery.stats(group, crate::now_ms(), |t, q| {
+            self.store.queue_range(t, q).map_or(0, |r| r.end)
+        })
+    }
+}
+
+fn hand_out(
+    st: &mut QueueState,
+    offset: u64,
+    rec: Record,
+    mut p: Pending,
+    req: &ReceiveRequest,
+    now: i64,
+    nonce: u32,
+) -> Delivered {
+    p.attempt += 1;
+    p.epoch += 1;
+    p.delivered = true;
+    p.visible_at = now + req.invisible_ms;
+    if let Some(client) = &req.renew_for {
+        p.renew_for = Some(client.clone());
+        p.renew_until = now + RENEW_MAX_MS;
+    }
+    let handle = ReceiptHandle {
+        nonce,
+        queue: rec.data.queue_id,
+        offset,
+        epoch: p.epoch,
+        topic: rec.data.topic.clone(),
+    };
+    let attempt = p.attempt;
+    st.pending.insert(offset, p);
+    Delivered {
+        record: rec,
+        attempt,
+        handle: handle.encode(),
+        invisible_ms: req.invisible_ms,
+    }
+}

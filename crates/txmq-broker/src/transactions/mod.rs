@@ -1,0 +1,454 @@
+//! Transactional messages: where a transaction is resolved.
+//!
+//! One entry per transaction id, rebuilt from the log: a half message (kind `Half`, in
+//! [`TX_TOPIC`]) opens it; a message carrying its `transaction_id` in a user topic commits
+//! it; a `TxResolution` record rolls it back or declares it unresolved; each `TxCheck`
+//! record counts one check-back actually sent. A resolution is durable before it is
+//! answered, and resolving twice the same way is answered without writing again, so a
+//! repeated commit delivers once.
+
+pub mod check_back;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+use txmq_proto::v2::Code;
+use txmq_store::{Record, RecordData, RecordKind};
+
+use crate::broker::Broker;
+use crate::error::{BrokerError, BrokerResult};
+use crate::message::{copy_record, prop, sys};
+use crate::names::TX_TOPIC;
+
+/// Where a transaction stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TxState {
+    /// Half message stored; waiting for the producer's decision.
+    Prepared,
+    /// Committed: the message was delivered to its topic.
+    Committed,
+    /// Rolled back: the message is never delivered.
+    RolledBack,
+    /// No decision after the last check-back; waits for an operator.
+    Unresolved,
+}
+
+/// One transaction.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tx {
+    /// Transaction id.
+    pub id: String,
+    /// The message id the producer gave.
+    pub message_id: String,
+    /// Topic the message is for.
+    pub topic: String,
+    /// Queue the message goes to.
+    pub queue: u32,
+    /// Log position of the half message.
+    pub half_position: u64,
+    /// When the half message was stored, ms.
+    pub created_ms: i64,
+    /// When the next check-back is due, ms.
+    pub next_check_ms: i64,
+    /// Check-backs actually sent to a producer.
+    pub checks: u32,
+    /// Where it stands.
+    pub state: TxState,
+    /// When it was committed, rolled back or declared unresolved, ms.
+    pub resolved_ms: Option<i64>,
+}
+
+/// What a producer or operator decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resolution {
+    /// Deliver the message.
+    Commit,
+    /// Never deliver it.
+    Rollback,
+}
+
+struct Entry {
+    tx: Tx,
+    /// Set while a resolution is being written; others wait on it.
+    busy: Option<Arc<Notify>>,
+}
+
+/// The transaction table.
+#[derive(Default)]
+pub struct Transactions {
+    table: Mutex<HashMap<String, Entry>>,
+}
+
+/// Resolution records' bodies.
+const ROLLBACK: &[u8] = b"rollback";
+const UNRESOLVED: &[u8] = b"unresolved";
+const RECHECK: &[u8] = b"recheck";
+
+impl Transactions {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A transaction by id.
+    pub fn get(&self, id: &str) -> Option<Tx> {
+        self.lock().get(id).map(|e| e.tx.clone())
+    }
+
+    /// Transactions in the given states, oldest first.
+    pub fn list(&self, states: &[TxState]) -> Vec<Tx> {
+        let mut out: Vec<Tx> = self
+            .lock()
+            .values()
+            .filter(|e| states.contains(&e.tx.state))
+            .map(|e| e.tx.clone())
+            .collect();
+        out.sort_by_key(|t| t.half_position);
+        out
+    }
+
+    /// Every transaction (for snapshots).
+    pub fn all(&self) -> Vec<Tx> {
+        self.lock().values().map(|e| e.tx.clone()).collect()
+    }
+
+    /// Replaces the table (loading a snapshot).
+    pub fn restore(&self, txs: Vec<Tx>) {
+        *self.lock() = txs
+            .into_iter()
+            .map(|tx| (tx.id.clone(), Entry { tx, busy: None }))
+            .collect();
+    }
+
+    /// Log position of the oldest half message still needed.
+    pub fn oldest_open(&self) -> Option<u64> {
+        self.lock()
+            .values()
+            .filter(|e| matches!(e.tx.state, TxState::Prepared | TxState::Unresolved))
+            .map(|e| e.tx.half_position)
+            .min()
+    }
+
+    /// Forgets resolved transactions older than `before_ms`.
+    pub fn prune(&self, before_ms: i64) {
+        self.lock()
+            .retain(|_, e| e.tx.resolved_ms.is_none_or(|t| t >= before_ms) || e.busy.is_some());
+    }
+
+    /// Prepared transactions whose check-back is due.
+    pub fn due(&self, now_ms: i64) -> Vec<Tx> {
+        self.lock()
+            .values()
+            .filter(|e| {
+                e.tx.state == TxState::Prepared && e.busy.is_none() && e.tx.next_check_ms <= now_ms
+            })
+            .map(|e| e.tx.clone())
+            .collect()
+    }
+
+    pub(crate) fn update(&self, id: &str, f: impl FnOnce(&mut Tx)) {
+        if let Some(e) = self.lock().get_mut(id) {
+            f(&mut e.tx);
+        }
+    }
+
+    /// Applies a record read back from the log (replay) or just written.
+    pub(crate) fn apply(
+        &self,
+        rec: &Record,
+        first_check_ms: impl Fn(&Record) -> i64,
+        interval_ms: impl Fn(u32) -> i64,
+    ) {
+        let mut t = self.lock();
+        match rec.data.kind {
+            RecordKind::Half if rec.data.topic == TX_TOPIC => {
+                let Some(id) = sys(&rec.data, prop::TRANSACTION_ID) else {
+                    return;
+                };
+                let tx = Tx {
+                    id: id.to_string(),
+                    message_id: rec.data.message_id.clone(),
+                    topic: sys(&rec.data, prop::REAL_TOPIC)
+                        .unwrap_or_default()
+                        .to_string(),
+                    queue: sys(&rec.data, prop::REAL_QUEUE)
+                        .and_then(|q| q.parse().ok())
+                        .unwrap_or(0),
+                    half_position: rec.position,
+                    created_ms: rec.store_timestamp,
+                    next_check_ms: first_check_ms(rec),
+                    checks: 0,
+                    state: TxState::Prepared,
+                    resolved_ms: None,
+                };
+                t.entry(tx.id.clone()).or_insert(Entry { tx, busy: None });
+            }
+            RecordKind::TxResolution | RecordKind::TxCheck if rec.data.topic == TX_TOPIC => {
+                let Some(e) = t.get_mut(&rec.data.message_id) else {
+                    return;
+                };
+                let tx = &mut e.tx;
+                if rec.data.kind == RecordKind::TxCheck {
+                    tx.checks += 1;
+                    tx.next_check_ms = rec.store_timestamp + interval_ms(tx.checks);
+                    return;
+                }
+                match rec.data.body.as_slice() {
+                    ROLLBACK => {
+                        tx.state = TxState::RolledBack;
+                        tx.resolved_ms = Some(rec.store_timestamp);
+                    }
+                    UNRESOLVED => {
+                        tx.state = TxState::Unresolved;
+                        tx.resolved_ms = Some(rec.store_timestamp);
+                    }
+                    RECHECK => {
+                        tx.state = TxState::Prepared;
+                        tx.checks = 0;
+                        tx.resolved_ms = None;
+                        tx.next_check_ms = rec.store_timestamp;
+                    }
+                    _ => {}
+                }
+            }
+            _ => {
+                if rec.data.topic.starts_with('%') {
+                    return;
+                }
+                if let Some(id) = sys(&rec.data, prop::TRANSACTION_ID)
+                    && let Some(e) = t.get_mut(id)
+                {
+                    e.tx.state = TxState::Committed;
+                    e.tx.resolved_ms = Some(rec.store_timestamp);
+                }
+            }
+        }
+    }
+}
+
+/// A record of [`TX_TOPIC`] about transaction `id`.
+fn tx_record(kind: RecordKind, id: &str, body: &[u8]) -> RecordData {
+    let mut r = RecordData::new(kind, TX_TOPIC, 0, body.to_vec());
+    r.message_id = id.to_string();
+    r
+}
+
+impl Broker {
+    /// Commits or rolls back a transaction. Idempotent: the same decision twice is answered
+    /// `Ok` without storing anything again; the opposite decision is refused.
+    ///
+    /// # Errors
+    /// `INVALID_TRANSACTION_ID` for an unknown id or one of another topic or message;
+    /// `PRECONDITION_FAILED` for a commit after a rollback or the reverse; storage errors.
+    pub async fn end_transaction(
+        &self,
+        topic: &str,
+        message_id: &str,
+        id: &str,
+        resolution: Resolution,
+    ) -> BrokerResult<TxState> {
+        loop {
+            let wait = {
+                let mut table = self.transactions.lock();
+                let entry = table.get_mut(id).ok_or_else(|| {
+                    BrokerError::new(
+                        Code::InvalidTransactionId,
+                        format!("unknown transaction {id}"),
+                    )
+                })?;
+                if (!topic.is_empty() && entry.tx.topic != topic)
+                    || (!message_id.is_empty() && entry.tx.message_id != message_id)
+                {
+                    return Err(BrokerError::new(
+                        Code::InvalidTransactionId,
+                        format!(
+                            "transaction {id} belongs to message {} of topic {}",
+                            entry.tx.message_id, entry.tx.topic
+                        ),
+                    ));
+                }
+                match (entry.tx.state, resolution) {
+                    (TxState::Committed, Resolution::Commit)
+                    | (TxState::RolledBack, Resolution::Rollback) => {
+                        return Ok(entry.tx.state);
+                    }
+                    (TxState::Committed, Resolution::Rollback) => {
+                        return Err(BrokerError::new(
+                            Code::PreconditionFailed,
+                            format!("transaction {id} is already committed"),
+                        ));
+                    }
+                    (TxState::RolledBack, Resolution::Commit) => {
+                        return Err(BrokerError::new(
+                            Code::PreconditionFailed,
+                            format!("transaction {id} was rolled back"),
+                        ));
+                    }
+                    _ => {}
+                }
+                match &entry.busy {
+                    Some(n) => n.clone(),
+                    None => {
+                        entry.busy = Some(Arc::new(Notify::new()));
+                        break;
+                    }
+                }
+            };
+            // Another resolution of this transaction is being written: wait for it.
+            let notified = wait.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self
+                .transactions
+                .lock()
+                .get(id)
+                .is_some_and(|e| e.busy.is_some())
+            {
+                notified.await;
+            }
+        }
+        let result = self.write_resolution(id, resolution).await;
+        let mut table = self.transactions.lock();
+        let Some(entry) = table.get_mut(id) else {
+            return Err(BrokerError::internal("transaction vanished"));
+        };
+        if let Some(n) = entry.busy.take() {
+            n.notify_waiters();
+        }
+        let rec = result?;
+        let now = rec.store_timestamp;
+        entry.tx.state = match resolution {
+            Resolution::Commit => TxState::Committed,
+            Resolution::Rollback => TxState::RolledBack,
+        };
+        entry.tx.resolved_ms = Some(now);
+        drop(table);
+        if resolution == Resolution::Commit {
+            self.arrived(topic_of(&rec));
+        }
+        tracing::debug!(transaction = id, ?resolution, "transaction resolved");
+        Ok(match resolution {
+            Resolution::Commit => TxState::Committed,
+            Resolution::Rollback => TxState::RolledBack,
+        })
+    }
+
+    /// Stores the decision: the committed message itself, or a rollback record.
+    async fn write_resolution(&self, id: &str, resolution: Resolution) -> BrokerResult<Record> {
+        let tx = self
+            .transactions
+            .get(id)
+            .ok_or_else(|| BrokerError::internal("transaction vanished"))?;
+        let data = match resolution {
+            Resolution::Commit => {
+                let half = self.store.read(tx.half_position)?;
+                let kind = if half.data.deliver_at > 0 {
+                    RecordKind::Delayed
+                } else {
+                    RecordKind::Normal
+                };
+                copy_record(
+                    &half,
+                    kind,
+                    &tx.topic,
+                    tx.queue,
+                    &[prop::REAL_TOPIC, prop::REAL_QUEUE, prop::RECOVERY_MS],
+                    &[],
+                )
+            }
+            Resolution::Rollback => tx_record(RecordKind::TxResolution, id, ROLLBACK),
+        };
+        let appended = self.store.append(vec![data.clone()]).await?;
+        let at = appended[0];
+        Ok(Record {
+            position: at.position,
+            queue_offset: at.queue_offset,
+            store_timestamp: at.store_timestamp,
+            data,
+        })
+    }
+
+    /// Declares a transaction unresolved after its last check-back went unanswered.
+    pub(crate) async fn mark_unresolved(&self, id: &str) -> BrokerResult<()> {
+        let at = self
+            .store
+            .append(vec![tx_record(RecordKind::TxResolution, id, UNRESOLVED)])
+            .await?;
+        self.transactions.update(id, |tx| {
+            if tx.state == TxState::Prepared {
+                tx.state = TxState::Unresolved;
+                tx.resolved_ms = Some(at[0].store_timestamp);
+            }
+        });
+        tracing::warn!(
+            transaction = id,
+            "transaction unresolved after the last check-back"
+        );
+        Ok(())
+    }
+
+    /// Records that a check-back was sent, and when the next is due.
+    pub(crate) async fn record_check(&self, id: &str) -> BrokerResult<()> {
+        let at = self
+            .store
+            .append(vec![tx_record(RecordKind::TxCheck, id, b"")])
+            .await?;
+        let interval = |checks| self.check_interval_ms(checks);
+        self.transactions.update(id, |tx| {
+            tx.checks += 1;
+            tx.next_check_ms = at[0].store_timestamp + interval(tx.checks);
+        });
+        Ok(())
+    }
+
+    /// Puts an unresolved transaction back to checking (operator action).
+    ///
+    /// # Errors
+    /// `INVALID_TRANSACTION_ID` if it is not unresolved or prepared.
+    pub async fn recheck_transaction(&self, id: &str) -> BrokerResult<()> {
+        let tx = self.transactions.get(id).ok_or_else(|| {
+            BrokerError::new(
+                Code::InvalidTransactionId,
+                format!("unknown transaction {id}"),
+            )
+        })?;
+        if !matches!(tx.state, TxState::Unresolved | TxState::Prepared) {
+            return Err(BrokerError::new(
+                Code::PreconditionFailed,
+                format!("transaction {id} is {:?}", tx.state),
+            ));
+        }
+        let at = self
+            .store
+            .append(vec![tx_record(RecordKind::TxResolution, id, RECHECK)])
+            .await?;
+        self.transactions.update(id, |tx| {
+            tx.state = TxState::Prepared;
+            tx.checks = 0;
+            tx.resolved_ms = None;
+            tx.next_check_ms = at[0].store_timestamp;
+        });
+        Ok(())
+    }
+
+    /// Delay before check-back number `checks + 1`: the interval, doubling, at most 5 minutes.
+    pub(crate) fn check_interval_ms(&self, checks: u32) -> i64 {
+        let base = self.config.transaction_check_interval_ms as i64;
+        let factor = 1i64 << checks.saturating_sub(1).min(16);
+        (base.saturating_mul(factor)).min(300_000.max(base))
+    }
+
+    /// When the first check-back of a half message is due.
+    pub(crate) fn first_check_ms(&self, rec: &Record) -> i64 {
+        let wait = sys(&rec.data, prop::RECOVERY_MS)
+            .and_then(|v| v.parse::<i64>().ok())
+            .unwrap_or(self.config.transaction_timeout_ms as i64);
+        rec.store_timestamp + wait
+    }
+}
+
+fn topic_of(rec: &Record) -> &str {
+    &rec.data.topic
+}

@@ -1,0 +1,438 @@
+//! The broker's logic, in process, on a real store in a temporary directory.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use txmq_broker::delivery::{Filter, ReceiveRequest};
+use txmq_broker::message::{NewMessage, SendType};
+use txmq_broker::metadata::TopicType;
+use txmq_broker::transactions::{Resolution, TxState};
+use txmq_broker::{Broker, BrokerConfig};
+use txmq_proto::v2::Code;
+
+fn config(dir: &std::path::Path) -> BrokerConfig {
+    BrokerConfig {
+        data_dir: dir.to_path_buf(),
+        segment_size: 1 << 20,
+        max_body_size: 64 << 10,
+        default_queues: 2,
+        transaction_timeout_ms: 200,
+        transaction_check_interval_ms: 100,
+        transaction_check_max: 3,
+        ..BrokerConfig::default()
+    }
+}
+
+fn open(dir: &std::path::Path) -> Arc<Broker> {
+    Broker::open(config(dir)).expect("open broker")
+}
+
+fn msg(topic: &str, id: &str, send_type: SendType) -> NewMessage {
+    NewMessage {
+        topic: topic.into(),
+        message_id: id.into(),
+        tag: Some("t".into()),
+        keys: vec![format!("key-{id}")],
+        send_type,
+        message_group: None,
+        delivery_timestamp: None,
+        orphaned_recovery_ms: None,
+        user_properties: vec![("p".into(), "v".into())],
+        body: format!("body of {id}").into_bytes(),
+        gzip: false,
+        born_timestamp: txmq_broker::now_ms(),
+        born_host: "test".into(),
+        trace_context: None,
+    }
+}
+
+fn receive(group: &str, topic: &str, invisible_ms: i64) -> ReceiveRequest {
+    ReceiveRequest {
+        group: group.into(),
+        topic: topic.into(),
+        queue: None,
+        filter: Filter::All,
+        batch: 32,
+        invisible_ms,
+        long_poll: Duration::from_millis(0),
+        renew_for: None,
+    }
+}
+
+async fn drain(b: &Broker, group: &str, topic: &str) -> Vec<String> {
+    let mut ids = Vec::new();
+    loop {
+        let got = b.receive(&receive(group, topic, 30_000)).await.unwrap();
+        if got.is_empty() {
+            return ids;
+        }
+        let handles: Vec<String> = got.iter().map(|d| d.handle.clone()).collect();
+        for r in b.ack(group, topic, &handles).await {
+            r.unwrap();
+        }
+        ids.extend(got.into_iter().map(|d| d.record.data.message_id));
+    }
+}
+
+#[tokio::test]
+async fn sent_messages_are_received_once_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = open(dir.path());
+    for i in 0..10 {
+        b.send(vec![msg("orders", &format!("m{i}"), SendType::Normal)])
+            .await
+            .unwrap();
+    }
+    let mut ids = drain(&b, "g1", "orders").await;
+    ids.sort();
+    assert_eq!(ids.len(), 10);
+    assert!(drain(&b, "g1", "orders").await.is_empty());
+    // Another group gets its own copy.
+    assert_eq!(drain(&b, "g2", "orders").await.len(), 10);
+}
+
+#[tokio::test]
+async fn an_unacknowledged_message_comes_back_after_its_invisible_time_with_the_next_attempt() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = open(dir.path());
+    b.send(vec![msg("t", "m1", SendType::Normal)])
+        .await
+        .unwrap();
+    let first = b.receive(&receive("g", "t", 1_000)).await.unwrap();
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].attempt, 1);
+    assert!(
+        b.receive(&receive("g", "t", 1_000))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let again = b.receive(&receive("g", "t", 1_000)).await.unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].attempt, 2);
+    // The first handle is stale now.
+    let stale = b.ack("g", "t", &[first[0].handle.clone()]).await;
+    assert_eq!(
+        stale[0].as_ref().unwrap_err().code,
+        Code::InvalidReceiptHandle
+    );
+    assert!(b.ack("g", "t", &[again[0].handle.clone()]).await[0].is_ok());
+}
+
+#[tokio::test]
+async fn a_message_past_its_max_attempts_moves_to_the_dead_letter_topic_and_can_be_redriven() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = open(dir.path());
+    b.metadata().put_group("g", 2, false, Vec::new()).unwrap();
+    b.send(vec![msg("t", "poison", SendType::Normal)])
+        .await
+        .unwrap();
+    for attempt in 1..=2 {
+        let got = b.receive(&receive("g", "t", 30_000)).await.unwrap();
+        assert_eq!(got[0].attempt, attempt);
+        // A negative acknowledgement: visible again at once.
+        b.change_invisible("g", "t", &got[0].handle, 0).unwrap();
+    }
+    assert!(
+        b.receive(&receive("g", "t", 30_000))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(b.group_stats("g").dead_lettered, 1);
+    let dlq = drain(&b, "dlq-reader", "%DLQ%g").await;
+    assert_eq!(dlq, vec!["poison".to_string()]);
+    assert_eq!(b.redrive("g", 10).await.unwrap(), 1);
+    assert_eq!(drain(&b, "g", "t").await, vec!["poison".to_string()]);
+}
+
+#[tokio::test]
+async fn a_committed_transaction_is_delivered_once_even_if_committed_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = open(dir.path());
+    b.metadata()
+        .create_topic("pay", TopicType::Transaction, 2)
+        .unwrap();
+    let r = b
+        .send(vec![msg("pay", "tx1", SendType::Transaction)])
+        .await
+        .unwrap();
+    let id = r[0].transaction_id.clone().unwrap();
+    assert!(
+        drain(&b, "g", "pay").await.is_empty(),
+        "a half message is never visible"
+    );
+    assert_eq!(
+        b.end_transaction("pay", "tx1", &id, Resolution::Commit)
+            .await
+            .unwrap(),
+        TxState::Committed
+    );
+    assert_eq!(
+        b.end_transaction("pay", "tx1", &id, Resolution::Commit)
+            .await
+            .unwrap(),
+        TxState::Committed
+    );
+    assert_eq!(drain(&b, "g", "pay").await, vec!["tx1".to_string()]);
+    let err = b
+        .end_transaction("pay", "tx1", &id, Resolution::Rollback)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, Code::PreconditionFailed);
+}
+
+#[tokio::test]
+async fn a_rolled_back_half_message_is_never_delivered_and_commit_after_rollback_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = open(dir.path());
+    b.metadata()
+        .create_topic("pay", TopicType::Transaction, 2)
+        .unwrap();
+    let r = b
+        .send(vec![msg("pay", "tx2", SendType::Transaction)])
+        .await
+        .unwrap();
+    let id = r[0].transaction_id.clone().unwrap();
+    b.end_transaction("pay", "tx2", &id, Resolution::Rollback)
+        .await
+        .unwrap();
+    let err = b
+        .end_transaction("pay", "tx2", &id, Resolution::Commit)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, Code::PreconditionFailed);
+    assert!(drain(&b, "g", "pay").await.is_empty());
+    let unknown = b
+        .end_transaction("pay", "x", "no-such-id", Resolution::Commit)
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code, Code::InvalidTransactionId);
+}
+
+#[tokio::test]
+async fn concurrent_commits_of_one_transaction_deliver_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = open(dir.path());
+    b.metadata()
+        .create_topic("pay", TopicType::Transaction, 1)
+        .unwrap();
+    let r = b
+        .send(vec![msg("pay", "tx3", SendType::Transaction)])
+        .await
+        .unwrap();
+    let id = r[0].transaction_id.clone().unwrap();
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let (b, id) = (b.clone(), id.clone());
+            tokio::spawn(async move {
+                b.end_transaction("pay", "tx3", &id, Resolution::Commit)
+                    .await
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap().unwrap(), TxState::Committed);
+    }
+    assert_eq!(drain(&b, "g", "pay").await.len(), 1);
+}
+
+#[tokio::test]
+async fn wrong_message_type_empty_and_oversized_bodies_are_refused_with_their_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = open(dir.path());
+    b.metadata()
+        .create_topic("plain", TopicType::Normal, 1)
+        .unwrap();
+    let err = b
+        .send(vec![msg("plain", "x", SendType::Transaction)])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, Code::MessagePropertyConflictWithType);
+    let mut big = msg("plain", "big", SendType::Normal);
+    big.body = vec![0; 65 << 10];
+    assert_eq!(
+        b.send(vec![big]).await.unwrap_err().code,
+        Code::MessageBodyTooLarge
+    );
+    let mut empty = msg("plain", "e", SendType::Normal);
+    empty.body.clear();
+    assert_eq!(
+        b.send(vec![empty]).await.unwrap_err().code,
+        Code::MessageBodyEmpty
+    );
+    let mut tag = msg("plain", "tg", SendType::Normal);
+    tag.tag = Some("a|b".into());
+    assert_eq!(
+        b.send(vec![tag]).await.unwrap_err().code,
+        Code::IllegalMessageTag
+    );
+    assert_eq!(
+        b.send(vec![msg("bad topic", "x", SendType::Normal)])
+            .await
+            .unwrap_err()
+            .code,
+        Code::IllegalTopic
+    );
+    assert!(
+        drain(&b, "g", "plain").await.is_empty(),
+        "nothing refused was stored"
+    );
+}
+
+#[tokio::test]
+async fn unknown_topics_are_refused_when_auto_creation_is_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path());
+    c.auto_create_topics = false;
+    let b = Broker::open(c).unwrap();
+    let err = b
+        .send(vec![msg("nope", "x", SendType::Normal)])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, Code::TopicNotFound);
+}
+
+#[tokio::test]
+async fn a_fifo_group_gets_each_message_group_in_order_one_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = open(dir.path());
+    b.metadata().create_topic("f", TopicType::Fifo, 2).unwrap();
+    b.metadata().put_group("fg", 16, true, Vec::new()).unwrap();
+    for i in 0..3 {
+        for g in ["a", "b"] {
+            let mut m = msg("f", &format!("{g}{i}"), SendType::Fifo);
+            m.message_group = Some(g.into());
+            b.send(vec![m]).await.unwrap();
+        }
+    }
+    let mut seen: Vec<String> = Vec::new();
+    while seen.len() < 6 {
+        let got = b.receive(&receive("fg", "f", 30_000)).await.unwrap();
+        assert!(!got.is_empty());
+        // At most one message per message group is out at a time.
+        let mut groups: Vec<_> = got
+            .iter()
+            .map(|d| d.record.data.message_id[..1].to_string())
+            .collect();
+        groups.dedup();
+        assert_eq!(
+            groups.len(),
+            got.len(),
+            "two messages of one group out at once: {got:?}"
+        );
+        for d in &got {
+            seen.push(d.record.data.message_id.clone());
+        }
+        let handles: Vec<String> = got.iter().map(|d| d.handle.clone()).collect();
+        for r in b.ack("fg", "f", &handles).await {
+            r.unwrap();
+        }
+    }
+    for g in ["a", "b"] {
+        let order: Vec<&String> = seen.iter().filter(|id| id.starts_with(g)).collect();
+        assert_eq!(
+            order,
+            vec![&format!("{g}0"), &format!("{g}1"), &format!("{g}2")]
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_delayed_message_becomes_visible_at_its_delivery_time_also_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let due = txmq_broker::now_ms() + 1_500;
+    {
+        let b = open(dir.path());
+        let mut m = msg("later", "d1", SendType::Delay);
+        m.delivery_timestamp = Some(due);
+        b.send(vec![m]).await.unwrap();
+        assert!(drain(&b, "g", "later").await.is_empty());
+        b.shutdown().await.unwrap();
+    }
+    let b = open(dir.path());
+    assert!(drain(&b, "g", "later").await.is_empty());
+    let mut req = receive("g", "later", 30_000);
+    req.long_poll = Duration::from_secs(5);
+    let got = b.receive(&req).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert!(txmq_broker::now_ms() >= due);
+}
+
+#[tokio::test]
+async fn acknowledgements_and_transactions_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let id;
+    let mut unacked: Vec<String>;
+    {
+        let b = open(dir.path());
+        b.metadata()
+            .create_topic("pay", TopicType::Transaction, 1)
+            .unwrap();
+        for i in 0..4 {
+            b.send(vec![msg("n", &format!("m{i}"), SendType::Normal)])
+                .await
+                .unwrap();
+        }
+        // Ack two of four; leave one in flight.
+        let got = b.receive(&receive("g", "n", 30_000)).await.unwrap();
+        assert_eq!(got.len(), 4);
+        for r in b
+            .ack("g", "n", &[got[0].handle.clone(), got[2].handle.clone()])
+            .await
+        {
+            r.unwrap();
+        }
+        unacked = vec![
+            got[1].record.data.message_id.clone(),
+            got[3].record.data.message_id.clone(),
+        ];
+        unacked.sort();
+        let r = b
+            .send(vec![msg("pay", "open", SendType::Transaction)])
+            .await
+            .unwrap();
+        id = r[0].transaction_id.clone().unwrap();
+        // No snapshot written: the restart replays the log.
+    }
+    let b = open(dir.path());
+    let mut ids = drain(&b, "g", "n").await;
+    ids.sort();
+    assert_eq!(
+        ids, unacked,
+        "exactly the unacknowledged messages come back"
+    );
+    assert_eq!(b.transactions().get(&id).unwrap().state, TxState::Prepared);
+    b.end_transaction("pay", "open", &id, Resolution::Commit)
+        .await
+        .unwrap();
+    b.shutdown().await.unwrap();
+    drop(b);
+    let b = open(dir.path());
+    assert!(drain(&b, "g", "n").await.is_empty());
+    assert_eq!(b.transactions().get(&id).unwrap().state, TxState::Committed);
+    assert_eq!(drain(&b, "g", "pay").await, vec!["open".to_string()]);
+}
+
+#[tokio::test]
+async fn tag_filters_deliver_only_matching_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = open(dir.path());
+    for (id, tag) in [("a", "paid"), ("b", "created"), ("c", "paid")] {
+        let mut m = msg("tags", id, SendType::Normal);
+        m.tag = Some(tag.into());
+        b.send(vec![m]).await.unwrap();
+    }
+    let mut req = receive("g", "tags", 30_000);
+    req.filter = Filter::tags("paid").unwrap();
+    let mut got: Vec<String> = b
+        .receive(&req)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.record.data.message_id)
+        .collect();
+    got.sort();
+    assert_eq!(got, vec!["a".to_string(), "c".to_string()]);
+}
