@@ -20,6 +20,7 @@ pub mod message;
 pub mod metadata;
 pub mod names;
 pub mod net;
+pub mod server;
 pub mod sessions;
 pub mod state;
 pub mod transactions;

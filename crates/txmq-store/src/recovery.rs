@@ -402,6 +402,7 @@ fn replay(
     if fresh || checkpoint.is_some_and(|c| c.clean && ends_at(segments, c.position)) {
         // A new log, or a clean shutdown: the log ends exactly here, nothing to scan.
         report.log_end = start;
+        report.full_index_rebuild &= !fresh;
         return Ok(ReplayDone {
             write_pos: start,
             queues,

@@ -27,6 +27,24 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the broker on its embedded storage (gRPC, plaintext and TLS on one port; admin HTTP).
+    Serve(ServeArgs),
+    /// Topics of a running server.
+    #[command(subcommand)]
+    Topic(TopicCommand),
+    /// Consumer groups of a running server.
+    #[command(subcommand)]
+    Group(GroupCommand),
+    /// Transactions of a running server: list open or unresolved ones, decide them.
+    #[command(subcommand)]
+    Tx(TxCommand),
+    /// Dead-lettered messages of a consumer group: list, send back.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+    /// Send one message through the gRPC protocol.
+    Send(SendArgs),
+    /// Receive messages as a consumer group, print and acknowledge them.
+    Consume(ConsumeArgs),
     /// Measure txmq's parts and print figures.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -66,6 +84,102 @@ pub struct StoreCheckArgs {
 pub enum BenchCommand {
     /// Append records to a store from concurrent tasks and report throughput and ack latency.
     Store(BenchStoreArgs),
+    /// Send durable messages from concurrent tasks to txmq (RocketMQ 5 gRPC), RabbitMQ or NATS
+    /// JetStream, each awaited, and report throughput and ack latency.
+    Produce(BenchProduceArgs),
+    /// Send to txmq at a fixed rate while simple consumers receive and ack, and report the
+    /// send-to-receive latency.
+    E2e(BenchE2eArgs),
+}
+
+/// Where `txmq bench produce` sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchTarget {
+    /// A txmq server, over the RocketMQ 5 gRPC protocol (`--server`).
+    Txmq,
+    /// RabbitMQ (`--rabbitmq-url`).
+    Rabbitmq,
+    /// NATS JetStream (`--nats-url`).
+    Nats,
+    /// txmq, RabbitMQ and NATS one after another, with ratios.
+    All,
+}
+
+/// Flags of `txmq bench produce`.
+#[derive(Debug, Args)]
+pub struct BenchProduceArgs {
+    /// Where to send.
+    #[arg(long, value_enum, default_value_t = BenchTarget::Txmq)]
+    pub target: BenchTarget,
+    /// txmq server gRPC address, plaintext (host:port or http://host:port).
+    #[arg(long, default_value = "http://127.0.0.1:8081", value_name = "ADDR")]
+    pub server: String,
+    /// txmq topic to send to.
+    #[arg(long, default_value = "bench", value_name = "TOPIC")]
+    pub topic: String,
+    /// Body bytes of each message.
+    #[arg(long, default_value_t = 1024, value_name = "BYTES", value_parser = at_least_one)]
+    pub size: u64,
+    /// Tasks sending at once, each waiting for its ack before the next send.
+    #[arg(long, default_value_t = 32, value_name = "TASKS", value_parser = at_least_one)]
+    pub concurrency: u64,
+    /// How long to send to each target.
+    #[arg(long, default_value_t = 10, value_name = "SECONDS", value_parser = at_least_one)]
+    pub seconds: u64,
+    /// Connections to each broker, shared by the tasks.
+    #[arg(long, default_value_t = 4, value_name = "N", value_parser = at_least_one)]
+    pub connections: u64,
+    /// txmq only: send transactional half messages, each committed by EndTransaction (the
+    /// pair counts as one send).
+    #[arg(long)]
+    pub transactional: bool,
+    /// Print one JSON object on stdout (the table goes to stderr).
+    #[arg(long)]
+    pub json: bool,
+    /// RabbitMQ AMQP URL.
+    #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f", value_name = "URL")]
+    pub rabbitmq_url: String,
+    /// NATS server URL (JetStream enabled).
+    #[arg(long, default_value = "nats://127.0.0.1:4222", value_name = "URL")]
+    pub nats_url: String,
+}
+
+/// Flags of `txmq bench e2e`.
+#[derive(Debug, Args)]
+pub struct BenchE2eArgs {
+    /// txmq server gRPC address, plaintext (host:port or http://host:port).
+    #[arg(long, default_value = "http://127.0.0.1:8081", value_name = "ADDR")]
+    pub server: String,
+    /// Topic to send to and receive from.
+    #[arg(long, default_value = "bench", value_name = "TOPIC")]
+    pub topic: String,
+    /// Consumer group of the simple consumers.
+    #[arg(long, default_value = "bench-e2e", value_name = "GROUP")]
+    pub group: String,
+    /// Messages sent per second.
+    #[arg(long, default_value_t = 5000, value_name = "MSGS", value_parser = at_least_one)]
+    pub rate: u64,
+    /// How long to send.
+    #[arg(long, default_value_t = 10, value_name = "SECONDS", value_parser = at_least_one)]
+    pub seconds: u64,
+    /// Body bytes of each message.
+    #[arg(long, default_value_t = 1024, value_name = "BYTES", value_parser = at_least_one)]
+    pub size: u64,
+    /// Sending tasks sharing the schedule; more keep the rate when acks are slow.
+    #[arg(long, default_value_t = 128, value_name = "TASKS", value_parser = at_least_one)]
+    pub senders: u64,
+    /// Consuming tasks, each long-polling ReceiveMessage.
+    #[arg(long, default_value_t = 4, value_name = "TASKS", value_parser = at_least_one)]
+    pub consumers: u64,
+    /// Connections of the producer and of the consumer, each.
+    #[arg(long, default_value_t = 4, value_name = "N", value_parser = at_least_one)]
+    pub connections: u64,
+    /// After sending, how long to wait for the last messages to arrive.
+    #[arg(long, default_value_t = 10, value_name = "SECONDS")]
+    pub drain_seconds: u64,
+    /// Print one JSON object on stdout (the table goes to stderr).
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Flags of `txmq bench store`.
@@ -170,4 +284,207 @@ mod tests {
         assert_eq!(a.async_flush_ms, None);
         assert!(!a.json && !a.dd);
     }
+}
+
+/// Default admin API address.
+const ADMIN: &str = "127.0.0.1:8080";
+/// Default gRPC address.
+const GRPC: &str = "127.0.0.1:8081";
+
+/// Flags of `txmq serve`. Each overrides the same setting from `--config` and `TXMQ_*`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Data directory [default: ./txmq-data; env TXMQ_DATA_DIR].
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// gRPC address, plaintext and TLS on one port [default: 127.0.0.1:8081; env TXMQ_LISTEN].
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Admin HTTP address [default: 127.0.0.1:8080; env TXMQ_HTTP].
+    #[arg(long, value_name = "ADDR")]
+    pub http: Option<String>,
+    /// TOML configuration file (keys as in `BrokerConfig`: listen, http, data_dir,
+    /// auto_create_topics, default_queues, max_body_size, durability, transaction_timeout_ms, ...).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// PEM certificate chain for TLS (a self-signed certificate is made when unset).
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for TLS.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+}
+
+/// `txmq topic ...`.
+#[derive(Debug, Subcommand)]
+pub enum TopicCommand {
+    /// Create a topic.
+    Create {
+        /// Topic name.
+        name: String,
+        /// normal, fifo, delay or transaction.
+        #[arg(long = "type", default_value = "normal")]
+        r#type: String,
+        /// Number of queues [default: the server's, 8].
+        #[arg(long)]
+        queues: Option<u32>,
+        /// Admin API of the server.
+        #[arg(long, default_value = ADMIN, env = "TXMQ_SERVER")]
+        server: String,
+    },
+    /// List topics.
+    List {
+        /// Admin API of the server.
+        #[arg(long, default_value = ADMIN, env = "TXMQ_SERVER")]
+        server: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `txmq group ...`.
+#[derive(Debug, Subcommand)]
+pub enum GroupCommand {
+    /// Create or update a consumer group.
+    Create {
+        /// Group name.
+        name: String,
+        /// Delivery attempts before dead-lettering [default: 16].
+        #[arg(long)]
+        max_attempts: Option<u32>,
+        /// Deliver each message group in order.
+        #[arg(long)]
+        fifo: bool,
+        /// Redelivery delays after failed attempts, ms, comma-separated [default: 10 s to 2 h].
+        #[arg(long, value_delimiter = ',')]
+        backoff_ms: Vec<u64>,
+        /// Admin API of the server.
+        #[arg(long, default_value = ADMIN, env = "TXMQ_SERVER")]
+        server: String,
+    },
+    /// List groups with lag, messages in flight and dead-lettered.
+    List {
+        /// Admin API of the server.
+        #[arg(long, default_value = ADMIN, env = "TXMQ_SERVER")]
+        server: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `txmq tx ...`.
+#[derive(Debug, Subcommand)]
+pub enum TxCommand {
+    /// List transactions: open (prepared or unresolved, the default), unresolved, prepared,
+    /// committed, rolled_back or all.
+    List {
+        /// Which transactions.
+        #[arg(long, default_value = "open")]
+        state: String,
+        /// Admin API of the server.
+        #[arg(long, default_value = ADMIN, env = "TXMQ_SERVER")]
+        server: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Commit a transaction: its message is delivered.
+    Commit {
+        /// Transaction id.
+        id: String,
+        /// Admin API of the server.
+        #[arg(long, default_value = ADMIN, env = "TXMQ_SERVER")]
+        server: String,
+    },
+    /// Roll back a transaction: its message is never delivered.
+    Rollback {
+        /// Transaction id.
+        id: String,
+        /// Admin API of the server.
+        #[arg(long, default_value = ADMIN, env = "TXMQ_SERVER")]
+        server: String,
+    },
+    /// Check an unresolved transaction back with its producers again.
+    Recheck {
+        /// Transaction id.
+        id: String,
+        /// Admin API of the server.
+        #[arg(long, default_value = ADMIN, env = "TXMQ_SERVER")]
+        server: String,
+    },
+}
+
+/// `txmq dlq ...`.
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// List a group's dead-lettered messages.
+    List {
+        /// Consumer group.
+        group: String,
+        /// Admin API of the server.
+        #[arg(long, default_value = ADMIN, env = "TXMQ_SERVER")]
+        server: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send a group's dead-lettered messages back to their topics.
+    Redrive {
+        /// Consumer group.
+        group: String,
+        /// Most messages to redrive.
+        #[arg(long, default_value_t = 1000)]
+        max: usize,
+        /// Admin API of the server.
+        #[arg(long, default_value = ADMIN, env = "TXMQ_SERVER")]
+        server: String,
+    },
+}
+
+/// Flags of `txmq send`.
+#[derive(Debug, Args)]
+pub struct SendArgs {
+    /// Topic.
+    pub topic: String,
+    /// Message body (text).
+    pub body: String,
+    /// Tag.
+    #[arg(long)]
+    pub tag: Option<String>,
+    /// Keys, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub keys: Vec<String>,
+    /// FIFO message group (makes it a FIFO message).
+    #[arg(long)]
+    pub group: Option<String>,
+    /// Deliver after this many seconds (makes it a delay message).
+    #[arg(long, value_name = "SECONDS")]
+    pub delay: Option<u64>,
+    /// gRPC address of the server.
+    #[arg(long, default_value = GRPC, env = "TXMQ_GRPC")]
+    pub server: String,
+}
+
+/// Flags of `txmq consume`.
+#[derive(Debug, Args)]
+pub struct ConsumeArgs {
+    /// Topic.
+    pub topic: String,
+    /// Consumer group.
+    #[arg(long)]
+    pub group: String,
+    /// Stop after this many messages [default: run until interrupted].
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// Stop after waiting this many seconds for a message.
+    #[arg(long, value_name = "SECONDS")]
+    pub wait: Option<u64>,
+    /// Tag expression: `*` or `tagA||tagB`.
+    #[arg(long, default_value = "*")]
+    pub tags: String,
+    /// gRPC address of the server.
+    #[arg(long, default_value = GRPC, env = "TXMQ_GRPC")]
+    pub server: String,
 }

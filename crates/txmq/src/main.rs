@@ -1,9 +1,12 @@
 //! `txmq`: the one binary of txmq. Today it benchmarks and checks the storage engine;
 //! `serve` and the other commands of ARCHITECTURE.md follow.
 
+mod admin_cmd;
 mod bench;
+mod client_cmd;
 mod cli;
 mod debug;
+mod serve;
 mod store_check;
 
 use std::io::IsTerminal;
@@ -21,7 +24,16 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     let result = match cli.command {
+        Command::Serve(args) => serve::run(&args),
+        Command::Topic(cmd) => admin_cmd::topic(&cmd),
+        Command::Group(cmd) => admin_cmd::group(&cmd),
+        Command::Tx(cmd) => admin_cmd::tx(&cmd),
+        Command::Dlq(cmd) => admin_cmd::dlq(&cmd),
+        Command::Send(args) => client_cmd::send(&args),
+        Command::Consume(args) => client_cmd::consume(&args),
         Command::Bench(BenchCommand::Store(args)) => bench::store::run(&args),
+        Command::Bench(BenchCommand::Produce(args)) => bench::produce::run(&args),
+        Command::Bench(BenchCommand::E2e(args)) => bench::e2e::run(&args),
         Command::Store(StoreCommand::Check(args)) => store_check::run(&args),
         Command::Debug(DebugCommand::StoreWriter(args)) => debug::store_writer::run(&args),
     };

@@ -2,4 +2,9 @@
 //! assertions.
 
 pub mod dd;
+pub mod e2e;
+pub mod latency;
+pub mod peers;
+pub mod produce;
 pub mod store;
+pub mod txmq_wire;

@@ -1,0 +1,558 @@
+//! `txmq bench e2e`: end-to-end latency through txmq over the RocketMQ 5 gRPC protocol. A
+//! producer sends at a fixed rate while simple consumers long-poll, receive and acknowledge;
+//! each message carries its send time, and the consumer, in the same process and on the
+//! same monotonic clock, records how long it took to arrive.
+//!
+//! Every message is accounted for: sends the server acknowledged must all be received before
+//! the drain time ends, each once; messages of other runs found in the group are
+//! acknowledged and counted apart.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, bail};
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use txmq_proto::v2::{
+    AckMessageEntry, Encoding, Message, MessageQueue, MessageType, ReceiveMessageRequest,
+    SystemProperties,
+};
+
+use super::latency::{Latencies, LatencySummary, bench_body, round3};
+use super::txmq_wire::{self, Delivered, Session};
+use crate::cli::BenchE2eArgs;
+
+/// User property naming the run a message belongs to.
+const RUN_PROPERTY: &str = "bench-run";
+/// User property with the message's number in its run.
+const SEQ_PROPERTY: &str = "bench-seq";
+/// User property with the send time, in nanoseconds since the run's clock base.
+const SENT_NS_PROPERTY: &str = "bench-sent-ns";
+
+/// Messages asked for per ReceiveMessage.
+const BATCH_SIZE: i32 = 32;
+/// How long a received message stays invisible to other consumers before it must be acked.
+const INVISIBLE_DURATION: Duration = Duration::from_secs(30);
+/// How long the server may hold a ReceiveMessage open waiting for messages.
+const LONG_POLLING_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pause after a failed call, so that a dead broker does not turn the run into a busy loop.
+const ERROR_BACKOFF: Duration = Duration::from_millis(100);
+/// How often the drain checks whether everything arrived.
+const DRAIN_POLL: Duration = Duration::from_millis(10);
+
+/// Per-message state bits: the send was acknowledged / the message was received.
+const ACKED: u8 = 1;
+const RECEIVED: u8 = 2;
+
+/// What happened to each message of the run, by number, and the counts derived from it.
+struct Ledger {
+    messages: Vec<AtomicU8>,
+    /// Messages both acknowledged to the producer and received, each counted once.
+    matched: AtomicU64,
+    duplicates: AtomicU64,
+}
+
+impl Ledger {
+    fn new(len: u64) -> Self {
+        Self {
+            messages: (0..len).map(|_| AtomicU8::new(0)).collect(),
+            matched: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
+        }
+    }
+
+    /// Marks `seq` with `bit` and returns the bits it had before (None if out of range).
+    fn mark(&self, seq: u64, bit: u8) -> Option<u8> {
+        let slot = self.messages.get(usize::try_from(seq).ok()?)?;
+        let before = slot.fetch_or(bit, Ordering::AcqRel);
+        if before & bit == 0 && before & (ACKED | RECEIVED) & !bit != 0 {
+            self.matched.fetch_add(1, Ordering::AcqRel);
+        }
+        if bit == RECEIVED && before & RECEIVED != 0 {
+            self.duplicates.fetch_add(1, Ordering::Relaxed);
+        }
+        Some(before)
+    }
+
+    /// Acknowledged messages never received.
+    fn lost(&self) -> u64 {
+        self.messages
+            .iter()
+            .filter(|m| m.load(Ordering::Acquire) == ACKED)
+            .count() as u64
+    }
+}
+
+/// Counts and the first error of one side (producer or consumers).
+#[derive(Default)]
+struct Errors {
+    count: AtomicU64,
+    first: Mutex<Option<String>>,
+}
+
+impl Errors {
+    fn note(&self, what: String) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.first
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert(what);
+    }
+
+    fn first(&self) -> Option<String> {
+        self.first.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// The figures printed, as a table and as JSON.
+#[derive(Debug, Serialize)]
+struct Report {
+    server: String,
+    topic: String,
+    group: String,
+    run_id: String,
+    size: u64,
+    seconds: u64,
+    senders: u64,
+    consumers: u64,
+    target_rate: u64,
+    /// Sends the server acknowledged.
+    sent: u64,
+    /// Acknowledged sends per second over the sending time.
+    achieved_rate: f64,
+    /// How far the latest send started behind its schedule.
+    max_send_lag_ms: f64,
+    /// Messages of this run received (each counted once).
+    received: u64,
+    /// Acknowledged sends not received before the drain time ended.
+    lost: u64,
+    duplicates: u64,
+    /// Messages of other runs (or without the benchmark's properties) received and acked.
+    stale: u64,
+    /// Send time to receive time.
+    e2e: LatencySummary,
+    /// Send to the server's acknowledgement.
+    send: LatencySummary,
+    send_errors: u64,
+    receive_errors: u64,
+    ack_errors: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    first_error: Option<String>,
+    /// From the end of sending until every message arrived (or the drain time ended).
+    drain_secs: f64,
+}
+
+/// Runs the benchmark and prints its report.
+///
+/// # Errors
+/// If the server cannot be reached, or after printing the report, if any call failed or an
+/// acknowledged message was not received.
+pub fn run(args: &BenchE2eArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let report = runtime.block_on(measure(args))?;
+    drop(runtime);
+
+    let table = table(&report);
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        eprint!("{table}");
+        let json = serde_json::to_string(&report).context("cannot encode the report")?;
+        writeln!(out, "{json}").context("cannot write to stdout")?;
+    } else {
+        out.write_all(table.as_bytes())
+            .context("cannot write to stdout")?;
+    }
+    out.flush().context("cannot write to stdout")?;
+
+    let errors = report.send_errors + report.receive_errors + report.ack_errors;
+    if report.lost > 0 {
+        bail!(
+            "{} of {} acknowledged messages were not received within {} s of the end of sending",
+            report.lost,
+            report.sent,
+            args.drain_seconds
+        );
+    }
+    if errors > 0 {
+        bail!(
+            "{errors} calls failed (first: {})",
+            report.first_error.as_deref().unwrap_or("?")
+        );
+    }
+    Ok(())
+}
+
+/// Everything the consumer tasks share.
+struct Consuming {
+    session: Session,
+    group: String,
+    topic: String,
+    run_id: String,
+    base: Instant,
+    ledger: Arc<Ledger>,
+    latencies: Latencies,
+    max_latency: Mutex<Duration>,
+    stale: AtomicU64,
+    receive_errors: Errors,
+    ack_errors: Errors,
+}
+
+/// Everything the sending tasks share.
+struct Sending {
+    session: Session,
+    topic: String,
+    run_id: String,
+    base: Instant,
+    rate: u64,
+    body: Vec<u8>,
+    born_host: String,
+    next: AtomicU64,
+    total: u64,
+    ledger: Arc<Ledger>,
+    latencies: Latencies,
+    max_latency: Mutex<Duration>,
+    max_lag: Mutex<Duration>,
+    sent: AtomicU64,
+    errors: Errors,
+}
+
+async fn measure(args: &BenchE2eArgs) -> anyhow::Result<Report> {
+    let connections = |tasks: u64| args.connections.min(tasks) as usize;
+    // The consumer announces its subscription before anything is sent.
+    let consumer = Session::open(
+        &args.server,
+        connections(args.consumers),
+        txmq_wire::simple_consumer_settings(&args.group, &args.topic),
+    )
+    .await?;
+    let producer = Session::open(
+        &args.server,
+        connections(args.senders),
+        txmq_wire::producer_settings(&[&args.topic]),
+    )
+    .await?;
+    let server = producer.server().to_string();
+    let run_id = uuid::Uuid::now_v7().simple().to_string();
+    let total = args.rate.saturating_mul(args.seconds);
+    let ledger = Arc::new(Ledger::new(total));
+    let base = Instant::now();
+
+    let consuming = Arc::new(Consuming {
+        session: consumer,
+        group: args.group.clone(),
+        topic: args.topic.clone(),
+        run_id: run_id.clone(),
+        base,
+        ledger: ledger.clone(),
+        latencies: Latencies::new(args.consumers as usize)?,
+        max_latency: Mutex::new(Duration::ZERO),
+        stale: AtomicU64::new(0),
+        receive_errors: Errors::default(),
+        ack_errors: Errors::default(),
+    });
+    let (stop, stopped) = watch::channel(false);
+    let mut consumers = JoinSet::new();
+    for task in 0..args.consumers {
+        consumers.spawn(consume(consuming.clone(), task, stopped.clone()));
+    }
+
+    let sending = Arc::new(Sending {
+        session: producer,
+        topic: args.topic.clone(),
+        run_id: run_id.clone(),
+        base,
+        rate: args.rate,
+        body: bench_body(args.size),
+        born_host: txmq_wire::hostname(),
+        next: AtomicU64::new(0),
+        total,
+        ledger: ledger.clone(),
+        latencies: Latencies::new(args.senders as usize)?,
+        max_latency: Mutex::new(Duration::ZERO),
+        max_lag: Mutex::new(Duration::ZERO),
+        sent: AtomicU64::new(0),
+        errors: Errors::default(),
+    });
+    let mut senders = JoinSet::new();
+    for task in 0..args.senders {
+        senders.spawn(send(sending.clone(), task));
+    }
+    while let Some(joined) = senders.join_next().await {
+        joined.context("a sending task panicked")?;
+    }
+    let sending_time = base.elapsed();
+
+    // Drain: wait until every acknowledged send arrived, or the drain time ends.
+    let sent = sending.sent.load(Ordering::Acquire);
+    let drain_start = Instant::now();
+    let drain_deadline = drain_start + Duration::from_secs(args.drain_seconds);
+    while ledger.matched.load(Ordering::Acquire) < sent && Instant::now() < drain_deadline {
+        tokio::time::sleep(DRAIN_POLL).await;
+    }
+    let drain = drain_start.elapsed();
+    let _ = stop.send(true);
+    while let Some(joined) = consumers.join_next().await {
+        joined.context("a consuming task panicked")?;
+    }
+
+    let c = &consuming;
+    let s = &sending;
+    let secs = sending_time.as_secs_f64().max(f64::MIN_POSITIVE);
+    let summary = |l: &Latencies, max: &Mutex<Duration>, n: u64| {
+        if n == 0 {
+            return Ok(LatencySummary::default());
+        }
+        l.summary(*max.lock().unwrap_or_else(|e| e.into_inner()))
+    };
+    let received = ledger
+        .messages
+        .iter()
+        .filter(|m| m.load(Ordering::Acquire) & RECEIVED != 0)
+        .count() as u64;
+    Ok(Report {
+        server,
+        topic: args.topic.clone(),
+        group: args.group.clone(),
+        run_id,
+        size: args.size,
+        seconds: args.seconds,
+        senders: args.senders,
+        consumers: args.consumers,
+        target_rate: args.rate,
+        sent,
+        achieved_rate: round3(sent as f64 / secs),
+        max_send_lag_ms: round3(
+            s.max_lag.lock().unwrap_or_else(|e| e.into_inner()).as_secs_f64() * 1000.0,
+        ),
+        received,
+        lost: ledger.lost(),
+        duplicates: ledger.duplicates.load(Ordering::Relaxed),
+        stale: c.stale.load(Ordering::Relaxed),
+        e2e: summary(&c.latencies, &c.max_latency, received)?,
+        send: summary(&s.latencies, &s.max_latency, sent)?,
+        send_errors: s.errors.count.load(Ordering::Relaxed),
+        receive_errors: c.receive_errors.count.load(Ordering::Relaxed),
+        ack_errors: c.ack_errors.count.load(Ordering::Relaxed),
+        first_error: s
+            .errors
+            .first()
+            .or_else(|| c.receive_errors.first())
+            .or_else(|| c.ack_errors.first()),
+        drain_secs: round3(drain.as_secs_f64()),
+    })
+}
+
+/// One sending task: takes the next message number, waits for its slot in the schedule
+/// (`rate` per second from the clock base), sends it and waits for the acknowledgement;
+/// stops at the first slot past the end of the run.
+async fn send(s: Arc<Sending>, task: u64) {
+    loop {
+        let seq = s.next.fetch_add(1, Ordering::Relaxed);
+        if seq >= s.total {
+            return;
+        }
+        let due_ns = u128::from(seq) * 1_000_000_000 / u128::from(s.rate);
+        let due = s.base + Duration::from_nanos(u64::try_from(due_ns).unwrap_or(u64::MAX));
+        tokio::time::sleep_until(due.into()).await;
+        let now = Instant::now();
+        let lag = now.saturating_duration_since(due);
+        {
+            let mut max = s.max_lag.lock().unwrap_or_else(|e| e.into_inner());
+            *max = (*max).max(lag);
+        }
+        let sent_ns = now.duration_since(s.base).as_nanos();
+        let message = Message {
+            topic: Some(txmq_wire::resource(&s.topic)),
+            user_properties: HashMap::from([
+                (RUN_PROPERTY.to_string(), s.run_id.clone()),
+                (SEQ_PROPERTY.to_string(), seq.to_string()),
+                (SENT_NS_PROPERTY.to_string(), sent_ns.to_string()),
+            ]),
+            system_properties: Some(SystemProperties {
+                message_id: uuid::Uuid::now_v7().simple().to_string(),
+                message_type: MessageType::Normal as i32,
+                born_timestamp: Some(SystemTime::now().into()),
+                born_host: s.born_host.clone(),
+                body_encoding: Encoding::Identity as i32,
+                ..Default::default()
+            }),
+            body: s.body.clone(),
+        };
+        match s.session.send(message).await {
+            Ok(_) => {
+                let latency = now.elapsed();
+                s.latencies.record(task, latency);
+                let mut max = s.max_latency.lock().unwrap_or_else(|e| e.into_inner());
+                *max = (*max).max(latency);
+                drop(max);
+                s.ledger.mark(seq, ACKED);
+                s.sent.fetch_add(1, Ordering::AcqRel);
+            }
+            Err(e) => {
+                s.errors.note(e.to_string());
+                tokio::time::sleep(ERROR_BACKOFF).await;
+            }
+        }
+    }
+}
+
+/// One consuming task: long-polls ReceiveMessage, records each message's latency, acks the
+/// batch, until told to stop (a receive in progress is then abandoned).
+async fn consume(c: Arc<Consuming>, task: u64, mut stop: watch::Receiver<bool>) {
+    while !*stop.borrow() {
+        let request = ReceiveMessageRequest {
+            group: Some(txmq_wire::resource(&c.group)),
+            message_queue: Some(MessageQueue {
+                topic: Some(txmq_wire::resource(&c.topic)),
+                id: -1,
+                ..Default::default()
+            }),
+            filter_expression: Some(txmq_wire::all_tags()),
+            batch_size: BATCH_SIZE,
+            invisible_duration: Some(txmq_wire::duration(INVISIBLE_DURATION)),
+            auto_renew: false,
+            long_polling_timeout: Some(txmq_wire::duration(LONG_POLLING_TIMEOUT)),
+            attempt_id: Some(uuid::Uuid::now_v7().to_string()),
+        };
+        let received = tokio::select! {
+            r = c.session.receive(request) => r,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let batch = match received {
+            Ok(batch) => batch,
+            Err(e) => {
+                c.receive_errors.note(e.to_string());
+                tokio::select! {
+                    () = tokio::time::sleep(ERROR_BACKOFF) => continue,
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+            }
+        };
+        if batch.is_empty() {
+            continue;
+        }
+        let mut entries = Vec::with_capacity(batch.len());
+        for delivered in batch {
+            record(&c, task, &delivered);
+            let props = delivered.message.system_properties.unwrap_or_default();
+            match props.receipt_handle {
+                Some(receipt_handle) => entries.push(AckMessageEntry {
+                    message_id: props.message_id,
+                    receipt_handle,
+                    lite_topic: None,
+                }),
+                None => c
+                    .ack_errors
+                    .note(format!("message {} has no receipt handle", props.message_id)),
+            }
+        }
+        if !entries.is_empty()
+            && let Err(e) = c.session.ack(&c.group, &c.topic, entries).await
+        {
+            c.ack_errors.note(e.to_string());
+        }
+    }
+}
+
+/// Records the arrival of one message: its latency if it is this run's and new.
+fn record(c: &Consuming, task: u64, d: &Delivered) {
+    let props = &d.message.user_properties;
+    let ours = props.get(RUN_PROPERTY).is_some_and(|r| *r == c.run_id);
+    let seq = props.get(SEQ_PROPERTY).and_then(|s| s.parse::<u64>().ok());
+    let sent_ns = props
+        .get(SENT_NS_PROPERTY)
+        .and_then(|s| s.parse::<u64>().ok());
+    let (true, Some(seq), Some(sent_ns)) = (ours, seq, sent_ns) else {
+        c.stale.fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    match c.ledger.mark(seq, RECEIVED) {
+        Some(before) if before & RECEIVED == 0 => {
+            let sent = c.base + Duration::from_nanos(sent_ns);
+            let latency = d.at.saturating_duration_since(sent);
+            c.latencies.record(task, latency);
+            let mut max = c.max_latency.lock().unwrap_or_else(|e| e.into_inner());
+            *max = (*max).max(latency);
+        }
+        Some(_) => {} // A duplicate, counted by the ledger.
+        None => {
+            c.stale.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The report as an aligned, human-readable table.
+fn table(r: &Report) -> String {
+    let latency = |l: &LatencySummary| {
+        format!(
+            "p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms, max {:.3} ms",
+            l.p50_ms, l.p99_ms, l.p999_ms, l.max_ms
+        )
+    };
+    let mut rows = vec![
+        (
+            "run",
+            format!(
+                "{} B bodies at {} msgs/s for {} s, {} senders, {} consumers",
+                r.size, r.target_rate, r.seconds, r.senders, r.consumers
+            ),
+        ),
+        (
+            "server",
+            format!("{}, topic {}, group {}", r.server, r.topic, r.group),
+        ),
+        (
+            "sent",
+            format!(
+                "{} acknowledged, {:.1} msgs/s (send lag max {:.3} ms)",
+                r.sent, r.achieved_rate, r.max_send_lag_ms
+            ),
+        ),
+        (
+            "received",
+            format!(
+                "{} of {} sent, {} lost, {} duplicates, drained in {:.3} s",
+                r.received, r.sent, r.lost, r.duplicates, r.drain_secs
+            ),
+        ),
+        ("send to receive", latency(&r.e2e)),
+        ("send to ack", latency(&r.send)),
+        (
+            "errors",
+            format!(
+                "{} send, {} receive, {} ack",
+                r.send_errors, r.receive_errors, r.ack_errors
+            ),
+        ),
+    ];
+    if r.stale > 0 {
+        rows.push((
+            "stale",
+            format!(
+                "{} messages of earlier runs were in the group and were acked (they can delay this run's)",
+                r.stale
+            ),
+        ));
+    }
+    if r.achieved_rate < r.target_rate as f64 * 0.99 {
+        rows.push((
+            "note",
+            "the target rate was not kept: try more --senders".to_string(),
+        ));
+    }
+    if let Some(e) = &r.first_error {
+        rows.push(("first error", e.clone()));
+    }
+    let mut out = String::from("txmq bench e2e\n");
+    for (name, value) in rows {
+        out.push_str(&format!("  {name:<16} {value}\n"));
+    }
+    out
+}

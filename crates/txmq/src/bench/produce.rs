@@ -1,0 +1,441 @@
+//! `txmq bench produce`: concurrent durable sends, each awaited, for a fixed time, against
+//! txmq over the RocketMQ 5 gRPC protocol and, for comparison, against RabbitMQ and NATS
+//! JetStream with the same workload. Reports sends/s, MB/s and acknowledgement latencies.
+//!
+//! Every target gets the same shape of load: `--concurrency` tasks, each sending one message
+//! and waiting for the broker's durable acknowledgement before sending the next, over a few
+//! connections shared by the tasks.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, bail};
+use serde::Serialize;
+use tokio::task::JoinSet;
+use txmq_proto::v2::{
+    Encoding, Message, MessageType, SystemProperties, TransactionResolution, TransactionSource,
+};
+
+use super::latency::{Latencies, LatencySummary, bench_body, round3};
+use super::peers;
+use super::txmq_wire::{self, Session};
+use crate::cli::{BenchProduceArgs, BenchTarget};
+
+/// The longest one send (with its commit, if transactional) may take before it counts as an
+/// error; it also bounds how far a run can overrun its deadline.
+const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Pause after a failed send, so that a dead broker does not turn the run into a busy loop.
+const ERROR_BACKOFF: Duration = Duration::from_millis(20);
+
+/// What the durable acknowledgement of each target means, for the table's footnote.
+pub const TXMQ_DURABILITY: &str = "ack after the message is in the commit log and fdatasync'd";
+pub const RABBITMQ_DURABILITY: &str = "publisher confirm after the persistent message is written \
+     to disk for a durable queue (fsyncs batched across messages)";
+pub const NATS_DURABILITY: &str = "PubAck after the write, before any fsync: the server fsyncs \
+     every 2 min by default (sync_interval), so acked messages can be lost on power loss";
+
+/// The load every target gets.
+pub struct Workload {
+    pub size: u64,
+    pub concurrency: u64,
+    pub seconds: u64,
+    /// Connections shared by the tasks (at most one per task).
+    pub connections: usize,
+    pub body: Arc<Vec<u8>>,
+}
+
+/// One durable send, as each target does it.
+pub trait Publisher: Send + Sync + 'static {
+    /// Sends message `n` of task `task` and waits for the broker's acknowledgement.
+    ///
+    /// # Errors
+    /// A description of what failed; the run counts it and goes on.
+    fn publish(&self, task: u64, n: u64) -> impl Future<Output = Result<(), String>> + Send;
+}
+
+/// What one target did, as printed.
+#[derive(Debug, Serialize)]
+pub struct TargetReport {
+    pub target: &'static str,
+    /// The broker's address (credentials removed).
+    pub server: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_version: Option<String>,
+    /// The topic, queue or stream the run wrote to.
+    pub resource: String,
+    /// Whether a temporary queue or stream was deleted at the end (`None`: nothing to delete).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deleted: Option<bool>,
+    /// Messages the queue or stream held just before deletion (a check of `msgs`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stored: Option<u64>,
+    pub msgs: u64,
+    pub elapsed_secs: f64,
+    pub msgs_per_sec: f64,
+    /// Body bytes acknowledged per second, in 10^6 bytes.
+    pub mb_per_sec: f64,
+    #[serde(flatten)]
+    pub latency: LatencySummary,
+    pub errors: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_error: Option<String>,
+    pub durability: &'static str,
+}
+
+/// What the driving loop measured.
+pub struct Measured {
+    pub msgs: u64,
+    pub errors: u64,
+    pub first_error: Option<String>,
+    pub elapsed: Duration,
+    pub latency: LatencySummary,
+}
+
+impl Measured {
+    /// The report row of a target, with nothing to delete.
+    pub fn report(
+        self,
+        target: &'static str,
+        server: String,
+        resource: String,
+        w: &Workload,
+        durability: &'static str,
+    ) -> TargetReport {
+        let secs = self.elapsed.as_secs_f64().max(f64::MIN_POSITIVE);
+        TargetReport {
+            target,
+            server,
+            server_version: None,
+            resource,
+            deleted: None,
+            stored: None,
+            msgs: self.msgs,
+            elapsed_secs: round3(secs),
+            msgs_per_sec: round3(self.msgs as f64 / secs),
+            mb_per_sec: round3((self.msgs * w.size) as f64 / secs / 1e6),
+            latency: self.latency,
+            errors: self.errors,
+            first_error: self.first_error,
+            durability,
+        }
+    }
+}
+
+/// The whole printed result.
+#[derive(Debug, Serialize)]
+struct Report {
+    size: u64,
+    concurrency: u64,
+    seconds: u64,
+    connections: usize,
+    transactional: bool,
+    results: Vec<TargetReport>,
+    /// txmq's msgs/s divided by each peer's, when both ran.
+    ratios: BTreeMap<&'static str, f64>,
+}
+
+/// Runs the benchmark against the chosen targets and prints the report.
+///
+/// # Errors
+/// If a target cannot be reached or set up, or any send failed, or a temporary queue or
+/// stream could not be deleted; the report is printed first whenever the runs happened.
+pub fn run(args: &BenchProduceArgs) -> anyhow::Result<()> {
+    if args.transactional && matches!(args.target, BenchTarget::Rabbitmq | BenchTarget::Nats) {
+        bail!("--transactional applies to txmq only; use --target txmq or --target all");
+    }
+    let workload = Workload {
+        size: args.size,
+        concurrency: args.concurrency,
+        seconds: args.seconds,
+        connections: args.connections.min(args.concurrency) as usize,
+        body: Arc::new(bench_body(args.size)),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let results = runtime.block_on(async {
+        let mut results = Vec::new();
+        let all = args.target == BenchTarget::All;
+        if all || args.target == BenchTarget::Txmq {
+            results.push(run_txmq(args, &workload).await?);
+        }
+        if all || args.target == BenchTarget::Rabbitmq {
+            results.push(peers::rabbitmq::run(&args.rabbitmq_url, &workload).await?);
+        }
+        if all || args.target == BenchTarget::Nats {
+            results.push(peers::nats::run(&args.nats_url, &workload).await?);
+        }
+        anyhow::Ok(results)
+    })?;
+    drop(runtime);
+
+    let rate = |name: &str| {
+        results
+            .iter()
+            .find(|r| r.target == name)
+            .map(|r| r.msgs_per_sec)
+    };
+    let mut ratios = BTreeMap::new();
+    if let Some(txmq) = rate("txmq") {
+        for (key, peer) in [("txmq_over_rabbitmq", "rabbitmq"), ("txmq_over_nats", "nats")] {
+            if let Some(p) = rate(peer).filter(|p| *p > 0.0) {
+                ratios.insert(key, round3(txmq / p));
+            }
+        }
+    }
+    let report = Report {
+        size: args.size,
+        concurrency: args.concurrency,
+        seconds: args.seconds,
+        connections: workload.connections,
+        transactional: args.transactional,
+        results,
+        ratios,
+    };
+    let table = table(&report);
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        eprint!("{table}");
+        let json = serde_json::to_string(&report).context("cannot encode the report")?;
+        writeln!(out, "{json}").context("cannot write to stdout")?;
+    } else {
+        out.write_all(table.as_bytes())
+            .context("cannot write to stdout")?;
+    }
+    out.flush().context("cannot write to stdout")?;
+
+    let mut problems = Vec::new();
+    for r in &report.results {
+        if r.errors > 0 {
+            problems.push(format!(
+                "{}: {} sends failed (first: {})",
+                r.target,
+                r.errors,
+                r.first_error.as_deref().unwrap_or("?")
+            ));
+        }
+        if r.deleted == Some(false) {
+            problems.push(format!("{}: {} was not deleted", r.target, r.resource));
+        }
+    }
+    if !problems.is_empty() {
+        bail!("{}", problems.join("; "));
+    }
+    Ok(())
+}
+
+/// Starts `concurrency` tasks that publish through `publisher` until the time is up, and
+/// returns what they did. Every task stops at the deadline; a send in flight then may run
+/// for up to [`SEND_TIMEOUT`] more.
+///
+/// # Errors
+/// If a task panicked.
+pub async fn drive<P: Publisher>(publisher: Arc<P>, w: &Workload) -> anyhow::Result<Measured> {
+    let latencies = Arc::new(Latencies::new(
+        usize::try_from(w.concurrency).unwrap_or(usize::MAX),
+    )?);
+    let first_error = Arc::new(Mutex::new(None::<String>));
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(w.seconds);
+    let mut tasks = JoinSet::new();
+    for task in 0..w.concurrency {
+        let publisher = publisher.clone();
+        let latencies = latencies.clone();
+        let first_error = first_error.clone();
+        tasks.spawn(async move {
+            let (mut msgs, mut errors, mut max) = (0u64, 0u64, Duration::ZERO);
+            let mut n = 0u64;
+            while Instant::now() < deadline {
+                let sent = Instant::now();
+                let outcome = tokio::time::timeout(SEND_TIMEOUT, publisher.publish(task, n))
+                    .await
+                    .unwrap_or_else(|_| Err(format!("no acknowledgement within {SEND_TIMEOUT:?}")));
+                n += 1;
+                match outcome {
+                    Ok(()) => {
+                        let latency = sent.elapsed();
+                        latencies.record(task, latency);
+                        max = max.max(latency);
+                        msgs += 1;
+                    }
+                    Err(e) => {
+                        errors += 1;
+                        first_error
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .get_or_insert(e);
+                        tokio::time::sleep_until(
+                            (Instant::now() + ERROR_BACKOFF).min(deadline).into(),
+                        )
+                        .await;
+                    }
+                }
+            }
+            (msgs, errors, max)
+        });
+    }
+    let (mut msgs, mut errors, mut max) = (0, 0, Duration::ZERO);
+    while let Some(joined) = tasks.join_next().await {
+        let (m, e, x) = joined.context("a sending task panicked")?;
+        msgs += m;
+        errors += e;
+        max = max.max(x);
+    }
+    let elapsed = start.elapsed();
+    let latency = if msgs > 0 {
+        latencies.summary(max)?
+    } else {
+        LatencySummary::default()
+    };
+    let first_error = first_error.lock().unwrap_or_else(|e| e.into_inner()).take();
+    Ok(Measured {
+        msgs,
+        errors,
+        first_error,
+        elapsed,
+        latency,
+    })
+}
+
+/// Sends to txmq through the RocketMQ 5 gRPC protocol.
+struct Txmq {
+    session: Session,
+    topic: String,
+    body: Arc<Vec<u8>>,
+    transactional: bool,
+    born_host: String,
+}
+
+impl Publisher for Txmq {
+    async fn publish(&self, _task: u64, _n: u64) -> Result<(), String> {
+        let message_id = uuid::Uuid::now_v7().simple().to_string();
+        let message_type = if self.transactional {
+            MessageType::Transaction
+        } else {
+            MessageType::Normal
+        };
+        let message = Message {
+            topic: Some(txmq_wire::resource(&self.topic)),
+            user_properties: Default::default(),
+            system_properties: Some(SystemProperties {
+                message_id: message_id.clone(),
+                message_type: message_type as i32,
+                born_timestamp: Some(SystemTime::now().into()),
+                born_host: self.born_host.clone(),
+                body_encoding: Encoding::Identity as i32,
+                ..Default::default()
+            }),
+            body: self.body.as_ref().clone(),
+        };
+        let entry = self.session.send(message).await.map_err(|e| e.to_string())?;
+        if self.transactional {
+            let id = if entry.message_id.is_empty() {
+                &message_id
+            } else {
+                &entry.message_id
+            };
+            self.session
+                .end_transaction(
+                    &self.topic,
+                    id,
+                    &entry.transaction_id,
+                    TransactionResolution::Commit,
+                    TransactionSource::SourceClient,
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+}
+
+async fn run_txmq(args: &BenchProduceArgs, w: &Workload) -> anyhow::Result<TargetReport> {
+    let settings = txmq_wire::producer_settings(&[&args.topic]);
+    let session = Session::open(&args.server, w.connections, settings).await?;
+    let server = session.server().to_string();
+    let publisher = Arc::new(Txmq {
+        session,
+        topic: args.topic.clone(),
+        body: w.body.clone(),
+        transactional: args.transactional,
+        born_host: txmq_wire::hostname(),
+    });
+    let measured = drive(publisher, w).await?;
+    let durability = TXMQ_DURABILITY;
+    Ok(measured.report("txmq", server, args.topic.clone(), w, durability))
+}
+
+/// The report as an aligned, human-readable table with a footnote on what each target's
+/// acknowledgement guarantees.
+fn table(r: &Report) -> String {
+    let mut out = format!(
+        "txmq bench produce: {} B bodies, {} tasks, {} connections, {} s per target{}\n",
+        r.size,
+        r.concurrency,
+        r.connections,
+        r.seconds,
+        if r.transactional {
+            " (txmq: transactional sends, half message + commit counted as one)"
+        } else {
+            ""
+        }
+    );
+    out.push_str(&format!(
+        "  {:<9} {:>10} {:>9} {:>8} {:>8} {:>9} {:>9} {:>9} {:>7}\n",
+        "target", "msgs", "msgs/s", "MB/s", "p50 ms", "p99 ms", "p99.9 ms", "max ms", "errors"
+    ));
+    for t in &r.results {
+        let l = &t.latency;
+        out.push_str(&format!(
+            "  {:<9} {:>10} {:>9.1} {:>8.3} {:>8.3} {:>9.3} {:>9.3} {:>9.3} {:>7}\n",
+            t.target,
+            t.msgs,
+            t.msgs_per_sec,
+            t.mb_per_sec,
+            l.p50_ms,
+            l.p99_ms,
+            l.p999_ms,
+            l.max_ms,
+            t.errors
+        ));
+    }
+    for (key, ratio) in &r.ratios {
+        let peer = key.trim_start_matches("txmq_over_");
+        out.push_str(&format!("  txmq / {peer}: {ratio:.3}x msgs/s\n"));
+    }
+    out.push_str("  where:\n");
+    for t in &r.results {
+        let version = t
+            .server_version
+            .as_deref()
+            .map(|v| format!(" {v}"))
+            .unwrap_or_default();
+        let stored = match (t.stored, t.deleted) {
+            (Some(n), Some(true)) => format!(", {n} stored, deleted"),
+            (Some(n), _) => format!(", {n} stored, NOT deleted"),
+            (None, Some(false)) => ", NOT deleted".to_string(),
+            _ => String::new(),
+        };
+        out.push_str(&format!(
+            "    {:<9} {}{version}, {}{stored}\n",
+            t.target, t.server, t.resource
+        ));
+    }
+    out.push_str("  durability of an acknowledged message:\n");
+    for t in &r.results {
+        out.push_str(&format!("    {:<9} {}\n", t.target, t.durability));
+    }
+    if r.transactional && r.results.len() > 1 {
+        out.push_str("    (the peers publish plain durable messages: they have no equivalent of a RocketMQ transactional send)\n");
+    }
+    for t in &r.results {
+        if let Some(e) = &t.first_error {
+            out.push_str(&format!("  {} first error: {e}\n", t.target));
+        }
+    }
+    out
+}
