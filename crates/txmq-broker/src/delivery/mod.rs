@@ -431,9 +431,11 @@ impl Broker {
                     continue;
                 };
                 if p.visible_at > now {
-                    if !p.delivered {
-                        wake = Some(wake.map_or(p.visible_at, |w| w.min(p.visible_at)));
-                    } else if let Some(g) = &p.message_group {
+                    // Wake a long poll when it becomes visible (due, or back from a consumer).
+                    wake = Some(wake.map_or(p.visible_at, |w| w.min(p.visible_at)));
+                    if p.delivered
+                        && let Some(g) = &p.message_group
+                    {
                         busy.insert(g.clone());
                     }
                     continue;

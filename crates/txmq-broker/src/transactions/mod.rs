@@ -309,6 +309,8 @@ impl Broker {
                 notified.await;
             }
         }
+        // The decision and its entry in the table change together for snapshots.
+        let gate = self.gate.read().await;
         let result = self.write_resolution(id, resolution).await;
         let mut table = self.transactions.lock();
         let Some(entry) = table.get_mut(id) else {
@@ -325,6 +327,7 @@ impl Broker {
         };
         entry.tx.resolved_ms = Some(now);
         drop(table);
+        drop(gate);
         if resolution == Resolution::Commit {
             self.arrived(topic_of(&rec));
         }
@@ -420,6 +423,7 @@ impl Broker {
                 format!("transaction {id} is {:?}", tx.state),
             ));
         }
+        let _gate = self.gate.read().await;
         let at = self
             .store
             .append(vec![tx_record(RecordKind::TxResolution, id, RECHECK)])
