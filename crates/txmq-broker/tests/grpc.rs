@@ -26,18 +26,26 @@ fn config(dir: &std::path::Path) -> BrokerConfig {
 }
 
 async fn client(server: &Server) -> MessagingServiceClient<Channel> {
-    let ch = Channel::from_shared(format!("http://{}", server.grpc_addr)).unwrap().connect().await.unwrap();
+    let ch = Channel::from_shared(format!("http://{}", server.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     MessagingServiceClient::new(ch)
 }
 
 fn req<T>(client_id: &str, body: T) -> Request<T> {
     let mut r = Request::new(body);
-    r.metadata_mut().insert("x-mq-client-id", client_id.parse().unwrap());
+    r.metadata_mut()
+        .insert("x-mq-client-id", client_id.parse().unwrap());
     r
 }
 
 fn resource(name: &str) -> Option<pb::Resource> {
-    Some(pb::Resource { resource_namespace: String::new(), name: name.into() })
+    Some(pb::Resource {
+        resource_namespace: String::new(),
+        name: name.into(),
+    })
 }
 
 fn message(topic: &str, id: &str, kind: MessageType, body: Vec<u8>) -> pb::Message {
@@ -58,15 +66,32 @@ fn code(st: &Option<pb::Status>) -> Code {
     Code::try_from(st.as_ref().map_or(0, |s| s.code)).unwrap_or(Code::Unspecified)
 }
 
-async fn receive(c: &mut MessagingServiceClient<Channel>, group: &str, topic: &str) -> (Code, Vec<pb::Message>) {
+async fn receive(
+    c: &mut MessagingServiceClient<Channel>,
+    group: &str,
+    topic: &str,
+) -> (Code, Vec<pb::Message>) {
     let r = pb::ReceiveMessageRequest {
         group: resource(group),
-        message_queue: Some(pb::MessageQueue { topic: resource(topic), id: -1, ..Default::default() }),
-        filter_expression: Some(pb::FilterExpression { r#type: pb::FilterType::Tag as i32, expression: "*".into() }),
+        message_queue: Some(pb::MessageQueue {
+            topic: resource(topic),
+            id: -1,
+            ..Default::default()
+        }),
+        filter_expression: Some(pb::FilterExpression {
+            r#type: pb::FilterType::Tag as i32,
+            expression: "*".into(),
+        }),
         batch_size: 16,
-        invisible_duration: Some(prost_types::Duration { seconds: 30, nanos: 0 }),
+        invisible_duration: Some(prost_types::Duration {
+            seconds: 30,
+            nanos: 0,
+        }),
         auto_renew: false,
-        long_polling_timeout: Some(prost_types::Duration { seconds: 1, nanos: 0 }),
+        long_polling_timeout: Some(prost_types::Duration {
+            seconds: 1,
+            nanos: 0,
+        }),
         attempt_id: None,
     };
     let mut stream = c.receive_message(req("c1", r)).await.unwrap().into_inner();
@@ -74,7 +99,9 @@ async fn receive(c: &mut MessagingServiceClient<Channel>, group: &str, topic: &s
     let mut msgs = Vec::new();
     while let Some(item) = stream.next().await {
         match item.unwrap().content {
-            Some(receive_message_response::Content::Status(s)) => status = Code::try_from(s.code).unwrap(),
+            Some(receive_message_response::Content::Status(s)) => {
+                status = Code::try_from(s.code).unwrap()
+            }
             Some(receive_message_response::Content::Message(m)) => msgs.push(m),
             _ => {}
         }
@@ -87,11 +114,28 @@ async fn send_receive_and_ack_over_grpc() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(config(dir.path())).await.unwrap();
     let mut c = client(&server).await;
-    let route = c.query_route(pb::QueryRouteRequest { topic: resource("orders"), endpoints: None }).await.unwrap().into_inner();
+    let route = c
+        .query_route(pb::QueryRouteRequest {
+            topic: resource("orders"),
+            endpoints: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(code(&route.status), Code::Ok);
     assert_eq!(route.message_queues.len(), 8);
     let sent = c
-        .send_message(req("c1", pb::SendMessageRequest { messages: vec![message("orders", "m1", MessageType::Normal, b"hello".to_vec())] }))
+        .send_message(req(
+            "c1",
+            pb::SendMessageRequest {
+                messages: vec![message(
+                    "orders",
+                    "m1",
+                    MessageType::Normal,
+                    b"hello".to_vec(),
+                )],
+            },
+        ))
         .await
         .unwrap()
         .into_inner();
@@ -103,14 +147,21 @@ async fn send_receive_and_ack_over_grpc() {
     assert_eq!(msgs[0].body, b"hello");
     let sp = msgs[0].system_properties.clone().unwrap();
     assert_eq!(sp.delivery_attempt, Some(1));
-    assert_eq!(sp.body_digest.unwrap().checksum, format!("{:X}", crc32fast::hash(b"hello")));
+    assert_eq!(
+        sp.body_digest.unwrap().checksum,
+        format!("{:X}", crc32fast::hash(b"hello"))
+    );
     let ack = c
         .ack_message(req(
             "c1",
             pb::AckMessageRequest {
                 group: resource("g"),
                 topic: resource("orders"),
-                entries: vec![pb::AckMessageEntry { message_id: "m1".into(), receipt_handle: sp.receipt_handle.clone().unwrap(), lite_topic: None }],
+                entries: vec![pb::AckMessageEntry {
+                    message_id: "m1".into(),
+                    receipt_handle: sp.receipt_handle.clone().unwrap(),
+                    lite_topic: None,
+                }],
             },
         ))
         .await
@@ -129,31 +180,81 @@ async fn bad_requests_get_rocketmq_status_codes_and_garbage_does_not_disturb_oth
     cfg.auto_create_topics = false;
     let server = Server::start(cfg).await.unwrap();
     let mut c = client(&server).await;
-    let route = c.query_route(pb::QueryRouteRequest { topic: resource("missing"), endpoints: None }).await.unwrap().into_inner();
+    let route = c
+        .query_route(pb::QueryRouteRequest {
+            topic: resource("missing"),
+            endpoints: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(code(&route.status), Code::TopicNotFound);
     let sent = c
-        .send_message(req("c1", pb::SendMessageRequest { messages: vec![message("missing", "m", MessageType::Normal, b"x".to_vec())] }))
+        .send_message(req(
+            "c1",
+            pb::SendMessageRequest {
+                messages: vec![message("missing", "m", MessageType::Normal, b"x".to_vec())],
+            },
+        ))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(code(&sent.status), Code::TopicNotFound);
-    server.broker.metadata().create_topic("plain", txmq_broker::metadata::TopicType::Normal, 2).unwrap();
+    server
+        .broker
+        .metadata()
+        .create_topic("plain", txmq_broker::metadata::TopicType::Normal, 2)
+        .unwrap();
     let big = message("plain", "big", MessageType::Normal, vec![1; 65 << 10]);
-    let sent = c.send_message(req("c1", pb::SendMessageRequest { messages: vec![big] })).await.unwrap().into_inner();
+    let sent = c
+        .send_message(req(
+            "c1",
+            pb::SendMessageRequest {
+                messages: vec![big],
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(code(&sent.status), Code::MessageBodyTooLarge);
     let tx = message("plain", "tx", MessageType::Transaction, b"x".to_vec());
-    let sent = c.send_message(req("c1", pb::SendMessageRequest { messages: vec![tx] })).await.unwrap().into_inner();
+    let sent = c
+        .send_message(req("c1", pb::SendMessageRequest { messages: vec![tx] }))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(code(&sent.status), Code::MessagePropertyConflictWithType);
-    let hb = c.heartbeat(req("stranger", pb::HeartbeatRequest { group: None, client_type: 1 })).await.unwrap().into_inner();
+    let hb = c
+        .heartbeat(req(
+            "stranger",
+            pb::HeartbeatRequest {
+                group: None,
+                client_type: 1,
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(code(&hb.status), Code::UnrecognizedClientType);
     // Garbage on the port closes only that connection.
-    for junk in [&b"GET / HTTP/1.1\r\n\r\n"[..], &[0xff; 64][..], &[0x16, 3, 1, 0, 5, 1, 2, 3, 4, 5][..]] {
-        let mut s = tokio::net::TcpStream::connect(server.grpc_addr).await.unwrap();
+    for junk in [
+        &b"GET / HTTP/1.1\r\n\r\n"[..],
+        &[0xff; 64][..],
+        &[0x16, 3, 1, 0, 5, 1, 2, 3, 4, 5][..],
+    ] {
+        let mut s = tokio::net::TcpStream::connect(server.grpc_addr)
+            .await
+            .unwrap();
         let _ = s.write_all(junk).await;
         drop(s);
     }
     let sent = c
-        .send_message(req("c1", pb::SendMessageRequest { messages: vec![message("plain", "ok", MessageType::Normal, b"x".to_vec())] }))
+        .send_message(req(
+            "c1",
+            pb::SendMessageRequest {
+                messages: vec![message("plain", "ok", MessageType::Normal, b"x".to_vec())],
+            },
+        ))
         .await
         .unwrap()
         .into_inner();
@@ -165,31 +266,77 @@ async fn bad_requests_get_rocketmq_status_codes_and_garbage_does_not_disturb_oth
 async fn an_open_transaction_is_checked_back_on_the_telemetry_stream_and_the_answer_commits_it() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(config(dir.path())).await.unwrap();
-    server.broker.metadata().create_topic("pay", txmq_broker::metadata::TopicType::Transaction, 2).unwrap();
+    server
+        .broker
+        .metadata()
+        .create_topic("pay", txmq_broker::metadata::TopicType::Transaction, 2)
+        .unwrap();
     let mut c = client(&server).await;
     // A producer declares the topic on its Telemetry stream and gets settings back.
     let (tx, rx) = tokio::sync::mpsc::channel(8);
     let settings = pb::Settings {
         client_type: Some(pb::ClientType::Producer as i32),
-        pub_sub: Some(pb::settings::PubSub::Publishing(pb::Publishing { topics: vec![resource("pay").unwrap()], ..Default::default() })),
+        pub_sub: Some(pb::settings::PubSub::Publishing(pb::Publishing {
+            topics: vec![resource("pay").unwrap()],
+            ..Default::default()
+        })),
         ..Default::default()
     };
-    tx.send(pb::TelemetryCommand { status: None, command: Some(telemetry_command::Command::Settings(settings)) }).await.unwrap();
-    let mut inbound = c.telemetry(req("producer-1", tokio_stream::wrappers::ReceiverStream::new(rx))).await.unwrap().into_inner();
-    let first = tokio::time::timeout(Duration::from_secs(3), inbound.next()).await.unwrap().unwrap().unwrap();
-    assert!(matches!(first.command, Some(telemetry_command::Command::Settings(_))), "{first:?}");
+    tx.send(pb::TelemetryCommand {
+        status: None,
+        command: Some(telemetry_command::Command::Settings(settings)),
+    })
+    .await
+    .unwrap();
+    let mut inbound = c
+        .telemetry(req(
+            "producer-1",
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(3), inbound.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(first.command, Some(telemetry_command::Command::Settings(_))),
+        "{first:?}"
+    );
     let sent = c
-        .send_message(req("producer-1", pb::SendMessageRequest { messages: vec![message("pay", "t1", MessageType::Transaction, b"paid".to_vec())] }))
+        .send_message(req(
+            "producer-1",
+            pb::SendMessageRequest {
+                messages: vec![message(
+                    "pay",
+                    "t1",
+                    MessageType::Transaction,
+                    b"paid".to_vec(),
+                )],
+            },
+        ))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(code(&sent.status), Code::Ok);
     let tx_id = sent.entries[0].transaction_id.clone();
     // Never ended by the producer: the broker asks.
-    let check = tokio::time::timeout(Duration::from_secs(5), inbound.next()).await.unwrap().unwrap().unwrap();
-    let Some(telemetry_command::Command::RecoverOrphanedTransactionCommand(cmd)) = check.command else { panic!("{check:?}") };
+    let check = tokio::time::timeout(Duration::from_secs(5), inbound.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let Some(telemetry_command::Command::RecoverOrphanedTransactionCommand(cmd)) = check.command
+    else {
+        panic!("{check:?}")
+    };
     assert_eq!(cmd.transaction_id, tx_id);
-    assert_eq!(cmd.message.as_ref().unwrap().topic.as_ref().unwrap().name, "pay");
+    assert_eq!(
+        cmd.message.as_ref().unwrap().topic.as_ref().unwrap().name,
+        "pay"
+    );
     let end = c
         .end_transaction(req(
             "producer-1",
@@ -210,5 +357,82 @@ async fn an_open_transaction_is_checked_back_on_the_telemetry_stream_and_the_ans
     assert_eq!(msgs.len(), 1);
     assert_eq!(msgs[0].body, b"paid");
     drop(tx);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_disconnects_mid_stream_leaves_the_server_and_its_messages_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(config(dir.path())).await.unwrap();
+    server
+        .broker
+        .metadata()
+        .create_topic("quiet", txmq_broker::metadata::TopicType::Normal, 2)
+        .unwrap();
+    // A telemetry stream and a long poll, both dropped with their connection.
+    {
+        let mut c = client(&server).await;
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let settings = pb::Settings {
+            client_type: Some(pb::ClientType::SimpleConsumer as i32),
+            pub_sub: Some(pb::settings::PubSub::Subscription(pb::Subscription {
+                group: resource("g"),
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        tx.send(pb::TelemetryCommand {
+            status: None,
+            command: Some(telemetry_command::Command::Settings(settings)),
+        })
+        .await
+        .unwrap();
+        let mut inbound = c
+            .telemetry(req(
+                "leaver",
+                tokio_stream::wrappers::ReceiverStream::new(rx),
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        inbound.next().await.unwrap().unwrap();
+        assert!(server.broker.sessions().knows("leaver"));
+        let mut poller = c.clone();
+        let poll = tokio::spawn(async move { receive(&mut poller, "g", "quiet").await });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!poll.is_finished(), "the receive should be long-polling");
+        poll.abort();
+        drop(inbound);
+        drop(tx);
+    }
+    // The session goes away with its stream.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while server.broker.sessions().knows("leaver") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "session of a gone client is still registered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Others are served as before, and a message sent now is delivered.
+    let mut c = client(&server).await;
+    let sent = c
+        .send_message(req(
+            "c2",
+            pb::SendMessageRequest {
+                messages: vec![message(
+                    "quiet",
+                    "after",
+                    MessageType::Normal,
+                    b"x".to_vec(),
+                )],
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(code(&sent.status), Code::Ok);
+    let (_, msgs) = receive(&mut c, "g", "quiet").await;
+    assert_eq!(msgs.len(), 1);
     server.stop().await.unwrap();
 }
