@@ -18,12 +18,12 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use txmq_proto::v2::{
-    AckMessageEntry, Encoding, Message, MessageQueue, MessageType, ReceiveMessageRequest,
+    AckMessageEntry, Code, Encoding, Message, MessageQueue, MessageType, ReceiveMessageRequest,
     SystemProperties,
 };
 
 use super::latency::{Latencies, LatencySummary, bench_body, round3};
-use super::txmq_wire::{self, Delivered, Session};
+use super::txmq_wire::{self, CallError, Delivered, Session};
 use crate::cli::BenchE2eArgs;
 
 /// User property naming the run a message belongs to.
@@ -51,6 +51,8 @@ const RECEIVED: u8 = 2;
 /// What happened to each message of the run, by number, and the counts derived from it.
 struct Ledger {
     messages: Vec<AtomicU8>,
+    /// Sends the server acknowledged.
+    acked: AtomicU64,
     /// Messages both acknowledged to the producer and received, each counted once.
     matched: AtomicU64,
     duplicates: AtomicU64,
@@ -60,6 +62,7 @@ impl Ledger {
     fn new(len: u64) -> Self {
         Self {
             messages: (0..len).map(|_| AtomicU8::new(0)).collect(),
+            acked: AtomicU64::new(0),
             matched: AtomicU64::new(0),
             duplicates: AtomicU64::new(0),
         }
@@ -71,6 +74,9 @@ impl Ledger {
         let before = slot.fetch_or(bit, Ordering::AcqRel);
         if before & bit == 0 && before & (ACKED | RECEIVED) & !bit != 0 {
             self.matched.fetch_add(1, Ordering::AcqRel);
+        }
+        if bit == ACKED && before & ACKED == 0 {
+            self.acked.fetch_add(1, Ordering::AcqRel);
         }
         if bit == RECEIVED && before & RECEIVED != 0 {
             self.duplicates.fetch_add(1, Ordering::Relaxed);
@@ -219,7 +225,6 @@ struct Sending {
     latencies: Latencies,
     max_latency: Mutex<Duration>,
     max_lag: Mutex<Duration>,
-    sent: AtomicU64,
     errors: Errors,
 }
 
@@ -277,7 +282,6 @@ async fn measure(args: &BenchE2eArgs) -> anyhow::Result<Report> {
         latencies: Latencies::new(args.senders as usize)?,
         max_latency: Mutex::new(Duration::ZERO),
         max_lag: Mutex::new(Duration::ZERO),
-        sent: AtomicU64::new(0),
         errors: Errors::default(),
     });
     let mut senders = JoinSet::new();
@@ -290,7 +294,7 @@ async fn measure(args: &BenchE2eArgs) -> anyhow::Result<Report> {
     let sending_time = base.elapsed();
 
     // Drain: wait until every acknowledged send arrived, or the drain time ends.
-    let sent = sending.sent.load(Ordering::Acquire);
+    let sent = ledger.acked.load(Ordering::Acquire);
     let drain_start = Instant::now();
     let drain_deadline = drain_start + Duration::from_secs(args.drain_seconds);
     while ledger.matched.load(Ordering::Acquire) < sent && Instant::now() < drain_deadline {
@@ -329,7 +333,11 @@ async fn measure(args: &BenchE2eArgs) -> anyhow::Result<Report> {
         sent,
         achieved_rate: round3(sent as f64 / secs),
         max_send_lag_ms: round3(
-            s.max_lag.lock().unwrap_or_else(|e| e.into_inner()).as_secs_f64() * 1000.0,
+            s.max_lag
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_secs_f64()
+                * 1000.0,
         ),
         received,
         lost: ledger.lost(),
@@ -393,7 +401,6 @@ async fn send(s: Arc<Sending>, task: u64) {
                 *max = (*max).max(latency);
                 drop(max);
                 s.ledger.mark(seq, ACKED);
-                s.sent.fetch_add(1, Ordering::AcqRel);
             }
             Err(e) => {
                 s.errors.note(e.to_string());
@@ -421,6 +428,9 @@ async fn consume(c: Arc<Consuming>, task: u64, mut stop: watch::Receiver<bool>) 
             long_polling_timeout: Some(txmq_wire::duration(LONG_POLLING_TIMEOUT)),
             attempt_id: Some(uuid::Uuid::now_v7().to_string()),
         };
+        // Until a send is acknowledged the topic may not exist yet (the first send can create
+        // it), so TOPIC_NOT_FOUND is then no error.
+        let before_first_send = c.ledger.acked.load(Ordering::Acquire) == 0;
         let received = tokio::select! {
             r = c.session.receive(request) => r,
             _ = stop.wait_for(|s| *s) => return,
@@ -428,7 +438,11 @@ async fn consume(c: Arc<Consuming>, task: u64, mut stop: watch::Receiver<bool>) 
         let batch = match received {
             Ok(batch) => batch,
             Err(e) => {
-                c.receive_errors.note(e.to_string());
+                let topic_not_yet_created = before_first_send
+                    && matches!(e, CallError::Refused { code, .. } if code == Code::TopicNotFound as i32);
+                if !topic_not_yet_created {
+                    c.receive_errors.note(e.to_string());
+                }
                 tokio::select! {
                     () = tokio::time::sleep(ERROR_BACKOFF) => continue,
                     _ = stop.wait_for(|s| *s) => return,
@@ -448,9 +462,10 @@ async fn consume(c: Arc<Consuming>, task: u64, mut stop: watch::Receiver<bool>) 
                     receipt_handle,
                     lite_topic: None,
                 }),
-                None => c
-                    .ack_errors
-                    .note(format!("message {} has no receipt handle", props.message_id)),
+                None => c.ack_errors.note(format!(
+                    "message {} has no receipt handle",
+                    props.message_id
+                )),
             }
         }
         if !entries.is_empty()

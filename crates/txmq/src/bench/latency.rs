@@ -49,7 +49,8 @@ impl Latencies {
         let mut all = new_histogram()?;
         for shard in &self.shards {
             let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
-            all.add(&*shard).context("cannot merge latency histograms")?;
+            all.add(&*shard)
+                .context("cannot merge latency histograms")?;
         }
         let ms = |us: u64| round3(us as f64 / 1000.0);
         Ok(LatencySummary {

@@ -19,10 +19,10 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use txmq_proto::v2::messaging_service_client::MessagingServiceClient;
 use txmq_proto::v2::{
-    AckMessageEntry, AckMessageRequest, ClientType, Code, EndTransactionRequest, Language,
-    Message, ReceiveMessageRequest, Resource, SendMessageRequest, SendResultEntry, Settings,
-    Status, TelemetryCommand, TransactionResolution, TransactionSource, Ua,
-    receive_message_response, telemetry_command,
+    AckMessageEntry, AckMessageRequest, ClientType, Code, EndTransactionRequest, Language, Message,
+    ReceiveMessageRequest, Resource, SendMessageRequest, SendResultEntry, Settings, Status,
+    TelemetryCommand, TransactionResolution, TransactionSource, Ua, receive_message_response,
+    telemetry_command,
 };
 
 /// How long a unary call may take, and the `request_timeout` announced in the settings.
@@ -38,7 +38,9 @@ type Stub = MessagingServiceClient<InterceptedService<Channel, Headers>>;
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
     /// `--server` is not a `host:port` or `http://host:port` address.
-    #[error("{server:?} is not a txmq server address (expected host:port or http://host:port): {reason}")]
+    #[error(
+        "{server:?} is not a txmq server address (expected host:port or http://host:port): {reason}"
+    )]
     BadAddress { server: String, reason: String },
     /// No TCP or HTTP/2 connection could be made.
     #[error("cannot connect to the txmq server at {server}: {reason}")]
@@ -130,11 +132,17 @@ struct Headers {
 }
 
 impl Interceptor for Headers {
-    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
         let m: &mut MetadataMap = request.metadata_mut();
         m.insert("x-mq-client-id", self.client_id.clone());
         m.insert("x-mq-language", AsciiMetadataValue::from_static("RUST"));
-        m.insert("x-mq-protocol-version", AsciiMetadataValue::from_static("v2"));
+        m.insert(
+            "x-mq-protocol-version",
+            AsciiMetadataValue::from_static("v2"),
+        );
         m.insert(
             "x-mq-client-version",
             AsciiMetadataValue::from_static(env!("CARGO_PKG_VERSION")),
@@ -188,7 +196,11 @@ fn server_uri(server: &str) -> Result<String, OpenError> {
     let uri = match server.split_once("://") {
         None => format!("http://{server}"),
         Some(("http", _)) => server.to_string(),
-        Some((scheme, _)) => return Err(bad(&format!("scheme {scheme}:// is not supported, only plaintext http://"))),
+        Some((scheme, _)) => {
+            return Err(bad(&format!(
+                "scheme {scheme}:// is not supported, only plaintext http://"
+            )));
+        }
     };
     let parsed: tonic::codegen::http::Uri = uri.parse().map_err(|e| bad(&format!("{e}")))?;
     if parsed.port_u16().is_none() {
@@ -361,8 +373,7 @@ impl Session {
                     reason: chain(&e),
                 })?;
             let stub = MessagingServiceClient::with_interceptor(channel, headers.clone());
-            let reader = open_telemetry(&uri, stub.clone(), settings.clone())
-                .await?;
+            let reader = open_telemetry(&uri, stub.clone(), settings.clone()).await?;
             session.telemetry.push(reader);
             session.stubs.push(stub);
         }
@@ -444,11 +455,9 @@ impl Session {
         request: ReceiveMessageRequest,
     ) -> Result<Vec<Delivered>, CallError> {
         const RPC: &str = "ReceiveMessage";
-        let long_polling = request
-            .long_polling_timeout
-            .map_or(Duration::ZERO, |d| {
-                Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32)
-            });
+        let long_polling = request.long_polling_timeout.map_or(Duration::ZERO, |d| {
+            Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32)
+        });
         let after = long_polling + REQUEST_TIMEOUT;
         let mut stub = self.stub();
         timed(RPC, after, async move {
@@ -590,7 +599,12 @@ async fn open_telemetry(
             if let Some(s) = &reply.status
                 && s.code != Code::Ok as i32
             {
-                return Err(refused(format!("{} ({}): {}", s.code, code_name(s.code), s.message)));
+                return Err(refused(format!(
+                    "{} ({}): {}",
+                    s.code,
+                    code_name(s.code),
+                    s.message
+                )));
             }
             if let Some(telemetry_command::Command::Settings(_)) = reply.command {
                 return Ok(inbound);
@@ -652,7 +666,10 @@ mod tests {
 
     #[test]
     fn server_address_may_omit_the_scheme_but_not_the_port() {
-        assert_eq!(server_uri("127.0.0.1:8081").unwrap(), "http://127.0.0.1:8081");
+        assert_eq!(
+            server_uri("127.0.0.1:8081").unwrap(),
+            "http://127.0.0.1:8081"
+        );
         assert_eq!(server_uri("http://h:1").unwrap(), "http://h:1");
         assert!(server_uri("https://h:1").is_err());
         assert!(server_uri("localhost").is_err());

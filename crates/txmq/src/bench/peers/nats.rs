@@ -26,7 +26,9 @@ impl Publisher for Nats {
         let ack = js
             .send_publish(
                 self.subject.clone(),
-                PublishMessage::build().payload(self.body.clone()).message_id(id),
+                PublishMessage::build()
+                    .payload(self.body.clone())
+                    .message_id(id),
             )
             .await
             .map_err(|e| format!("publish: {e}"))?
@@ -121,7 +123,9 @@ pub async fn run(url: &str, w: &Workload) -> anyhow::Result<TargetReport> {
         }
         Ok(Err(e)) => {
             report.deleted = Some(false);
-            report.first_error.get_or_insert(format!("stream delete: {e}"));
+            report
+                .first_error
+                .get_or_insert(format!("stream delete: {e}"));
         }
         Err(_) => {
             report.deleted = Some(false);

@@ -53,12 +53,14 @@ pub async fn run(url: &str, w: &Workload) -> anyhow::Result<TargetReport> {
     let shown = redact(url);
     let mut connections = Vec::new();
     for _ in 0..w.connections.max(1) {
-        let connection =
-            tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, ConnectionProperties::default()))
-                .await
-                .map_err(|_| anyhow!("no answer within {CONNECT_TIMEOUT:?}"))
-                .and_then(|c| c.map_err(flat))
-                .with_context(|| format!("cannot connect to RabbitMQ at {shown}"))?;
+        let connection = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            Connection::connect(url, ConnectionProperties::default()),
+        )
+        .await
+        .map_err(|_| anyhow!("no answer within {CONNECT_TIMEOUT:?}"))
+        .and_then(|c| c.map_err(flat))
+        .with_context(|| format!("cannot connect to RabbitMQ at {shown}"))?;
         connections.push(connection);
     }
     let admin = connections[0]
@@ -103,11 +105,15 @@ pub async fn run(url: &str, w: &Workload) -> anyhow::Result<TargetReport> {
     .await;
     let deleted = tokio::time::timeout(
         ADMIN_TIMEOUT,
-        admin.queue_delete(ShortString::from(queue.as_str()), QueueDeleteOptions::default()),
+        admin.queue_delete(
+            ShortString::from(queue.as_str()),
+            QueueDeleteOptions::default(),
+        ),
     )
     .await;
     for c in &connections {
-        let _ = tokio::time::timeout(ADMIN_TIMEOUT, c.close(200, ShortString::from("bench done"))).await;
+        let _ = tokio::time::timeout(ADMIN_TIMEOUT, c.close(200, ShortString::from("bench done")))
+            .await;
     }
     let measured = measured.with_context(|| format!("RabbitMQ at {shown}"))?;
     let mut report = measured.report(
@@ -124,7 +130,9 @@ pub async fn run(url: &str, w: &Workload) -> anyhow::Result<TargetReport> {
         }
         Ok(Err(e)) => {
             report.deleted = Some(false);
-            report.first_error.get_or_insert(format!("queue.delete: {e}"));
+            report
+                .first_error
+                .get_or_insert(format!("queue.delete: {e}"));
         }
         Err(_) => {
             report.deleted = Some(false);
