@@ -244,6 +244,9 @@ async fn measure(args: &BenchE2eArgs) -> anyhow::Result<Report> {
     )
     .await?;
     let server = producer.server().to_string();
+    // One message before the clock starts, so that the topic exists (the first send creates
+    // it) when the consumers begin to poll; consumers count it as stale.
+    warm_up(&producer, &args.topic).await?;
     let run_id = uuid::Uuid::now_v7().simple().to_string();
     let total = args.rate.saturating_mul(args.seconds);
     let ledger = Arc::new(Ledger::new(total));
@@ -355,6 +358,27 @@ async fn measure(args: &BenchE2eArgs) -> anyhow::Result<Report> {
             .or_else(|| c.ack_errors.first()),
         drain_secs: round3(drain.as_secs_f64()),
     })
+}
+
+/// Sends one message that belongs to no run.
+async fn warm_up(producer: &Session, topic: &str) -> anyhow::Result<()> {
+    let message = Message {
+        topic: Some(txmq_wire::resource(topic)),
+        user_properties: HashMap::new(),
+        system_properties: Some(SystemProperties {
+            message_id: uuid::Uuid::now_v7().simple().to_string(),
+            message_type: MessageType::Normal as i32,
+            born_timestamp: Some(SystemTime::now().into()),
+            body_encoding: Encoding::Identity as i32,
+            ..Default::default()
+        }),
+        body: b"warm-up".to_vec(),
+    };
+    producer
+        .send(message)
+        .await
+        .context("warm-up send failed")?;
+    Ok(())
 }
 
 /// One sending task: takes the next message number, waits for its slot in the schedule
