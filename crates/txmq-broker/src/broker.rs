@@ -47,6 +47,8 @@ pub struct Broker {
     pub(crate) nonce: u32,
     arrivals: Mutex<HashMap<String, Arc<Notify>>>,
     round_robin: AtomicU32,
+    /// Set when the server stops: long polls answer, Telemetry streams end.
+    closing: tokio::sync::watch::Sender<bool>,
 }
 
 impl Broker {
@@ -63,6 +65,7 @@ impl Broker {
             nonce,
             arrivals: Mutex::new(HashMap::new()),
             round_robin: AtomicU32::new(0),
+            closing: tokio::sync::watch::channel(false).0,
         }
     }
 
@@ -89,6 +92,18 @@ impl Broker {
     /// The connected clients.
     pub fn sessions(&self) -> &Sessions {
         &self.sessions
+    }
+
+    /// Starts a shutdown: long polls answer at once and Telemetry streams end, so clients
+    /// let go of their connections.
+    pub fn begin_shutdown(&self) {
+        self.closing.send_replace(true);
+    }
+
+    /// Resolves once a shutdown has begun.
+    pub(crate) async fn closed(&self) {
+        let mut rx = self.closing.subscribe();
+        let _ = rx.wait_for(|c| *c).await;
     }
 
     pub(crate) fn next_round(&self) -> u32 {

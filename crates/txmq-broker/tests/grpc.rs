@@ -97,15 +97,21 @@ async fn receive(
     let mut stream = c.receive_message(req("c1", r)).await.unwrap().into_inner();
     let mut status = Code::Unspecified;
     let mut msgs = Vec::new();
+    let mut ends_with_time = false;
     while let Some(item) = stream.next().await {
         match item.unwrap().content {
             Some(receive_message_response::Content::Status(s)) => {
                 status = Code::try_from(s.code).unwrap()
             }
             Some(receive_message_response::Content::Message(m)) => msgs.push(m),
-            _ => {}
+            Some(receive_message_response::Content::DeliveryTimestamp(_)) => ends_with_time = true,
+            None => {}
         }
     }
+    assert!(
+        ends_with_time,
+        "a receive stream ends with the delivery timestamp"
+    );
     (status, msgs)
 }
 
@@ -147,9 +153,10 @@ async fn send_receive_and_ack_over_grpc() {
     assert_eq!(msgs[0].body, b"hello");
     let sp = msgs[0].system_properties.clone().unwrap();
     assert_eq!(sp.delivery_attempt, Some(1));
+    // MD5 of "hello", upper-case hex, as the official clients check it.
     assert_eq!(
         sp.body_digest.unwrap().checksum,
-        format!("{:X}", crc32fast::hash(b"hello"))
+        "5D41402ABC4B2A76B9719D911017C592"
     );
     let ack = c
         .ack_message(req(
@@ -435,4 +442,59 @@ async fn a_client_that_disconnects_mid_stream_leaves_the_server_and_its_messages
     let (_, msgs) = receive(&mut c, "g", "quiet").await;
     assert_eq!(msgs.len(), 1);
     server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_the_server_ends_telemetry_streams_and_long_polls_promptly() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(config(dir.path())).await.unwrap();
+    server
+        .broker
+        .metadata()
+        .create_topic("idle", txmq_broker::metadata::TopicType::Normal, 1)
+        .unwrap();
+    let mut c = client(&server).await;
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let settings = pb::Settings {
+        client_type: Some(pb::ClientType::Producer as i32),
+        pub_sub: Some(pb::settings::PubSub::Publishing(pb::Publishing {
+            topics: vec![resource("idle").unwrap()],
+            ..Default::default()
+        })),
+        ..Default::default()
+    };
+    tx.send(pb::TelemetryCommand {
+        status: None,
+        command: Some(telemetry_command::Command::Settings(settings)),
+    })
+    .await
+    .unwrap();
+    let mut inbound = c
+        .telemetry(req(
+            "stayer",
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    inbound.next().await.unwrap().unwrap();
+    let mut poller = c.clone();
+    let poll = tokio::spawn(async move { receive(&mut poller, "g", "idle").await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    server.stop().await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "stop took {:?}",
+        started.elapsed()
+    );
+    // The client sees its telemetry stream end, and its long poll answered.
+    let end = tokio::time::timeout(Duration::from_secs(2), inbound.next())
+        .await
+        .unwrap();
+    assert!(end.is_none() || end.unwrap().is_err());
+    let _ = tokio::time::timeout(Duration::from_secs(2), poll)
+        .await
+        .unwrap();
+    drop(tx);
 }

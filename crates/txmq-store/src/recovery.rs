@@ -136,7 +136,12 @@ impl<'a> Reader<'a> {
             let chunk = self.get(off, CHUNK)?;
             match chunk.iter().position(|&b| b != 0) {
                 Some(i) => return Ok((off + i as u64) / ALIGN as u64 * ALIGN as u64),
-                None => off += chunk.len().max(1) as u64,
+                None => {
+                    off += chunk.len().max(1) as u64;
+                    // Jump over space the file system holds as unwritten.
+                    let data = self.seg.file.next_data(off)?;
+                    off = off.max(data / ALIGN as u64 * ALIGN as u64);
+                }
             }
         }
         Ok(off)

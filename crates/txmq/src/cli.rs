@@ -137,7 +137,11 @@ pub struct BenchProduceArgs {
     #[arg(long)]
     pub json: bool,
     /// RabbitMQ AMQP URL.
-    #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f", value_name = "URL")]
+    #[arg(
+        long,
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        value_name = "URL"
+    )]
     pub rabbitmq_url: String,
     /// NATS server URL (JetStream enabled).
     #[arg(long, default_value = "nats://127.0.0.1:4222", value_name = "URL")]

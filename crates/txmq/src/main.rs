@@ -3,8 +3,8 @@
 
 mod admin_cmd;
 mod bench;
-mod client_cmd;
 mod cli;
+mod client_cmd;
 mod debug;
 mod serve;
 mod store_check;

@@ -10,12 +10,16 @@ use crate::cli::ServeArgs;
 pub fn config(args: &ServeArgs) -> anyhow::Result<BrokerConfig> {
     let mut config = match &args.config {
         Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-            BrokerConfig::from_toml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            BrokerConfig::from_toml(&text)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
         }
         None => BrokerConfig::default(),
     };
-    config.apply_env(std::env::vars()).map_err(anyhow::Error::msg)?;
+    config
+        .apply_env(std::env::vars())
+        .map_err(anyhow::Error::msg)?;
     if let Some(d) = &args.data_dir {
         config.data_dir = d.clone();
     }
@@ -38,7 +42,10 @@ pub fn config(args: &ServeArgs) -> anyhow::Result<BrokerConfig> {
 /// Runs the broker until SIGINT or SIGTERM, then shuts down cleanly.
 pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     let config = config(args)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the runtime")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
     runtime.block_on(async move {
         let server = Server::start(config).await?;
         // Tests and scripts read the bound addresses from here (ports may be 0).

@@ -358,6 +358,7 @@ impl Broker {
             tokio::select! {
                 _ = &mut notified => {}
                 _ = tokio::time::sleep_until(wake) => {}
+                _ = self.closed() => return Ok(Vec::new()),
             }
         }
     }

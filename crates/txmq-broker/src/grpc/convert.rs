@@ -153,11 +153,16 @@ fn message_type(s: Option<&str>) -> MessageType {
     }
 }
 
-/// The body's CRC32 as the official clients check it (upper-case hex, no leading zeros).
-fn crc32_digest(body: &[u8]) -> Digest {
+/// The body's MD5, in upper-case hex: the digest every official client checks the same way
+/// (CRC32 is formatted without leading zeros by the Java client and with them by the Python
+/// client, so no one CRC32 string satisfies both).
+fn body_digest(body: &[u8]) -> Digest {
+    use md5::Digest as _;
+    let sum = md5::Md5::digest(body);
+    let checksum = sum.iter().map(|b| format!("{b:02X}")).collect();
     Digest {
-        r#type: DigestType::Crc32 as i32,
-        checksum: format!("{:X}", crc32fast::hash(body)),
+        r#type: DigestType::Md5 as i32,
+        checksum,
     }
 }
 
@@ -177,7 +182,7 @@ fn base_message(rec: &Record, topic: &str) -> pb::Message {
         tag: (!d.tag.is_empty()).then(|| d.tag.clone()),
         keys: d.keys.clone(),
         message_id: d.message_id.clone(),
-        body_digest: Some(crc32_digest(&d.body)),
+        body_digest: Some(body_digest(&d.body)),
         body_encoding: if gzip {
             Encoding::Gzip
         } else {
@@ -241,9 +246,15 @@ mod tests {
     }
 
     #[test]
-    fn crc32_digest_matches_the_java_client_format() {
-        // CRC32 of "hello" is 0x3610A686; Java's Long.toHexString(...).toUpperCase().
-        assert_eq!(crc32_digest(b"hello").checksum, "3610A686");
-        assert_eq!(crc32_digest(b"").checksum, "0");
+    fn body_digest_is_upper_case_md5_hex() {
+        assert_eq!(
+            body_digest(b"hello").checksum,
+            "5D41402ABC4B2A76B9719D911017C592"
+        );
+        assert_eq!(
+            body_digest(b"").checksum,
+            "D41D8CD98F00B204E9800998ECF8427E"
+        );
+        assert_eq!(body_digest(b"").r#type, DigestType::Md5 as i32);
     }
 }

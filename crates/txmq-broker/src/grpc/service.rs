@@ -83,6 +83,15 @@ fn deadline<T>(req: &Request<T>) -> Option<Duration> {
     })
 }
 
+/// The last response of a ReceiveMessage stream: when the messages were delivered.
+fn delivery_timestamp() -> pb::ReceiveMessageResponse {
+    pb::ReceiveMessageResponse {
+        content: Some(receive_message_response::Content::DeliveryTimestamp(
+            convert::timestamp(crate::now_ms()),
+        )),
+    }
+}
+
 fn name(r: &Option<pb::Resource>) -> String {
     r.as_ref().map(|r| r.name.clone()).unwrap_or_default()
 }
@@ -299,7 +308,10 @@ impl MessagingService for Messaging {
             let item = pb::ReceiveMessageResponse {
                 content: Some(receive_message_response::Content::Status(st)),
             };
-            Ok(Response::new(Box::pin(tokio_stream::iter(vec![Ok(item)]))))
+            Ok(Response::new(Box::pin(tokio_stream::iter(vec![
+                Ok(item),
+                Ok(delivery_timestamp()),
+            ]))))
         };
         let mq = req.message_queue.clone().unwrap_or_default();
         let topic = name(&mq.topic);
@@ -348,7 +360,9 @@ impl MessagingService for Messaging {
         let rr = ReceiveRequest {
             group: name(&req.group),
             topic,
-            queue: (mq.id >= 0).then_some(mq.id as u32),
+            // Like the RocketMQ proxy, a receive reads every queue of the topic: the official
+            // simple consumers name one route queue per call, picked at random.
+            queue: None,
             filter,
             batch,
             invisible_ms,
@@ -369,6 +383,9 @@ impl MessagingService for Messaging {
                         content: Some(receive_message_response::Content::Message(m)),
                     }));
                 }
+                // The stream ends with the time of delivery, as the proxy's does; clients
+                // measure receive latency with it.
+                items.push(Ok(delivery_timestamp()));
                 Ok(Response::new(Box::pin(tokio_stream::iter(items))))
             }
         }

@@ -86,8 +86,12 @@ impl Broker {
         let broker = self.clone();
         tokio::spawn(async move {
             let id = broker.sessions.next_id();
-            while let Some(next) = inbound.next().await {
-                let Ok(cmd) = next else { break };
+            loop {
+                let next = tokio::select! {
+                    next = inbound.next() => next,
+                    _ = broker.closed() => break,
+                };
+                let Some(Ok(cmd)) = next else { break };
                 let Some(telemetry_command::Command::Settings(settings)) = cmd.command else {
                     // Thread stack traces and message verification results need no answer.
                     continue;

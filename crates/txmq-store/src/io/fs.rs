@@ -58,6 +58,29 @@ impl IoFile for FsFile {
         }
     }
 
+    fn next_data(&self, offset: u64) -> io::Result<u64> {
+        let Ok(off) = libc::off_t::try_from(offset) else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "offset too large",
+            ));
+        };
+        // SAFETY: lseek on a valid, open file descriptor owned by `self.0`. All reads and
+        // writes are positional, so moving the file offset affects nothing else.
+        let at = unsafe { libc::lseek(self.0.as_raw_fd(), off, libc::SEEK_DATA) };
+        if at >= 0 {
+            return Ok(at as u64);
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            // Nothing but holes or unwritten space after `offset`.
+            Some(libc::ENXIO) => self.len(),
+            // File systems without SEEK_DATA: every byte may hold data.
+            Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok(offset),
+            _ => Err(err),
+        }
+    }
+
     fn allocate(&self, len: u64) -> io::Result<()> {
         let Ok(len_off) = libc::off_t::try_from(len) else {
             return Err(io::Error::new(

@@ -38,6 +38,12 @@ pub trait IoFile: Send + Sync {
     fn write_back(&self, _offset: u64, _len: u64) -> io::Result<()> {
         Ok(())
     }
+    /// The first offset at or after `offset` that may hold data (Linux `SEEK_DATA`): space
+    /// the file system knows to be unwritten reads as zeros and is skipped. The file's length
+    /// if nothing follows. The default claims every byte may hold data.
+    fn next_data(&self, offset: u64) -> io::Result<u64> {
+        Ok(offset)
+    }
     /// Reserves disk space for the first `len` bytes, so writes inside it cannot fail for
     /// lack of space. Extends the file to `len` with zeros if it is shorter.
     fn allocate(&self, len: u64) -> io::Result<()>;
