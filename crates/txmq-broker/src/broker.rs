@@ -176,7 +176,7 @@ impl Broker {
         }
         let mut records = Vec::with_capacity(messages.len());
         let mut receipts = Vec::with_capacity(messages.len());
-        for m in &messages {
+        for m in messages {
             let queue = match &m.message_group {
                 Some(g) if m.send_type == SendType::Fifo => {
                     crc32c::crc32c(g.as_bytes()) % topic.queues
@@ -205,13 +205,13 @@ impl Broker {
                     None,
                 ),
             };
-            records.push(record);
             receipts.push(SendReceipt {
-                message_id: m.message_id.clone(),
+                message_id: record.message_id.clone(),
                 transaction_id: tx_id,
                 queue,
                 offset: 0,
             });
+            records.push(record);
         }
         let half = receipts[0].transaction_id.is_some();
         // A half message changes the transaction table: hold the gate until it is applied.
@@ -220,22 +220,24 @@ impl Broker {
         } else {
             None
         };
-        let appended = self.store.append(records.clone()).await?;
-        for ((r, at), data) in receipts.iter_mut().zip(&appended).zip(records) {
+        // Only a half message is needed again, to open its transaction.
+        let half_data = if half { records.first().cloned() } else { None };
+        let appended = self.store.append(records).await?;
+        for (r, at) in receipts.iter_mut().zip(&appended) {
             r.offset = at.queue_offset;
-            if half {
-                let rec = txmq_store::Record {
-                    position: at.position,
-                    queue_offset: at.queue_offset,
-                    store_timestamp: at.store_timestamp,
-                    data,
-                };
-                self.transactions.apply(
-                    &rec,
-                    |rec| self.first_check_ms(rec),
-                    |c| self.check_interval_ms(c),
-                );
-            }
+        }
+        if let (Some(data), Some(at)) = (half_data, appended.first()) {
+            let rec = txmq_store::Record {
+                position: at.position,
+                queue_offset: at.queue_offset,
+                store_timestamp: at.store_timestamp,
+                data,
+            };
+            self.transactions.apply(
+                &rec,
+                |rec| self.first_check_ms(rec),
+                |c| self.check_interval_ms(c),
+            );
         }
         if !half {
             self.arrived(&topic.name);

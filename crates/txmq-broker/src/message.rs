@@ -98,29 +98,29 @@ pub fn sys<'a>(data: &'a RecordData, key: &str) -> Option<&'a str> {
 
 /// The record for a message; `topic`/`queue` say where it is stored.
 pub fn to_record(
-    m: &NewMessage,
+    m: NewMessage,
     kind: RecordKind,
     topic: &str,
     queue: u32,
     extra: &[(&str, String)],
 ) -> RecordData {
-    let mut r = RecordData::new(kind, topic, queue, m.body.clone());
-    r.message_id = m.message_id.clone();
-    r.tag = m.tag.clone().unwrap_or_default();
-    r.keys = m.keys.clone();
-    r.user_properties = m.user_properties.clone();
+    let mut r = RecordData::new(kind, topic, queue, m.body);
+    r.message_id = m.message_id;
+    r.tag = m.tag.unwrap_or_default();
+    r.keys = m.keys;
+    r.user_properties = m.user_properties;
     r.born_timestamp = m.born_timestamp;
     r.deliver_at = m.delivery_timestamp.unwrap_or(0);
     let sp = &mut r.system_properties;
     sp.push((prop::MESSAGE_TYPE.into(), m.send_type.as_str().into()));
-    if let Some(g) = &m.message_group {
-        sp.push((prop::MESSAGE_GROUP.into(), g.clone()));
+    if let Some(g) = m.message_group {
+        sp.push((prop::MESSAGE_GROUP.into(), g));
     }
     if !m.born_host.is_empty() {
-        sp.push((prop::BORN_HOST.into(), m.born_host.clone()));
+        sp.push((prop::BORN_HOST.into(), m.born_host));
     }
-    if let Some(t) = &m.trace_context {
-        sp.push((prop::TRACE_CONTEXT.into(), t.clone()));
+    if let Some(t) = m.trace_context {
+        sp.push((prop::TRACE_CONTEXT.into(), t));
     }
     if m.gzip {
         sp.push((prop::BODY_ENCODING.into(), "gzip".into()));
