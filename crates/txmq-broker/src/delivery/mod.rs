@@ -242,14 +242,18 @@ impl Delivery {
             .collect()
     }
 
-    /// The earliest (topic, queue, offset) each group still needs, for retention floors.
+    /// The oldest message out with a consumer (or held back) on each queue, for retention
+    /// floors. A group that stopped consuming holds nothing back: its backlog expires with
+    /// the log like any other message.
     pub fn floors(&self) -> Vec<(String, u32, u64)> {
         let groups = self.lock();
         let mut out: HashMap<QueueKey, u64> = HashMap::new();
         for qs in groups.values() {
             for (k, st) in qs {
-                let f = out.entry(k.clone()).or_insert(u64::MAX);
-                *f = (*f).min(st.progress.ack_floor);
+                if let Some((&oldest, _)) = st.pending.first_key_value() {
+                    let f = out.entry(k.clone()).or_insert(u64::MAX);
+                    *f = (*f).min(oldest);
+                }
             }
         }
         out.into_iter().map(|((t, q), o)| (t, q, o)).collect()
