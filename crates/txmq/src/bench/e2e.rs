@@ -28,6 +28,8 @@ use crate::cli::BenchE2eArgs;
 
 /// User property naming the run a message belongs to.
 const RUN_PROPERTY: &str = "bench-run";
+/// Marks the one message sent before the clock starts (see [`warm_up`]).
+const WARM_UP_PROPERTY: &str = "bench-warm-up";
 /// User property with the message's number in its run.
 const SEQ_PROPERTY: &str = "bench-seq";
 /// User property with the send time, in nanoseconds since the run's clock base.
@@ -245,7 +247,7 @@ async fn measure(args: &BenchE2eArgs) -> anyhow::Result<Report> {
     .await?;
     let server = producer.server().to_string();
     // One message before the clock starts, so that the topic exists (the first send creates
-    // it) when the consumers begin to poll; consumers count it as stale.
+    // it) when the consumers begin to poll; consumers acknowledge it and count it nowhere.
     warm_up(&producer, &args.topic).await?;
     let run_id = uuid::Uuid::now_v7().simple().to_string();
     let total = args.rate.saturating_mul(args.seconds);
@@ -364,7 +366,7 @@ async fn measure(args: &BenchE2eArgs) -> anyhow::Result<Report> {
 async fn warm_up(producer: &Session, topic: &str) -> anyhow::Result<()> {
     let message = Message {
         topic: Some(txmq_wire::resource(topic)),
-        user_properties: HashMap::new(),
+        user_properties: HashMap::from([(WARM_UP_PROPERTY.to_string(), "1".to_string())]),
         system_properties: Some(SystemProperties {
             message_id: uuid::Uuid::now_v7().simple().to_string(),
             message_type: MessageType::Normal as i32,
@@ -503,6 +505,9 @@ async fn consume(c: Arc<Consuming>, task: u64, mut stop: watch::Receiver<bool>) 
 /// Records the arrival of one message: its latency if it is this run's and new.
 fn record(c: &Consuming, task: u64, d: &Delivered) {
     let props = &d.message.user_properties;
+    if props.contains_key(WARM_UP_PROPERTY) {
+        return;
+    }
     let ours = props.get(RUN_PROPERTY).is_some_and(|r| *r == c.run_id);
     let seq = props.get(SEQ_PROPERTY).and_then(|s| s.parse::<u64>().ok());
     let sent_ns = props
