@@ -8,7 +8,6 @@
 //! acknowledged and counted apart.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -167,17 +166,7 @@ pub fn run(args: &BenchE2eArgs) -> anyhow::Result<()> {
     let report = runtime.block_on(measure(args))?;
     drop(runtime);
 
-    let table = table(&report);
-    let mut out = std::io::stdout().lock();
-    if args.json {
-        eprint!("{table}");
-        let json = serde_json::to_string(&report).context("cannot encode the report")?;
-        writeln!(out, "{json}").context("cannot write to stdout")?;
-    } else {
-        out.write_all(table.as_bytes())
-            .context("cannot write to stdout")?;
-    }
-    out.flush().context("cannot write to stdout")?;
+    super::print_report(args.json, &table(&report), &report)?;
 
     let errors = report.send_errors + report.receive_errors + report.ack_errors;
     if report.lost > 0 {

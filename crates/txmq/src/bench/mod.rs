@@ -8,3 +8,25 @@ pub mod peers;
 pub mod produce;
 pub mod store;
 pub mod txmq_wire;
+
+/// Prints a benchmark's report: the table on stdout, or with `json` one JSON object on stdout
+/// and the table on stderr.
+///
+/// # Errors
+/// If stdout cannot be written or the report cannot be encoded.
+pub fn print_report(json: bool, table: &str, report: &impl serde::Serialize) -> anyhow::Result<()> {
+    use std::io::Write;
+
+    use anyhow::Context;
+
+    let mut out = std::io::stdout().lock();
+    if json {
+        eprint!("{table}");
+        let encoded = serde_json::to_string(report).context("cannot encode the report")?;
+        writeln!(out, "{encoded}").context("cannot write to stdout")?;
+    } else {
+        out.write_all(table.as_bytes())
+            .context("cannot write to stdout")?;
+    }
+    out.flush().context("cannot write to stdout")
+}

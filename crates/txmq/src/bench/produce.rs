@@ -7,7 +7,6 @@
 //! connections shared by the tasks.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -200,17 +199,7 @@ pub fn run(args: &BenchProduceArgs) -> anyhow::Result<()> {
         results,
         ratios,
     };
-    let table = table(&report);
-    let mut out = std::io::stdout().lock();
-    if args.json {
-        eprint!("{table}");
-        let json = serde_json::to_string(&report).context("cannot encode the report")?;
-        writeln!(out, "{json}").context("cannot write to stdout")?;
-    } else {
-        out.write_all(table.as_bytes())
-            .context("cannot write to stdout")?;
-    }
-    out.flush().context("cannot write to stdout")?;
+    super::print_report(args.json, &table(&report), &report)?;
 
     let mut problems = Vec::new();
     for r in &report.results {

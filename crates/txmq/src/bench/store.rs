@@ -1,17 +1,16 @@
 //! `txmq bench store`: concurrent appends to the storage engine, each awaited, for a fixed
 //! time; reports appends/s, MB/s and the acknowledgement latency distribution.
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use hdrhistogram::Histogram;
 use serde::Serialize;
 use tokio::task::JoinSet;
 use txmq_store::{Durability, RecordData, RecordKind, SEGMENT_HEADER_LEN, Store, StoreConfig};
 
 use super::dd::{self, DdResult};
+use super::latency::{Latencies, LatencySummary, bench_body, round3};
 use crate::cli::BenchStoreArgs;
 
 /// The topic the benchmark appends to.
@@ -20,9 +19,6 @@ const TOPIC: &str = "bench";
 /// In async mode, also sync once this many bytes are unsynced, so that the flush interval,
 /// not this bound, sets the pace at any realistic rate.
 const ASYNC_MAX_UNSYNCED_BYTES: u64 = 256 << 20;
-
-/// Latencies are recorded in microseconds, up to an hour, to 3 significant digits.
-const LATENCY_MAX_US: u64 = 3_600_000_000;
 
 /// What the appending tasks did, apart from latencies.
 #[derive(Default)]
@@ -40,44 +36,6 @@ impl Tally {
         self.body_bytes += other.body_bytes;
         self.log_bytes += other.log_bytes;
         self.max_latency = self.max_latency.max(other.max_latency);
-    }
-}
-
-/// Every acknowledgement latency, in microseconds. A few shards shared by all tasks, so that
-/// tasks rarely wait for each other and memory does not grow with `--concurrency`.
-struct Latencies {
-    shards: Vec<Mutex<Histogram<u64>>>,
-}
-
-impl Latencies {
-    fn new(shards: usize) -> anyhow::Result<Self> {
-        let shards = (0..shards.max(1))
-            .map(|_| {
-                Histogram::new_with_bounds(1, LATENCY_MAX_US, 3)
-                    .map(Mutex::new)
-                    .context("cannot create a latency histogram")
-            })
-            .collect::<anyhow::Result<_>>()?;
-        Ok(Self { shards })
-    }
-
-    fn record(&self, task: u64, latency: Duration) {
-        let shard = &self.shards[(task % self.shards.len() as u64) as usize];
-        let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
-        shard
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .saturating_record(us.max(1));
-    }
-
-    fn merged(self) -> anyhow::Result<Histogram<u64>> {
-        let mut all = Histogram::new_with_bounds(1, LATENCY_MAX_US, 3)
-            .context("cannot create a latency histogram")?;
-        for shard in self.shards {
-            let shard = shard.into_inner().unwrap_or_else(|e| e.into_inner());
-            all.add(&shard).context("cannot merge latency histograms")?;
-        }
-        Ok(all)
     }
 }
 
@@ -119,7 +77,7 @@ struct Report {
 /// If dd, opening the store, any append, or closing the store fails.
 pub fn run(args: &BenchStoreArgs) -> anyhow::Result<()> {
     let config = store_config(args)?;
-    let body = bench_body(args.size);
+    let body = Arc::new(bench_body(args.size));
     check_record_fits(args, &body, &config)?;
     std::fs::create_dir_all(&args.dir)
         .with_context(|| format!("cannot create {}", args.dir.display()))?;
@@ -142,25 +100,15 @@ pub fn run(args: &BenchStoreArgs) -> anyhow::Result<()> {
     // Close even after a failed run, so that the store is left with a final checkpoint.
     let stats = store.stats();
     let closed = store.close();
-    let (tally, latency_us, elapsed) = measured?;
+    let (tally, latency, elapsed) = measured?;
     closed.context("closing the store failed")?;
 
-    let mut report = report(args, segment_size, &tally, &latency_us, elapsed, dd);
+    let mut report = report(args, segment_size, &tally, &latency, elapsed, dd);
     report.records_per_group_commit =
         round3(stats.records as f64 / stats.group_commits.max(1) as f64);
     report.fdatasync_mean_ms =
         round3(stats.sync_micros as f64 / stats.syncs.max(1) as f64 / 1000.0);
-    let table = table(&report);
-    let mut out = std::io::stdout().lock();
-    if args.json {
-        eprint!("{table}");
-        let json = serde_json::to_string(&report).context("cannot encode the report")?;
-        writeln!(out, "{json}").context("cannot write to stdout")?;
-    } else {
-        out.write_all(table.as_bytes())
-            .context("cannot write to stdout")?;
-    }
-    out.flush().context("cannot write to stdout")
+    super::print_report(args.json, &table(&report), &report)
 }
 
 /// The store configuration the flags ask for.
@@ -228,21 +176,15 @@ fn bench_record(queues: u64, body: &[u8], task: u64, n: u64) -> RecordData {
     r
 }
 
-/// A body of `size` bytes; not all zeros, in case a layer below compresses.
-fn bench_body(size: u64) -> Arc<Vec<u8>> {
-    Arc::new((0..size).map(|i| (i % 251) as u8).collect())
-}
-
 /// Starts `concurrency` tasks that append until the time is up and returns what they did,
 /// their latencies, and how long it took until the last acknowledgement.
 async fn append_for_a_while(
     store: Arc<Store>,
     args: &BenchStoreArgs,
     body: Arc<Vec<u8>>,
-) -> anyhow::Result<(Tally, Histogram<u64>, Duration)> {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let shards = (4 * cores).min(usize::try_from(args.concurrency).unwrap_or(usize::MAX));
-    let latencies = Arc::new(Latencies::new(shards)?);
+) -> anyhow::Result<(Tally, LatencySummary, Duration)> {
+    let tasks_n = usize::try_from(args.concurrency).unwrap_or(usize::MAX);
+    let latencies = Arc::new(Latencies::new(tasks_n)?);
     let start = Instant::now();
     let deadline = start + Duration::from_secs(args.seconds);
     let mut tasks = JoinSet::new();
@@ -280,21 +222,19 @@ async fn append_for_a_while(
         total.merge(&tally);
     }
     let elapsed = start.elapsed();
-    let latencies = Arc::into_inner(latencies).context("a task outlived the run")?;
-    Ok((total, latencies.merged()?, elapsed))
+    let summary = latencies.summary(total.max_latency)?;
+    Ok((total, summary, elapsed))
 }
 
 fn report(
     args: &BenchStoreArgs,
     segment_size: u64,
     tally: &Tally,
-    latency_us: &Histogram<u64>,
+    latency: &LatencySummary,
     elapsed: Duration,
     dd: Option<DdResult>,
 ) -> Report {
     let secs = elapsed.as_secs_f64().max(f64::MIN_POSITIVE);
-    let ms = |us: u64| round3(us as f64 / 1000.0);
-    let h = latency_us;
     let log_mb_per_sec = tally.log_bytes as f64 / secs / 1e6;
     let dd_mb_per_sec = dd.map(|d| d.mb_per_sec());
     Report {
@@ -314,20 +254,16 @@ fn report(
         appends_per_sec: round3(tally.appends as f64 / secs),
         mb_per_sec: round3(tally.body_bytes as f64 / secs / 1e6),
         log_mb_per_sec: round3(log_mb_per_sec),
-        mean_ms: round3(h.mean() / 1000.0),
-        p50_ms: ms(h.value_at_quantile(0.50)),
-        p99_ms: ms(h.value_at_quantile(0.99)),
-        p999_ms: ms(h.value_at_quantile(0.999)),
-        max_ms: round3(tally.max_latency.as_secs_f64() * 1000.0),
+        mean_ms: latency.mean_ms,
+        p50_ms: latency.p50_ms,
+        p99_ms: latency.p99_ms,
+        p999_ms: latency.p999_ms,
+        max_ms: latency.max_ms,
         records_per_group_commit: 0.0,
         fdatasync_mean_ms: 0.0,
         dd_mb_per_sec: dd_mb_per_sec.map(round3),
         ratio_to_dd: dd_mb_per_sec.map(|dd| round3(log_mb_per_sec / dd)),
     }
-}
-
-fn round3(x: f64) -> f64 {
-    (x * 1000.0).round() / 1000.0
 }
 
 /// The report as an aligned, human-readable table.
