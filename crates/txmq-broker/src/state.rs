@@ -21,8 +21,12 @@ use crate::transactions::Tx;
 
 const SNAPSHOT: &str = "broker";
 const SNAPSHOT_EVERY: Duration = Duration::from_secs(5);
-/// Resolved transactions are remembered this long, so a late repeated commit is answered.
-const KEEP_RESOLVED_MS: i64 = 24 * 3600 * 1000;
+/// Committed and rolled-back transactions are remembered this long (and at most
+/// `KEEP_RESOLVED_MAX` of them), so that a repeated `EndTransaction` is answered `OK`; clients
+/// repeat within seconds. Later, a repeat is answered `INVALID_TRANSACTION_ID` and still
+/// delivers nothing twice.
+const KEEP_RESOLVED_MS: i64 = 120_000;
+const KEEP_RESOLVED_MAX: usize = 200_000;
 
 #[derive(Serialize, Deserialize)]
 struct Snapshot {
@@ -108,18 +112,21 @@ impl Broker {
     /// # Errors
     /// If the state file cannot be written.
     pub async fn snapshot(&self) -> anyhow::Result<()> {
-        let (bytes, position) = {
+        // Under the gate only the copy: encoding happens after other work resumed.
+        let snap = {
             let _exclusive = self.gate.write().await;
             let position = self.store.log_range().end;
-            self.transactions.prune(crate::now_ms() - KEEP_RESOLVED_MS);
-            let snap = Snapshot {
+            self.transactions
+                .prune(crate::now_ms() - KEEP_RESOLVED_MS, KEEP_RESOLVED_MAX);
+            Snapshot {
                 version: 1,
                 position,
                 transactions: self.transactions.all(),
                 groups: self.delivery.progress(),
-            };
-            (serde_json::to_vec(&snap)?, position)
+            }
         };
+        let position = snap.position;
+        let bytes = serde_json::to_vec(&snap)?;
         self.store.state_files().write(SNAPSHOT, &bytes)?;
         self.store
             .set_retention_floor("broker-snapshot", Some(position));

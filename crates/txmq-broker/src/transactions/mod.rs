@@ -131,10 +131,25 @@ impl Transactions {
             .min()
     }
 
-    /// Forgets resolved transactions older than `before_ms`.
-    pub fn prune(&self, before_ms: i64) {
-        self.lock()
-            .retain(|_, e| e.tx.resolved_ms.is_none_or(|t| t >= before_ms) || e.busy.is_some());
+    /// Forgets committed and rolled-back transactions resolved before `before_ms`, and the
+    /// oldest of them beyond `max_resolved`. Open and unresolved ones are always kept.
+    pub fn prune(&self, before_ms: i64, max_resolved: usize) {
+        let done = |e: &Entry| {
+            e.busy.is_none() && matches!(e.tx.state, TxState::Committed | TxState::RolledBack)
+        };
+        let mut t = self.lock();
+        t.retain(|_, e| !done(e) || e.tx.resolved_ms.is_none_or(|r| r >= before_ms));
+        let mut resolved: Vec<(i64, String)> = t
+            .values()
+            .filter(|e| done(e))
+            .map(|e| (e.tx.resolved_ms.unwrap_or(0), e.tx.id.clone()))
+            .collect();
+        if resolved.len() > max_resolved {
+            resolved.sort_unstable();
+            for (_, id) in &resolved[..resolved.len() - max_resolved] {
+                t.remove(id);
+            }
+        }
     }
 
     /// Prepared transactions whose check-back is due.
@@ -455,4 +470,41 @@ impl Broker {
 
 fn topic_of(rec: &Record) -> &str {
     &rec.data.topic
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tx(id: &str, state: TxState, resolved_ms: Option<i64>) -> Tx {
+        Tx {
+            id: id.into(),
+            message_id: id.into(),
+            topic: "t".into(),
+            queue: 0,
+            half_position: 64,
+            created_ms: 0,
+            next_check_ms: 0,
+            checks: 0,
+            state,
+            resolved_ms,
+        }
+    }
+
+    #[test]
+    fn pruning_forgets_old_decisions_but_never_open_or_unresolved_transactions() {
+        let t = Transactions::default();
+        t.restore(vec![
+            tx("old-commit", TxState::Committed, Some(10)),
+            tx("old-rollback", TxState::RolledBack, Some(20)),
+            tx("new-commit", TxState::Committed, Some(1_000)),
+            tx("newer-commit", TxState::Committed, Some(2_000)),
+            tx("unresolved", TxState::Unresolved, Some(5)),
+            tx("open", TxState::Prepared, None),
+        ]);
+        t.prune(500, 1);
+        let mut left: Vec<String> = t.all().into_iter().map(|x| x.id).collect();
+        left.sort();
+        assert_eq!(left, vec!["newer-commit", "open", "unresolved"]);
+    }
 }
