@@ -112,15 +112,14 @@ impl Broker {
     /// # Errors
     /// If the state file cannot be written.
     pub async fn snapshot(&self) -> anyhow::Result<()> {
+        self.transactions
+            .prune(crate::now_ms() - KEEP_RESOLVED_MS, KEEP_RESOLVED_MAX);
         // Under the gate only the copy: encoding happens after other work resumed.
         let snap = {
             let _exclusive = self.gate.write().await;
-            let position = self.store.log_range().end;
-            self.transactions
-                .prune(crate::now_ms() - KEEP_RESOLVED_MS, KEEP_RESOLVED_MAX);
             Snapshot {
                 version: 1,
-                position,
+                position: self.store.log_range().end,
                 transactions: self.transactions.all(),
                 groups: self.delivery.progress(),
             }
