@@ -115,18 +115,28 @@ impl Broker {
         self.transactions
             .prune(crate::now_ms() - KEEP_RESOLVED_MS, KEEP_RESOLVED_MAX);
         // Under the gate only the copy: encoding happens after other work resumed.
-        let snap = {
+        let (position, transactions, groups) = {
             let _exclusive = self.gate.write().await;
-            Snapshot {
-                version: 1,
-                position: self.store.log_range().end,
-                transactions: self.transactions.all(),
-                groups: self.delivery.progress(),
-            }
+            (
+                self.store.log_range().end,
+                self.transactions.copy(),
+                self.delivery.progress(),
+            )
         };
-        let position = snap.position;
-        let bytes = serde_json::to_vec(&snap)?;
-        self.store.state_files().write(SNAPSHOT, &bytes)?;
+        // Encoding and the synced write block a thread for a while: not a runtime worker's.
+        let files = self.store.state_files().clone();
+        tokio::task::spawn_blocking(move || {
+            let snap = Snapshot {
+                version: 1,
+                position,
+                transactions: transactions.into_vec(),
+                groups,
+            };
+            let bytes = serde_json::to_vec(&snap)?;
+            files.write(SNAPSHOT, &bytes)?;
+            Ok::<_, anyhow::Error>(())
+        })
+        .await??;
         self.store
             .set_retention_floor("broker-snapshot", Some(position));
         self.store

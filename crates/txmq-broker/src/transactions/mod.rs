@@ -9,7 +9,6 @@
 
 pub mod check_back;
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
@@ -70,16 +69,28 @@ pub enum Resolution {
     Rollback,
 }
 
+#[derive(Clone)]
 struct Entry {
     tx: Tx,
     /// Set while a resolution is being written; others wait on it.
     busy: Option<Arc<Notify>>,
 }
 
-/// The transaction table.
+/// The transaction table. A persistent map, so that a snapshot copies it in constant time
+/// while every other request waits.
 #[derive(Default)]
 pub struct Transactions {
-    table: Mutex<HashMap<String, Entry>>,
+    table: Mutex<imbl::HashMap<String, Entry>>,
+}
+
+/// A copy of the transaction table at one moment, taken in constant time.
+pub struct TxTableCopy(imbl::HashMap<String, Entry>);
+
+impl TxTableCopy {
+    /// The transactions of the copy.
+    pub fn into_vec(self) -> Vec<Tx> {
+        self.0.into_iter().map(|(_, e)| e.tx).collect()
+    }
 }
 
 /// Resolution records' bodies.
@@ -88,7 +99,7 @@ const UNRESOLVED: &[u8] = b"unresolved";
 const RECHECK: &[u8] = b"recheck";
 
 impl Transactions {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, imbl::HashMap<String, Entry>> {
         self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -109,9 +120,9 @@ impl Transactions {
         out
     }
 
-    /// Every transaction (for snapshots).
-    pub fn all(&self) -> Vec<Tx> {
-        self.lock().values().map(|e| e.tx.clone()).collect()
+    /// The whole table as it is now, in constant time (for snapshots).
+    pub fn copy(&self) -> TxTableCopy {
+        TxTableCopy(self.lock().clone())
     }
 
     /// Replaces the table (loading a snapshot).
