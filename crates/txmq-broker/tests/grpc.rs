@@ -130,6 +130,20 @@ async fn send_receive_and_ack_over_grpc() {
         .into_inner();
     assert_eq!(code(&route.status), Code::Ok);
     assert_eq!(route.message_queues.len(), 8);
+    // Asked without endpoints, the route names the broker's own address.
+    let addr = route.message_queues[0]
+        .broker
+        .as_ref()
+        .unwrap()
+        .endpoints
+        .as_ref()
+        .unwrap()
+        .addresses[0]
+        .clone();
+    assert_eq!(
+        (addr.host.as_str(), addr.port),
+        ("127.0.0.1", i32::from(server.grpc_addr.port()))
+    );
     let sent = c
         .send_message(req(
             "c1",

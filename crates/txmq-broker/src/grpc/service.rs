@@ -25,12 +25,17 @@ use crate::transactions::Resolution;
 #[derive(Clone)]
 pub struct Messaging {
     broker: Arc<Broker>,
+    /// Where clients reach this broker, for routes asked without endpoints.
+    advertised: pb::Endpoints,
 }
 
 impl Messaging {
-    /// The service for `broker`.
-    pub fn new(broker: Arc<Broker>) -> Self {
-        Self { broker }
+    /// The service for `broker`, reached by clients at `advertised`.
+    pub fn new(broker: Arc<Broker>, advertised: std::net::SocketAddr) -> Self {
+        Self {
+            broker,
+            advertised: endpoints_of(advertised),
+        }
     }
 
     /// The tonic server for this service, accepting gzip-compressed requests.
@@ -81,6 +86,31 @@ fn deadline<T>(req: &Request<T>) -> Option<Duration> {
         "n" => Duration::from_nanos(n),
         _ => return None,
     })
+}
+
+/// An address as route endpoints.
+fn endpoints_of(mut addr: std::net::SocketAddr) -> pb::Endpoints {
+    // Bound to every interface: no one address is right for every client; loopback is right
+    // for local ones (the official clients always send the endpoints they used).
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    let scheme = if addr.is_ipv4() {
+        pb::AddressScheme::IPv4
+    } else {
+        pb::AddressScheme::IPv6
+    };
+    pb::Endpoints {
+        scheme: scheme as i32,
+        addresses: vec![pb::Address {
+            host: addr.ip().to_string(),
+            port: i32::from(addr.port()),
+        }],
+    }
 }
 
 /// The last response of a ReceiveMessage stream: when the messages were delivered.
@@ -148,6 +178,16 @@ impl Messaging {
                 )
             }
             None => return Err(BrokerError::topic_not_found(topic)),
+        };
+        // Clients reach the broker where they reached it for the route; without that, at the
+        // address it is bound to.
+        let own;
+        let endpoints = match endpoints {
+            Some(e) if !e.addresses.is_empty() => endpoints,
+            _ => {
+                own = Some(self.advertised.clone());
+                &own
+            }
         };
         Ok((0..queues as i32)
             .map(|id| queue(topic, id, endpoints, accept.clone()))
