@@ -1,0 +1,61 @@
+//! A real txmq broker in process, on ephemeral ports, for the client tests.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::path::Path;
+use std::time::Duration;
+
+use txmq_broker::BrokerConfig;
+use txmq_broker::metadata::TopicType;
+use txmq_broker::server::Server;
+use txmq_client::ClientConfig;
+
+/// Broker settings for tests: quick check-backs, small segments.
+pub fn broker_config(dir: &Path) -> BrokerConfig {
+    BrokerConfig {
+        data_dir: dir.to_path_buf(),
+        listen: "127.0.0.1:0".into(),
+        http: "127.0.0.1:0".into(),
+        segment_size: 8 << 20,
+        transaction_timeout_ms: 500,
+        transaction_check_interval_ms: 300,
+        ..BrokerConfig::default()
+    }
+}
+
+/// Starts a broker on `dir`.
+pub async fn start(dir: &Path) -> Server {
+    Server::start(broker_config(dir))
+        .await
+        .expect("broker starts")
+}
+
+/// Client settings for `server`, with a short long poll so that empty receives are quick.
+pub fn client(server: &Server) -> ClientConfig {
+    ClientConfig::new(server.grpc_addr.to_string())
+        .with_long_polling_timeout(Duration::from_secs(1))
+}
+
+pub fn topic(server: &Server, name: &str, kind: TopicType) {
+    server
+        .broker
+        .metadata()
+        .create_topic(name, kind, 4)
+        .expect("topic created");
+}
+
+pub fn group(server: &Server, name: &str, max_attempts: u32, fifo: bool, backoff_ms: Vec<u64>) {
+    server
+        .broker
+        .metadata()
+        .put_group(name, max_attempts, fifo, backoff_ms)
+        .expect("group created");
+}
+
+/// Runs a test body with a bound on its duration.
+pub async fn within<T>(secs: u64, body: impl Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(secs), body)
+        .await
+        .expect("the test finished in time")
+}

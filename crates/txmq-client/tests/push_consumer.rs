@@ -1,0 +1,205 @@
+//! Push consumer against a real broker: retries with the group's backoff, FIFO order,
+//! bounded concurrency, graceful shutdown.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{client, group, start, topic, within};
+use txmq_broker::metadata::TopicType;
+use txmq_client::{Message, Producer, PushConsumer, SimpleConsumer, Subscription};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_handler_gets_the_message_again_after_the_group_backoff() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    topic(&server, "invoices", TopicType::Normal);
+    group(&server, "billing", 5, false, vec![200]);
+    within(20, async {
+        let producer = Producer::connect(client(&server), ["invoices"])
+            .await
+            .unwrap();
+        let seen: Arc<Mutex<Vec<(u32, Instant)>>> = Arc::default();
+        let s = seen.clone();
+        let consumer = PushConsumer::builder(client(&server), "billing")
+            .subscribe(Subscription::all("invoices"))
+            .start(move |m| {
+                let s = s.clone();
+                async move {
+                    s.lock()
+                        .unwrap()
+                        .push((m.delivery_attempt(), Instant::now()));
+                    if m.delivery_attempt() == 1 {
+                        Err("the first attempt fails")
+                    } else {
+                        Ok(())
+                    }
+                }
+            })
+            .await
+            .unwrap();
+        assert!(!consumer.is_fifo());
+        producer
+            .send(Message::new("invoices", "invoice 1"))
+            .await
+            .unwrap();
+        while seen.lock().unwrap().len() < 2 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Acknowledged on the second attempt: no third delivery.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        assert_eq!((seen[0].0, seen[1].0), (1, 2));
+        let gap = seen[1].1 - seen[0].1;
+        assert!(
+            gap >= Duration::from_millis(180),
+            "redelivered after {gap:?}"
+        );
+        assert!(gap < Duration::from_secs(5), "redelivered after {gap:?}");
+        consumer.shutdown().await;
+    })
+    .await;
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifo_groups_are_handled_in_order_by_a_push_consumer() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    topic(&server, "accounts", TopicType::Fifo);
+    group(&server, "ledger", 5, true, vec![]);
+    within(30, async {
+        let producer = Producer::connect(client(&server), ["accounts"])
+            .await
+            .unwrap();
+        for seq in 0..8 {
+            for account in ["a", "b", "c"] {
+                producer
+                    .send(Message::new("accounts", format!("{seq}")).with_message_group(account))
+                    .await
+                    .unwrap();
+            }
+        }
+        // Per message group: (sequence number, delivery attempt), in handling order.
+        type Seen = HashMap<String, Vec<(u32, u32)>>;
+        let seen: Arc<Mutex<Seen>> = Arc::default();
+        let s = seen.clone();
+        let consumer = PushConsumer::builder(client(&server), "ledger")
+            .subscribe(Subscription::all("accounts"))
+            .start(move |m| {
+                let s = s.clone();
+                async move {
+                    let seq: u32 = String::from_utf8_lossy(m.body()).parse().unwrap();
+                    let group = m.message_group().unwrap().to_string();
+                    s.lock()
+                        .unwrap()
+                        .entry(group.clone())
+                        .or_default()
+                        .push((seq, m.delivery_attempt()));
+                    // One failure in group "a": retried in place, before seq 3.
+                    if group == "a" && seq == 2 && m.delivery_attempt() == 1 {
+                        return Err("transient failure");
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    Ok(())
+                }
+            })
+            .await
+            .unwrap();
+        assert!(consumer.is_fifo());
+        loop {
+            let done = seen
+                .lock()
+                .unwrap()
+                .values()
+                .map(|v| v.iter().filter(|(_, a)| *a == 1).count())
+                .sum::<usize>();
+            let retried = seen.lock().unwrap().get("a").is_some_and(|v| v.len() == 9);
+            if done == 24 && retried {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        consumer.shutdown().await;
+        let seen = seen.lock().unwrap().clone();
+        let in_order: Vec<(u32, u32)> = (0..8).map(|s| (s, 1)).collect();
+        assert_eq!(seen["b"], in_order);
+        assert_eq!(seen["c"], in_order);
+        let mut a = in_order.clone();
+        a.insert(3, (2, 2));
+        assert_eq!(seen["a"], a);
+    })
+    .await;
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handlers_run_with_bounded_concurrency_and_shutdown_waits_for_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    topic(&server, "emails", TopicType::Normal);
+    group(&server, "mailer", 5, false, vec![]);
+    within(30, async {
+        let producer = Producer::connect(client(&server), ["emails"])
+            .await
+            .unwrap();
+        let batch = (0..20)
+            .map(|i| Message::new("emails", format!("mail {i}")))
+            .collect();
+        producer.send_batch(batch).await.unwrap();
+        let running = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let done: Arc<Mutex<Vec<String>>> = Arc::default();
+        let (r, m, d) = (running.clone(), most.clone(), done.clone());
+        let consumer = PushConsumer::builder(client(&server), "mailer")
+            .subscribe(Subscription::all("emails"))
+            .max_concurrency(4)
+            .start(move |msg| {
+                let (r, m, d) = (r.clone(), m.clone(), d.clone());
+                async move {
+                    let now = r.fetch_add(1, Ordering::SeqCst) + 1;
+                    m.fetch_max(now, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    r.fetch_sub(1, Ordering::SeqCst);
+                    d.lock().unwrap().push(msg.message_id().to_string());
+                    Ok::<(), String>(())
+                }
+            })
+            .await
+            .unwrap();
+        while done.lock().unwrap().len() < 18 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Shutdown waits for the handlers under way and their acks.
+        consumer.shutdown().await;
+        assert_eq!(running.load(Ordering::SeqCst), 0);
+        let handled = done.lock().unwrap().clone();
+        assert!(
+            most.load(Ordering::SeqCst) <= 4,
+            "{} at once",
+            most.load(Ordering::SeqCst)
+        );
+        assert!(most.load(Ordering::SeqCst) >= 2);
+        // What was handled was acknowledged: it does not come again.
+        let rest =
+            SimpleConsumer::connect(client(&server), "mailer", [Subscription::all("emails")])
+                .await
+                .unwrap();
+        loop {
+            let got = rest.receive(32, Duration::from_secs(30)).await.unwrap();
+            if got.is_empty() {
+                break;
+            }
+            assert!(
+                got.iter()
+                    .all(|m| !handled.iter().any(|h| h == m.message_id()))
+            );
+        }
+    })
+    .await;
+    server.stop().await.unwrap();
+}

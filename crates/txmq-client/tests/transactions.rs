@@ -1,0 +1,204 @@
+//! Transactional producer against a real broker: commit, rollback, and check-backs
+//! answered by the checker.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{client, start, topic, within};
+use txmq_broker::metadata::TopicType;
+use txmq_client::{
+    Message, MessageView, SendError, SimpleConsumer, Subscription, TransactionChecker,
+    TransactionResolution, TransactionalProducer,
+};
+
+/// Decides by the message key; records what it was asked.
+#[derive(Clone, Default)]
+struct ByKey {
+    asked: Arc<Mutex<Vec<(String, String)>>>,
+}
+
+impl TransactionChecker for ByKey {
+    async fn check(&self, transaction_id: &str, message: &MessageView) -> TransactionResolution {
+        let key = message.keys().first().cloned().unwrap_or_default();
+        self.asked
+            .lock()
+            .unwrap()
+            .push((transaction_id.to_string(), key.clone()));
+        match key.as_str() {
+            "commit" => TransactionResolution::Commit,
+            "rollback" => TransactionResolution::Rollback,
+            _ => TransactionResolution::Unknown,
+        }
+    }
+}
+
+async fn drain(consumer: &SimpleConsumer, wait: Duration) -> Vec<MessageView> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut out = Vec::new();
+    while tokio::time::Instant::now() < deadline {
+        for m in consumer.receive(32, Duration::from_secs(30)).await.unwrap() {
+            consumer.ack(&m).await.unwrap();
+            out.push(m);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn committed_transaction_is_delivered_and_rolled_back_one_never_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    topic(&server, "payments", TopicType::Transaction);
+    within(20, async {
+        // Check-backs of the open transaction (while the receive waits) answer "unknown".
+        let checker = ByKey::default();
+        let producer = TransactionalProducer::connect(client(&server), ["payments"], checker)
+            .await
+            .unwrap();
+        let consumer =
+            SimpleConsumer::connect(client(&server), "ledger", [Subscription::all("payments")])
+                .await
+                .unwrap();
+        let kept = producer
+            .begin(Message::new("payments", "kept").with_key("client"))
+            .await
+            .unwrap();
+        let kept_id = kept.message_id().to_string();
+        assert!(!kept.transaction_id().is_empty());
+        // Half messages are not delivered.
+        assert!(
+            consumer
+                .receive(32, Duration::from_secs(30))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        kept.commit().await.unwrap();
+        let dropped = producer
+            .begin(Message::new("payments", "dropped").with_key("client"))
+            .await
+            .unwrap();
+        dropped.rollback().await.unwrap();
+
+        let got = drain(&consumer, Duration::from_secs(2)).await;
+        let ids: Vec<&str> = got.iter().map(|m| m.message_id()).collect();
+        assert_eq!(ids, [kept_id.as_str()]);
+
+        // A transactional message cannot be FIFO or delayed.
+        let err = producer
+            .begin(Message::new("payments", "x").with_message_group("g"))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, SendError::InvalidMessage { .. }), "{err:?}");
+    })
+    .await;
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checker_settles_orphaned_transactions_both_ways() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    topic(&server, "orders", TopicType::Transaction);
+    within(20, async {
+        let checker = ByKey::default();
+        let producer = TransactionalProducer::connect(client(&server), ["orders"], checker.clone())
+            .await
+            .unwrap();
+        let consumer =
+            SimpleConsumer::connect(client(&server), "shipping", [Subscription::all("orders")])
+                .await
+                .unwrap();
+        // The producer "crashes" before resolving either transaction.
+        let commit = producer
+            .begin(Message::new("orders", "to commit").with_key("commit"))
+            .await
+            .unwrap();
+        let rollback = producer
+            .begin(Message::new("orders", "to roll back").with_key("rollback"))
+            .await
+            .unwrap();
+        let (commit_tx, rollback_tx) = (
+            commit.transaction_id().to_string(),
+            rollback.transaction_id().to_string(),
+        );
+        let commit_id = commit.message_id().to_string();
+        drop((commit, rollback));
+
+        let mut got = Vec::new();
+        while got.is_empty() {
+            got = consumer.receive(32, Duration::from_secs(30)).await.unwrap();
+        }
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].message_id(), commit_id);
+        assert_eq!(got[0].body(), b"to commit");
+        consumer.ack(&got[0]).await.unwrap();
+        // The rolled-back one never comes, though check-backs would have asked again.
+        assert!(drain(&consumer, Duration::from_secs(2)).await.is_empty());
+        let asked = checker.asked.lock().unwrap().clone();
+        assert!(
+            asked.contains(&(commit_tx, "commit".to_string())),
+            "{asked:?}"
+        );
+        assert!(
+            asked.contains(&(rollback_tx, "rollback".to_string())),
+            "{asked:?}"
+        );
+    })
+    .await;
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_answer_leaves_the_transaction_open_for_the_next_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    topic(&server, "transfers", TopicType::Transaction);
+    within(20, async {
+        let checker = ByKey::default();
+        let producer =
+            TransactionalProducer::connect(client(&server), ["transfers"], checker.clone())
+                .await
+                .unwrap();
+        let consumer =
+            SimpleConsumer::connect(client(&server), "bank", [Subscription::all("transfers")])
+                .await
+                .unwrap();
+        let tx = producer
+            .begin(Message::new("transfers", "pending").with_key("undecided"))
+            .await
+            .unwrap();
+        let (topic, id, tx_id) = (
+            tx.topic().to_string(),
+            tx.message_id().to_string(),
+            tx.transaction_id().to_string(),
+        );
+        drop(tx);
+        // Asked at least twice, answered "unknown" each time: still not delivered.
+        while checker.asked.lock().unwrap().len() < 2 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            consumer
+                .receive(32, Duration::from_secs(30))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        // A process that recorded the ids can still settle it.
+        producer
+            .resume(topic, id.clone(), tx_id)
+            .commit()
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        while got.is_empty() {
+            got = consumer.receive(32, Duration::from_secs(30)).await.unwrap();
+        }
+        assert_eq!(got[0].message_id(), id);
+    })
+    .await;
+    server.stop().await.unwrap();
+}
