@@ -1,17 +1,11 @@
-//! `txmq send` and `txmq consume`: a producer and a simple consumer for people, speaking the
-//! same gRPC protocol as the official clients.
+//! `txmq send` and `txmq consume`: a producer and a simple consumer for people, through
+//! `txmq-client`, the same protocol the official clients speak.
 
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use txmq_proto::v2::{
-    AckMessageEntry, FilterExpression, FilterType, Message, MessageQueue, MessageType,
-    ReceiveMessageRequest, SystemProperties,
-};
+use txmq_client::{ClientConfig, Message, Producer, SimpleConsumer, Subscription};
 
-use crate::bench::txmq_wire::{
-    Session, duration, producer_settings, resource, simple_consumer_settings,
-};
 use crate::cli::{ConsumeArgs, SendArgs};
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -22,56 +16,32 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the runtime")
 }
 
-fn timestamp(ms: i64) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: ms.div_euclid(1000),
-        nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
-    }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
 /// Sends one message and prints where it went.
 pub fn send(args: &SendArgs) -> anyhow::Result<()> {
+    if args.group.is_some() && args.delay.is_some() {
+        anyhow::bail!("a message is either FIFO (--group) or delayed (--delay), not both");
+    }
     runtime()?.block_on(async {
-        let session = Session::open(&args.server, 1, producer_settings(&[&args.topic])).await?;
-        let message_id = uuid::Uuid::now_v7().simple().to_string();
-        let (message_type, delivery) = match (&args.group, args.delay) {
-            (Some(_), Some(_)) => {
-                anyhow::bail!("a message is either FIFO (--group) or delayed (--delay), not both")
-            }
-            (Some(_), None) => (MessageType::Fifo, None),
-            (None, Some(s)) => (
-                MessageType::Delay,
-                Some(timestamp(now_ms() + (s as i64) * 1000)),
-            ),
-            (None, None) => (MessageType::Normal, None),
-        };
-        let message = Message {
-            topic: Some(resource(&args.topic)),
-            user_properties: Default::default(),
-            system_properties: Some(SystemProperties {
-                message_id: message_id.clone(),
-                tag: args.tag.clone(),
-                keys: args.keys.clone(),
-                message_type: message_type as i32,
-                message_group: args.group.clone(),
-                delivery_timestamp: delivery,
-                born_timestamp: Some(timestamp(now_ms())),
-                body_encoding: txmq_proto::v2::Encoding::Identity as i32,
-                ..Default::default()
-            }),
-            body: args.body.clone().into_bytes(),
-        };
-        let entry = session.send(message).await?;
+        let producer = Producer::connect(ClientConfig::new(&args.server), [args.topic.as_str()])
+            .await
+            .with_context(|| format!("cannot connect to {}", args.server))?;
+        let mut message =
+            Message::new(&args.topic, args.body.clone().into_bytes()).with_keys(args.keys.clone());
+        if let Some(tag) = &args.tag {
+            message = message.with_tag(tag);
+        }
+        if let Some(group) = &args.group {
+            message = message.with_message_group(group);
+        }
+        if let Some(seconds) = args.delay {
+            message = message.with_delay(Duration::from_secs(seconds));
+        }
+        let receipt = producer.send(message).await?;
         println!(
             "sent {} to {} (queue offset {})",
-            entry.message_id, args.topic, entry.offset
+            receipt.message_id, args.topic, receipt.offset
         );
+        producer.shutdown().await;
         Ok(())
     })
 }
@@ -79,12 +49,14 @@ pub fn send(args: &SendArgs) -> anyhow::Result<()> {
 /// Receives, prints and acknowledges messages.
 pub fn consume(args: &ConsumeArgs) -> anyhow::Result<()> {
     runtime()?.block_on(async {
-        let session = Session::open(
-            &args.server,
-            1,
-            simple_consumer_settings(&args.group, &args.topic),
-        )
-        .await?;
+        let mut config = ClientConfig::new(&args.server);
+        if let Some(w) = args.wait {
+            config = config.with_long_polling_timeout(Duration::from_secs(w.clamp(1, 20)));
+        }
+        let subscription = Subscription::new(&args.topic, &args.tags);
+        let consumer = SimpleConsumer::connect(config, &args.group, [subscription])
+            .await
+            .with_context(|| format!("cannot connect to {}", args.server))?;
         let mut received = 0u64;
         let mut last = Instant::now();
         loop {
@@ -97,58 +69,27 @@ pub fn consume(args: &ConsumeArgs) -> anyhow::Result<()> {
             {
                 break;
             }
-            let batch = args.count.map_or(32, |n| (n - received).min(32)) as i32;
-            let poll = args.wait.map_or(Duration::from_secs(20), |w| {
-                Duration::from_secs(w)
-                    .saturating_sub(last.elapsed())
-                    .min(Duration::from_secs(20))
-            });
-            let request = ReceiveMessageRequest {
-                group: Some(resource(&args.group)),
-                message_queue: Some(MessageQueue {
-                    topic: Some(resource(&args.topic)),
-                    id: -1,
-                    ..Default::default()
-                }),
-                filter_expression: Some(FilterExpression {
-                    r#type: FilterType::Tag as i32,
-                    expression: args.tags.clone(),
-                }),
-                batch_size: batch,
-                invisible_duration: Some(duration(Duration::from_secs(30))),
-                auto_renew: false,
-                long_polling_timeout: Some(duration(poll)),
-                attempt_id: None,
-            };
-            let delivered = session.receive(request).await?;
-            if delivered.is_empty() {
+            let batch = args.count.map_or(32, |n| (n - received).min(32)) as u32;
+            let messages = consumer.receive(batch, Duration::from_secs(30)).await?;
+            if messages.is_empty() {
                 continue;
             }
             last = Instant::now();
-            let mut acks = Vec::new();
-            for d in delivered {
-                let m = d.message;
-                let sp = m.system_properties.unwrap_or_default();
+            for m in messages {
                 println!(
                     "{}\t{}\tattempt {}\ttag {}\t{}",
-                    sp.message_id,
-                    m.topic.map(|t| t.name).unwrap_or_default(),
-                    sp.delivery_attempt.unwrap_or(1),
-                    sp.tag.unwrap_or_default(),
-                    String::from_utf8_lossy(&m.body)
+                    m.message_id(),
+                    m.topic(),
+                    m.delivery_attempt(),
+                    m.tag().unwrap_or_default(),
+                    String::from_utf8_lossy(m.body())
                 );
-                if let Some(h) = sp.receipt_handle {
-                    acks.push(AckMessageEntry {
-                        message_id: sp.message_id,
-                        receipt_handle: h,
-                        lite_topic: None,
-                    });
-                }
+                consumer.ack(&m).await?;
                 received += 1;
             }
-            session.ack(&args.group, &args.topic, acks).await?;
         }
         eprintln!("consumed {received} message(s)");
+        consumer.shutdown().await;
         Ok(())
     })
 }
