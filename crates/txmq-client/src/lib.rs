@@ -35,6 +35,8 @@
 
 mod config;
 mod consumer;
+#[cfg(feature = "db")]
+pub mod db;
 mod error;
 mod message;
 mod producer;

@@ -1,0 +1,305 @@
+//! The SQL of each database: DDL, the log and inbox statements, lock waits.
+//!
+//! The statements differ only in placeholders, DDL details and how a duplicate key is
+//! swallowed; one macro writes the same code against each driver's concrete types.
+
+use std::future::Future;
+use std::time::Duration;
+
+use sqlx::{MySql, MySqlConnection, PgConnection, Pool, Postgres, Sqlite, SqliteConnection};
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for sqlx::Postgres {}
+    impl Sealed for sqlx::MySql {}
+    impl Sealed for sqlx::Sqlite {}
+}
+
+/// A database the `db` module works with: [`sqlx::Postgres`], [`sqlx::MySql`] (MySQL and
+/// MariaDB) or [`sqlx::Sqlite`]. Sealed; its methods are the module's building blocks and
+/// not meant to be called directly.
+pub trait Dialect: sqlx::Database + sealed::Sealed {
+    /// Creates the tables and indexes if missing.
+    #[doc(hidden)]
+    fn migrate(pool: &Pool<Self>) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
+
+    /// Inserts a log row; a duplicate key is an error.
+    #[doc(hidden)]
+    fn insert_log(
+        conn: &mut Self::Connection,
+        transaction_id: &str,
+        message_id: &str,
+        topic: &str,
+        state: &str,
+        now_ms: i64,
+    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
+
+    /// Inserts a log row unless the key exists; `true` if inserted. Waits for row locks
+    /// at most `lock_wait` where the database allows setting it per transaction.
+    #[doc(hidden)]
+    fn fence_log(
+        conn: &mut Self::Connection,
+        transaction_id: &str,
+        message_id: &str,
+        topic: &str,
+        now_ms: i64,
+        lock_wait: Duration,
+    ) -> impl Future<Output = Result<bool, sqlx::Error>> + Send;
+
+    /// The state of a log row, if it exists.
+    #[doc(hidden)]
+    fn log_state(
+        pool: &Pool<Self>,
+        transaction_id: &str,
+    ) -> impl Future<Output = Result<Option<String>, sqlx::Error>> + Send;
+
+    /// Inserts an inbox row unless the key exists; `true` if inserted.
+    #[doc(hidden)]
+    fn insert_inbox(
+        conn: &mut Self::Connection,
+        group: &str,
+        message_id: &str,
+        now_ms: i64,
+    ) -> impl Future<Output = Result<bool, sqlx::Error>> + Send;
+
+    /// Deletes up to `limit` log rows created before `cutoff_ms`; the count deleted.
+    #[doc(hidden)]
+    fn delete_log_batch(
+        pool: &Pool<Self>,
+        cutoff_ms: i64,
+        limit: i64,
+    ) -> impl Future<Output = Result<u64, sqlx::Error>> + Send;
+
+    /// Deletes up to `limit` inbox rows processed before `cutoff_ms`; the count deleted.
+    #[doc(hidden)]
+    fn delete_inbox_batch(
+        pool: &Pool<Self>,
+        cutoff_ms: i64,
+        limit: i64,
+    ) -> impl Future<Output = Result<u64, sqlx::Error>> + Send;
+}
+
+/// Whether an insert that may hit a duplicate key inserted its row.
+fn inserted<R>(
+    result: Result<R, sqlx::Error>,
+    rows: impl Fn(&R) -> u64,
+) -> Result<bool, sqlx::Error> {
+    match result {
+        Ok(r) => Ok(rows(&r) > 0),
+        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+mod pg {
+    pub const DDL: &[&str] = &[
+        "CREATE TABLE IF NOT EXISTS txmq_tx_log (
+            transaction_id VARCHAR(128) PRIMARY KEY,
+            message_id VARCHAR(128) NOT NULL,
+            topic VARCHAR(255) NOT NULL,
+            state VARCHAR(1) NOT NULL,
+            created_at BIGINT NOT NULL)",
+        "CREATE INDEX IF NOT EXISTS txmq_tx_log_created_at ON txmq_tx_log (created_at)",
+        "CREATE TABLE IF NOT EXISTS txmq_inbox (
+            consumer_group VARCHAR(255) NOT NULL,
+            message_id VARCHAR(128) NOT NULL,
+            processed_at BIGINT NOT NULL,
+            PRIMARY KEY (consumer_group, message_id))",
+        "CREATE INDEX IF NOT EXISTS txmq_inbox_processed_at ON txmq_inbox (processed_at)",
+    ];
+    pub const INSERT_LOG: &str = "INSERT INTO txmq_tx_log (transaction_id, message_id, topic, state, created_at) VALUES ($1, $2, $3, $4, $5)";
+    pub const FENCE_LOG: &str = "INSERT INTO txmq_tx_log (transaction_id, message_id, topic, state, created_at) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (transaction_id) DO NOTHING";
+    pub const LOG_STATE: &str = "SELECT state FROM txmq_tx_log WHERE transaction_id = $1";
+    pub const INSERT_INBOX: &str = "INSERT INTO txmq_inbox (consumer_group, message_id, processed_at) VALUES ($1, $2, $3) ON CONFLICT (consumer_group, message_id) DO NOTHING";
+    pub const DELETE_LOG: &str = "DELETE FROM txmq_tx_log WHERE transaction_id IN (SELECT transaction_id FROM txmq_tx_log WHERE created_at < $1 LIMIT $2)";
+    pub const DELETE_INBOX: &str = "DELETE FROM txmq_inbox WHERE (consumer_group, message_id) IN (SELECT consumer_group, message_id FROM txmq_inbox WHERE processed_at < $1 LIMIT $2)";
+
+    /// `SET LOCAL` ends with the transaction: nothing to restore.
+    pub fn lock_wait(d: std::time::Duration) -> Option<String> {
+        Some(format!(
+            "SET LOCAL lock_timeout = '{}ms'",
+            d.as_millis().max(1)
+        ))
+    }
+    pub const LOCK_WAIT_RESET: Option<&str> = None;
+}
+
+mod mysql {
+    // Indexes inline: MySQL has no CREATE INDEX IF NOT EXISTS (MariaDB has).
+    pub const DDL: &[&str] = &[
+        "CREATE TABLE IF NOT EXISTS txmq_tx_log (
+            transaction_id VARCHAR(128) NOT NULL PRIMARY KEY,
+            message_id VARCHAR(128) NOT NULL,
+            topic VARCHAR(255) NOT NULL,
+            state VARCHAR(1) NOT NULL,
+            created_at BIGINT NOT NULL,
+            INDEX txmq_tx_log_created_at (created_at)) ENGINE=InnoDB",
+        "CREATE TABLE IF NOT EXISTS txmq_inbox (
+            consumer_group VARCHAR(255) NOT NULL,
+            message_id VARCHAR(128) NOT NULL,
+            processed_at BIGINT NOT NULL,
+            PRIMARY KEY (consumer_group, message_id),
+            INDEX txmq_inbox_processed_at (processed_at)) ENGINE=InnoDB",
+    ];
+    pub const INSERT_LOG: &str = "INSERT INTO txmq_tx_log (transaction_id, message_id, topic, state, created_at) VALUES (?, ?, ?, ?, ?)";
+    // A duplicate key fails only the statement in InnoDB; `inserted` maps it to `false`.
+    // (INSERT IGNORE would also swallow unrelated errors.)
+    pub const FENCE_LOG: &str = INSERT_LOG;
+    pub const LOG_STATE: &str = "SELECT state FROM txmq_tx_log WHERE transaction_id = ?";
+    pub const INSERT_INBOX: &str =
+        "INSERT INTO txmq_inbox (consumer_group, message_id, processed_at) VALUES (?, ?, ?)";
+    pub const DELETE_LOG: &str = "DELETE FROM txmq_tx_log WHERE created_at < ? LIMIT ?";
+    pub const DELETE_INBOX: &str = "DELETE FROM txmq_inbox WHERE processed_at < ? LIMIT ?";
+
+    /// InnoDB's lock wait is per session, in whole seconds; reset after the fence.
+    pub fn lock_wait(d: std::time::Duration) -> Option<String> {
+        Some(format!(
+            "SET SESSION innodb_lock_wait_timeout = {}",
+            d.as_secs().max(1)
+        ))
+    }
+    pub const LOCK_WAIT_RESET: Option<&str> =
+        Some("SET SESSION innodb_lock_wait_timeout = DEFAULT");
+}
+
+mod sqlite {
+    pub const DDL: &[&str] = &[
+        "CREATE TABLE IF NOT EXISTS txmq_tx_log (
+            transaction_id TEXT NOT NULL PRIMARY KEY,
+            message_id TEXT NOT NULL,
+            topic TEXT NOT NULL,
+            state TEXT NOT NULL,
+            created_at INTEGER NOT NULL)",
+        "CREATE INDEX IF NOT EXISTS txmq_tx_log_created_at ON txmq_tx_log (created_at)",
+        "CREATE TABLE IF NOT EXISTS txmq_inbox (
+            consumer_group TEXT NOT NULL,
+            message_id TEXT NOT NULL,
+            processed_at INTEGER NOT NULL,
+            PRIMARY KEY (consumer_group, message_id))",
+        "CREATE INDEX IF NOT EXISTS txmq_inbox_processed_at ON txmq_inbox (processed_at)",
+    ];
+    pub const INSERT_LOG: &str = "INSERT INTO txmq_tx_log (transaction_id, message_id, topic, state, created_at) VALUES (?, ?, ?, ?, ?)";
+    pub const FENCE_LOG: &str = "INSERT INTO txmq_tx_log (transaction_id, message_id, topic, state, created_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT (transaction_id) DO NOTHING";
+    pub const LOG_STATE: &str = "SELECT state FROM txmq_tx_log WHERE transaction_id = ?";
+    pub const INSERT_INBOX: &str = "INSERT INTO txmq_inbox (consumer_group, message_id, processed_at) VALUES (?, ?, ?) ON CONFLICT (consumer_group, message_id) DO NOTHING";
+    pub const DELETE_LOG: &str = "DELETE FROM txmq_tx_log WHERE transaction_id IN (SELECT transaction_id FROM txmq_tx_log WHERE created_at < ? LIMIT ?)";
+    pub const DELETE_INBOX: &str = "DELETE FROM txmq_inbox WHERE rowid IN (SELECT rowid FROM txmq_inbox WHERE processed_at < ? LIMIT ?)";
+
+    /// One writer at a time: the connection's busy timeout (sqlx: 5 s) bounds the wait.
+    pub fn lock_wait(_: std::time::Duration) -> Option<String> {
+        None
+    }
+    pub const LOCK_WAIT_RESET: Option<&str> = None;
+}
+
+macro_rules! dialect {
+    ($db:ty, $conn:ty, $sql:ident) => {
+        impl Dialect for $db {
+            async fn migrate(pool: &Pool<Self>) -> Result<(), sqlx::Error> {
+                for ddl in $sql::DDL {
+                    sqlx::query(ddl).execute(pool).await?;
+                }
+                Ok(())
+            }
+
+            async fn insert_log(
+                conn: &mut $conn,
+                transaction_id: &str,
+                message_id: &str,
+                topic: &str,
+                state: &str,
+                now_ms: i64,
+            ) -> Result<(), sqlx::Error> {
+                sqlx::query($sql::INSERT_LOG)
+                    .bind(transaction_id)
+                    .bind(message_id)
+                    .bind(topic)
+                    .bind(state)
+                    .bind(now_ms)
+                    .execute(conn)
+                    .await
+                    .map(drop)
+            }
+
+            async fn fence_log(
+                conn: &mut $conn,
+                transaction_id: &str,
+                message_id: &str,
+                topic: &str,
+                now_ms: i64,
+                lock_wait: Duration,
+            ) -> Result<bool, sqlx::Error> {
+                if let Some(set) = $sql::lock_wait(lock_wait) {
+                    sqlx::query(&set).execute(&mut *conn).await?;
+                }
+                let result = sqlx::query($sql::FENCE_LOG)
+                    .bind(transaction_id)
+                    .bind(message_id)
+                    .bind(topic)
+                    .bind(super::checker::FENCED)
+                    .bind(now_ms)
+                    .execute(&mut *conn)
+                    .await;
+                if let Some(reset) = $sql::LOCK_WAIT_RESET {
+                    sqlx::query(reset).execute(&mut *conn).await?;
+                }
+                inserted(result, |r| r.rows_affected())
+            }
+
+            async fn log_state(
+                pool: &Pool<Self>,
+                transaction_id: &str,
+            ) -> Result<Option<String>, sqlx::Error> {
+                sqlx::query_scalar($sql::LOG_STATE)
+                    .bind(transaction_id)
+                    .fetch_optional(pool)
+                    .await
+            }
+
+            async fn insert_inbox(
+                conn: &mut $conn,
+                group: &str,
+                message_id: &str,
+                now_ms: i64,
+            ) -> Result<bool, sqlx::Error> {
+                let result = sqlx::query($sql::INSERT_INBOX)
+                    .bind(group)
+                    .bind(message_id)
+                    .bind(now_ms)
+                    .execute(conn)
+                    .await;
+                inserted(result, |r| r.rows_affected())
+            }
+
+            async fn delete_log_batch(
+                pool: &Pool<Self>,
+                cutoff_ms: i64,
+                limit: i64,
+            ) -> Result<u64, sqlx::Error> {
+                let r = sqlx::query($sql::DELETE_LOG)
+                    .bind(cutoff_ms)
+                    .bind(limit)
+                    .execute(pool)
+                    .await?;
+                Ok(r.rows_affected())
+            }
+
+            async fn delete_inbox_batch(
+                pool: &Pool<Self>,
+                cutoff_ms: i64,
+                limit: i64,
+            ) -> Result<u64, sqlx::Error> {
+                let r = sqlx::query($sql::DELETE_INBOX)
+                    .bind(cutoff_ms)
+                    .bind(limit)
+                    .execute(pool)
+                    .await?;
+                Ok(r.rows_affected())
+            }
+        }
+    };
+}
+
+dialect!(Postgres, PgConnection, pg);
+dialect!(MySql, MySqlConnection, mysql);
+dialect!(Sqlite, SqliteConnection, sqlite);

@@ -1,0 +1,222 @@
+//! Where a message is sent together with a database transaction, and where old log rows
+//! are deleted.
+
+use std::time::{Duration, SystemTime};
+
+use crate::error::{EndTransactionError, SendError};
+use crate::message::{Message, SendReceipt};
+use crate::transaction::{Transaction, TransactionalProducer};
+
+use super::checker::COMMITTED;
+use super::fault::{self, Crash};
+use super::{BoxFuture, CLEANUP_BATCH, DbTransaction, Dialect, cutoff_ms, epoch_ms};
+
+/// A transactional send whose database transaction committed.
+#[derive(Debug)]
+pub struct Committed<T> {
+    /// What the closure returned.
+    pub value: T,
+    /// The half message's id and transaction id.
+    pub receipt: SendReceipt,
+    /// The message commit. An error here loses nothing: the database committed, so the
+    /// server's check-back ([`DbChecker`](super::DbChecker)) commits the message later.
+    pub message_commit: Result<(), EndTransactionError>,
+}
+
+/// Why [`send_in_transaction`] did not commit, and what state it left.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SendInTransactionError<E> {
+    /// The half message was not sent; the database was not touched.
+    #[error("half message not sent: {0}")]
+    Send(#[source] SendError),
+    /// A database call before the commit failed; the database transaction and the message
+    /// were rolled back.
+    #[error("database error, rolled back the database and the message: {0}")]
+    Database(#[source] sqlx::Error),
+    /// A check-back had already answered ROLLBACK for this transaction (the sender was
+    /// slower than `max_local_transaction`); the database transaction was rolled back.
+    #[error(
+        "transaction {transaction_id} was rolled back by a check-back before the database wrote it"
+    )]
+    Fenced {
+        /// The transaction id.
+        transaction_id: String,
+    },
+    /// The closure failed; the database transaction and the message were rolled back.
+    #[error("the local transaction failed, rolled back the database and the message: {0}")]
+    Local(#[source] E),
+    /// The database commit call failed, so whether it committed is unknown; the message is
+    /// left open and the check-back settles it from the log table.
+    #[error(
+        "database commit of transaction {transaction_id} has an unknown outcome; the check-back settles the message: {source}"
+    )]
+    CommitUnknown {
+        /// The transaction id.
+        transaction_id: String,
+        /// The commit's error.
+        source: sqlx::Error,
+    },
+    /// Stopped by an injected [`fault`](super::fault).
+    #[doc(hidden)]
+    #[error("crashed at {0:?} (fault injection)")]
+    Crashed(Crash),
+}
+
+/// How the database part ended.
+enum Local<T, E> {
+    Committed(T),
+    RolledBack(SendInTransactionError<E>),
+    Unknown(SendInTransactionError<E>),
+}
+
+/// Sends `message` as a half message, then runs `local` in a database transaction of
+/// `pool` that also records the transaction id in `txmq_tx_log`, commits the database, and
+/// commits the message.
+///
+/// The half message is sent before the database transaction begins, so no database lock
+/// is held while it travels. The log row is inserted first in the transaction: it fences
+/// the transaction against a check-back that answers ROLLBACK (see the
+/// [module docs](super)). `local` gets the transaction, like `sqlx::Connection::transaction`:
+/// `|tx| Box::pin(async move { sqlx::query(..).execute(&mut **tx).await?; Ok(..) })`;
+/// it must not commit or roll back itself, and what it captures must be owned.
+///
+/// The producer's checker must be a [`DbChecker`](super::DbChecker) on the same database,
+/// and `migrate` must have run.
+///
+/// # Cancel safety
+/// Not cancel safe, and that is harmless: cancelled before the database commit, the
+/// database transaction rolls back and the check-back rolls the message back once it is
+/// older than `max_local_transaction`; cancelled after, the check-back commits it.
+///
+/// # Errors
+/// [`SendInTransactionError`], which says what was rolled back. A failed *message* commit
+/// after the database commit is not an error: see [`Committed::message_commit`].
+pub async fn send_in_transaction<DB, F, T, E>(
+    producer: &TransactionalProducer,
+    pool: &sqlx::Pool<DB>,
+    message: Message,
+    local: F,
+) -> Result<Committed<T>, SendInTransactionError<E>>
+where
+    DB: Dialect,
+    F: for<'c> FnOnce(&'c mut DbTransaction<DB>) -> BoxFuture<'c, Result<T, E>>,
+{
+    let half = producer
+        .begin(message)
+        .await
+        .map_err(SendInTransactionError::Send)?;
+    let receipt = half.receipt().clone();
+    match run_local(pool, &half, local).await {
+        Local::Committed(value) => {
+            if fault::at(Crash::AfterDbCommit) {
+                drop(half);
+                return Err(SendInTransactionError::Crashed(Crash::AfterDbCommit));
+            }
+            let message_commit = half.commit().await;
+            if let Err(e) = &message_commit {
+                tracing::warn!(transaction_id = %receipt.transaction_id, error = %e,
+                    "message commit failed after the database commit; the check-back commits it");
+            }
+            Ok(Committed {
+                value,
+                receipt,
+                message_commit,
+            })
+        }
+        Local::RolledBack(SendInTransactionError::Crashed(c)) => {
+            drop(half);
+            Err(SendInTransactionError::Crashed(c))
+        }
+        Local::RolledBack(err) => {
+            if let Err(e) = half.rollback().await {
+                tracing::warn!(transaction_id = %receipt.transaction_id, error = %e,
+                    "message rollback failed; the check-back rolls it back");
+            }
+            Err(err)
+        }
+        Local::Unknown(err) => {
+            drop(half);
+            Err(err)
+        }
+    }
+}
+
+/// The database part: log row, business writes, commit.
+async fn run_local<DB, F, T, E>(pool: &sqlx::Pool<DB>, half: &Transaction, local: F) -> Local<T, E>
+where
+    DB: Dialect,
+    F: for<'c> FnOnce(&'c mut DbTransaction<DB>) -> BoxFuture<'c, Result<T, E>>,
+{
+    let mut tx = match pool.begin().await {
+        Ok(tx) => tx,
+        Err(e) => return Local::RolledBack(SendInTransactionError::Database(e)),
+    };
+    let logged = DB::insert_log(
+        &mut tx,
+        half.transaction_id(),
+        half.message_id(),
+        half.topic(),
+        COMMITTED,
+        epoch_ms(SystemTime::now()),
+    )
+    .await;
+    let failure = match logged {
+        Ok(()) => match local(&mut tx).await {
+            Ok(value) => {
+                if fault::at(Crash::BeforeDbCommit) {
+                    drop(tx);
+                    return Local::RolledBack(SendInTransactionError::Crashed(
+                        Crash::BeforeDbCommit,
+                    ));
+                }
+                return match tx.commit().await {
+                    Ok(()) => Local::Committed(value),
+                    Err(source) => Local::Unknown(SendInTransactionError::CommitUnknown {
+                        transaction_id: half.transaction_id().to_string(),
+                        source,
+                    }),
+                };
+            }
+            Err(e) => SendInTransactionError::Local(e),
+        },
+        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+            SendInTransactionError::Fenced {
+                transaction_id: half.transaction_id().to_string(),
+            }
+        }
+        Err(e) => SendInTransactionError::Database(e),
+    };
+    if let Err(e) = tx.rollback().await {
+        // The connection is dropped and the server rolls the transaction back.
+        tracing::debug!(error = %e, "database rollback failed");
+    }
+    Local::RolledBack(failure)
+}
+
+/// Deletes transaction-log rows older than `older_than`, [`CLEANUP_BATCH`] rows per
+/// statement; returns how many were deleted.
+///
+/// Keep rows well beyond the server's check-back horizon (its transaction timeout plus
+/// check interval times maximum checks; a day is ample for txmq's defaults): a check-back
+/// that finds no row treats the transaction as never committed and rolls its message back.
+///
+/// # Cancel safety
+/// Cancel safe: batches already deleted stay deleted.
+///
+/// # Errors
+/// The database's error; earlier batches stay deleted.
+pub async fn cleanup_log<DB: Dialect>(
+    pool: &sqlx::Pool<DB>,
+    older_than: Duration,
+) -> Result<u64, sqlx::Error> {
+    let cutoff = cutoff_ms(older_than);
+    let mut total = 0;
+    loop {
+        let n = DB::delete_log_batch(pool, cutoff, CLEANUP_BATCH).await?;
+        total += n;
+        if n < CLEANUP_BATCH as u64 {
+            return Ok(total);
+        }
+    }
+}

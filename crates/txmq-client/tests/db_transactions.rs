@@ -1,0 +1,495 @@
+//! `txmq_client::db` against the real broker and real databases (PostgreSQL, MariaDB,
+//! SQLite): transactional sends whose local transaction is a database transaction, their
+//! check-backs after crashes, and the idempotent consumer.
+//!
+//! Each test makes its own schema (PostgreSQL), database (MariaDB) or file (SQLite) and
+//! drops it. A database that is not running skips its test, except under `CI=true`, where
+//! it fails.
+
+#![cfg(feature = "db")]
+
+mod common;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use common::{client, start, within};
+use sqlx::{MySql, Pool, Postgres, Sqlite};
+use txmq_broker::metadata::TopicType;
+use txmq_client::db::fault::{self, Crash};
+use txmq_client::db::{
+    self, BoxFuture, DbChecker, DbTransaction, Dialect, ProcessError, Processed,
+    SendInTransactionError,
+};
+use txmq_client::{Message, MessageView, SimpleConsumer, Subscription, TransactionalProducer};
+
+/// A database for these tests: how to make a scratch one, and portable SQL.
+trait TestDb: Dialect {
+    /// A pool on a fresh scratch database and the future that drops it, or `None` when
+    /// the service is down (outside CI).
+    fn scratch() -> impl Future<Output = Option<(Pool<Self>, BoxFuture<'static, ()>)>> + Send;
+
+    /// Runs `sql` on the transaction.
+    fn exec<'c>(tx: &'c mut DbTransaction<Self>, sql: String) -> BoxFuture<'c, sqlx::Result<()>>;
+
+    /// Runs `sql` on the pool.
+    fn exec_pool(pool: &Pool<Self>, sql: String) -> BoxFuture<'_, sqlx::Result<()>>;
+
+    /// The single BIGINT `sql` selects.
+    fn scalar(pool: &Pool<Self>, sql: String) -> BoxFuture<'_, sqlx::Result<i64>>;
+}
+
+/// `None` (skip) when a service is down, a failure under CI.
+fn down<T>(what: &str, e: impl std::fmt::Display) -> Option<T> {
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{what} is not reachable under CI=true: {e}");
+    }
+    eprintln!("skipping: {what} is not reachable: {e}");
+    None
+}
+
+fn scratch_name() -> String {
+    format!("txmq_t_{}", uuid::Uuid::now_v7().simple())
+}
+
+macro_rules! sql_helpers {
+    () => {
+        fn exec<'c>(
+            tx: &'c mut DbTransaction<Self>,
+            sql: String,
+        ) -> BoxFuture<'c, sqlx::Result<()>> {
+            Box::pin(async move { sqlx::query(&sql).execute(&mut **tx).await.map(drop) })
+        }
+
+        fn exec_pool(pool: &Pool<Self>, sql: String) -> BoxFuture<'_, sqlx::Result<()>> {
+            Box::pin(async move { sqlx::query(&sql).execute(pool).await.map(drop) })
+        }
+
+        fn scalar(pool: &Pool<Self>, sql: String) -> BoxFuture<'_, sqlx::Result<i64>> {
+            Box::pin(async move { sqlx::query_scalar::<_, i64>(&sql).fetch_one(pool).await })
+        }
+    };
+}
+
+impl TestDb for Postgres {
+    async fn scratch() -> Option<(Pool<Self>, BoxFuture<'static, ()>)> {
+        let url = "postgres://postgres@127.0.0.1:5432/test";
+        let admin = match sqlx::PgPool::connect(url).await {
+            Ok(p) => p,
+            Err(e) => return down("PostgreSQL at 127.0.0.1:5432", e),
+        };
+        let schema = scratch_name();
+        sqlx::query(&format!("CREATE SCHEMA {schema}"))
+            .execute(&admin)
+            .await
+            .unwrap();
+        let options = sqlx::postgres::PgConnectOptions::from_str(url)
+            .unwrap()
+            .options([("search_path", schema.as_str())]);
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(8)
+            .connect_with(options)
+            .await
+            .unwrap();
+        let drop_it: BoxFuture<'static, ()> = {
+            let pool = pool.clone();
+            Box::pin(async move {
+                pool.close().await;
+                sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+                    .execute(&admin)
+                    .await
+                    .unwrap();
+            })
+        };
+        Some((pool, drop_it))
+    }
+    sql_helpers!();
+}
+
+impl TestDb for MySql {
+    async fn scratch() -> Option<(Pool<Self>, BoxFuture<'static, ()>)> {
+        let admin = match sqlx::MySqlPool::connect("mysql://root@127.0.0.1:3306/test").await {
+            Ok(p) => p,
+            Err(e) => return down("MariaDB at 127.0.0.1:3306", e),
+        };
+        let name = scratch_name();
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&admin)
+            .await
+            .unwrap();
+        let pool = sqlx::mysql::MySqlPoolOptions::new()
+            .max_connections(8)
+            .connect(&format!("mysql://root@127.0.0.1:3306/{name}"))
+            .await
+            .unwrap();
+        let drop_it: BoxFuture<'static, ()> = {
+            let pool = pool.clone();
+            Box::pin(async move {
+                pool.close().await;
+                sqlx::query(&format!("DROP DATABASE {name}"))
+                    .execute(&admin)
+                    .await
+                    .unwrap();
+            })
+        };
+        Some((pool, drop_it))
+    }
+    sql_helpers!();
+}
+
+impl TestDb for Sqlite {
+    async fn scratch() -> Option<(Pool<Self>, BoxFuture<'static, ()>)> {
+        let dir = tempfile::tempdir().unwrap();
+        let options = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(dir.path().join("app.db"))
+            .create_if_missing(true)
+            .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal);
+        let pool = sqlx::sqlite::SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await
+            .unwrap();
+        let drop_it: BoxFuture<'static, ()> = {
+            let pool = pool.clone();
+            Box::pin(async move {
+                pool.close().await;
+                drop(dir);
+            })
+        };
+        Some((pool, drop_it))
+    }
+    sql_helpers!();
+}
+
+/// Runs `body` on a scratch database of `DB`, dropping it afterwards even if `body` panics.
+async fn with_scratch<DB, F, Fut>(body: F)
+where
+    DB: TestDb,
+    F: FnOnce(Pool<DB>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let Some((pool, drop_it)) = DB::scratch().await else {
+        return;
+    };
+    let outcome = tokio::spawn(body(pool)).await;
+    drop_it.await;
+    if let Err(e) = outcome {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}
+
+/// Receives and acks for `wait`; the bodies received, with how often each came.
+async fn drain(consumer: &SimpleConsumer, wait: Duration) -> HashMap<String, u32> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut out = HashMap::new();
+    while tokio::time::Instant::now() < deadline {
+        for m in consumer.receive(32, Duration::from_secs(30)).await.unwrap() {
+            consumer.ack(&m).await.unwrap();
+            *out.entry(String::from_utf8_lossy(m.body()).into_owned())
+                .or_insert(0) += 1;
+        }
+    }
+    out
+}
+
+/// Waits until `sql` counts `n`.
+async fn until_count<DB: TestDb>(pool: &Pool<DB>, sql: &str, n: i64) {
+    while DB::scalar(pool, sql.to_string()).await.unwrap() != n {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Sends four payments (committed, failed, crashed after the database commit, crashed
+/// before it) and checks the database rows and what consumers get.
+async fn every_outcome_of_a_transactional_send<DB: TestDb>(pool: Pool<DB>) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    server
+        .broker
+        .metadata()
+        .create_topic("payments", TopicType::Transaction, 2)
+        .unwrap();
+    within(60, async {
+        db::migrate(&pool).await.unwrap();
+        db::migrate(&pool).await.unwrap(); // idempotent
+        DB::exec_pool(&pool, "CREATE TABLE orders (id BIGINT PRIMARY KEY)".into())
+            .await
+            .unwrap();
+        let checker = DbChecker::new(pool.clone())
+            .with_max_local_transaction(Duration::from_secs(1))
+            .with_lock_wait(Duration::from_secs(1));
+        let producer = TransactionalProducer::connect(client(&server), ["payments"], checker)
+            .await
+            .unwrap();
+        let consumer =
+            SimpleConsumer::connect(client(&server), "shipping", [Subscription::all("payments")])
+                .await
+                .unwrap();
+
+        // Committed: the row and the message.
+        let sent =
+            db::send_in_transaction(&producer, &pool, Message::new("payments", "commit"), |tx| {
+                Box::pin(async move {
+                    DB::exec(tx, "INSERT INTO orders (id) VALUES (1)".into()).await?;
+                    Ok::<_, sqlx::Error>(7)
+                })
+            })
+            .await
+            .unwrap();
+        assert_eq!(sent.value, 7);
+        sent.message_commit.unwrap();
+
+        // The business write fails after a first row: neither row nor message.
+        let err =
+            db::send_in_transaction(&producer, &pool, Message::new("payments", "error"), |tx| {
+                Box::pin(async move {
+                    DB::exec(tx, "INSERT INTO orders (id) VALUES (2)".into()).await?;
+                    // Duplicate key.
+                    DB::exec(tx, "INSERT INTO orders (id) VALUES (1)".into()).await?;
+                    Ok::<_, sqlx::Error>(())
+                })
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(err, SendInTransactionError::Local(_)), "{err:?}");
+
+        // Crash after the database commit: the check-back commits the message.
+        let err = fault::inject(
+            Crash::AfterDbCommit,
+            db::send_in_transaction(
+                &producer,
+                &pool,
+                Message::new("payments", "crash-after"),
+                |tx| {
+                    Box::pin(async move {
+                        DB::exec(tx, "INSERT INTO orders (id) VALUES (3)".into()).await
+                    })
+                },
+            ),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, SendInTransactionError::Crashed(_)), "{err:?}");
+
+        // Crash before the database commit: the check-back fences it and rolls back.
+        let err = fault::inject(
+            Crash::BeforeDbCommit,
+            db::send_in_transaction(
+                &producer,
+                &pool,
+                Message::new("payments", "crash-before"),
+                |tx| {
+                    Box::pin(async move {
+                        DB::exec(tx, "INSERT INTO orders (id) VALUES (4)".into()).await
+                    })
+                },
+            ),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, SendInTransactionError::Crashed(_)), "{err:?}");
+
+        // A live sender slower than max_local_transaction holds its log row: check-backs
+        // meanwhile cannot fence it (they answer UNKNOWN) and it commits.
+        let slow =
+            db::send_in_transaction(&producer, &pool, Message::new("payments", "slow"), |tx| {
+                Box::pin(async move {
+                    DB::exec(tx, "INSERT INTO orders (id) VALUES (5)".into()).await?;
+                    tokio::time::sleep(Duration::from_millis(2500)).await;
+                    Ok::<_, sqlx::Error>(())
+                })
+            })
+            .await
+            .unwrap();
+        slow.message_commit.unwrap();
+
+        // The fence row is the check-back's ROLLBACK; wait for it, then a few more checks.
+        until_count(
+            &pool,
+            "SELECT COUNT(*) FROM txmq_tx_log WHERE state = 'R'",
+            1,
+        )
+        .await;
+        let got = drain(&consumer, Duration::from_secs(3)).await;
+        assert_eq!(
+            got,
+            HashMap::from([
+                ("commit".to_string(), 1),
+                ("crash-after".to_string(), 1),
+                ("slow".to_string(), 1)
+            ])
+        );
+        let orders = DB::scalar(&pool, "SELECT COUNT(*) FROM orders".into())
+            .await
+            .unwrap();
+        let committed = DB::scalar(
+            &pool,
+            "SELECT COUNT(*) FROM orders WHERE id IN (1, 3, 5)".into(),
+        )
+        .await
+        .unwrap();
+        assert_eq!((orders, committed), (3, 3));
+        let logged = DB::scalar(
+            &pool,
+            "SELECT COUNT(*) FROM txmq_tx_log WHERE state = 'C'".into(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(logged, 3);
+
+        // Cleanup keeps young rows and deletes old ones.
+        assert_eq!(
+            db::cleanup_log(&pool, Duration::from_secs(3600))
+                .await
+                .unwrap(),
+            0
+        );
+        assert_eq!(db::cleanup_log(&pool, Duration::ZERO).await.unwrap(), 4);
+        producer.shutdown().await;
+        consumer.shutdown().await;
+    })
+    .await;
+    server.stop().await.unwrap();
+}
+
+/// A handler writing one shipment per message, counting its runs, failing if `fail`.
+fn ship<DB: TestDb>(
+    runs: Arc<AtomicU32>,
+    fail: bool,
+) -> impl for<'c> FnOnce(&'c mut DbTransaction<DB>, &'c MessageView) -> BoxFuture<'c, Result<(), String>>
+{
+    move |tx, m| {
+        let sql = format!(
+            "INSERT INTO shipments (message_id) VALUES ('{}')",
+            m.message_id()
+        );
+        Box::pin(async move {
+            runs.fetch_add(1, Ordering::SeqCst);
+            DB::exec(tx, sql).await.map_err(|e| e.to_string())?;
+            if fail {
+                Err("handler failed".to_string())
+            } else {
+                Ok(())
+            }
+        })
+    }
+}
+
+/// A message delivered twice to `process_once` runs the handler once; a failing handler
+/// leaves nothing and the next delivery runs it.
+async fn duplicate_delivery_runs_the_handler_once<DB: TestDb>(pool: Pool<DB>) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    server
+        .broker
+        .metadata()
+        .create_topic("paid", TopicType::Normal, 2)
+        .unwrap();
+    within(60, async {
+        db::migrate(&pool).await.unwrap();
+        DB::exec_pool(
+            &pool,
+            "CREATE TABLE shipments (message_id VARCHAR(128) PRIMARY KEY)".into(),
+        )
+        .await
+        .unwrap();
+        let producer = txmq_client::Producer::connect(client(&server), ["paid"])
+            .await
+            .unwrap();
+        producer
+            .send(Message::new("paid", "order 1"))
+            .await
+            .unwrap();
+        let consumer =
+            SimpleConsumer::connect(client(&server), "logistics", [Subscription::all("paid")])
+                .await
+                .unwrap();
+        // Not acked, short invisibility: the server delivers it again.
+        let first: MessageView = loop {
+            let mut got = consumer.receive(1, Duration::from_secs(1)).await.unwrap();
+            if let Some(m) = got.pop() {
+                break m;
+            }
+        };
+        let runs = Arc::new(AtomicU32::new(0));
+        let failed =
+            db::process_once(&pool, "logistics", &first, ship::<DB>(runs.clone(), true)).await;
+        assert!(
+            matches!(failed, Err(ProcessError::Handler(_))),
+            "{failed:?}"
+        );
+        let done =
+            db::process_once(&pool, "logistics", &first, ship::<DB>(runs.clone(), false)).await;
+        assert_eq!(done.unwrap(), Processed::Done(()));
+
+        let again: MessageView = loop {
+            let mut got = consumer.receive(1, Duration::from_secs(30)).await.unwrap();
+            if let Some(m) = got.pop() {
+                break m;
+            }
+        };
+        assert_eq!(again.message_id(), first.message_id());
+        assert!(again.delivery_attempt() > first.delivery_attempt());
+        let dup =
+            db::process_once(&pool, "logistics", &again, ship::<DB>(runs.clone(), false)).await;
+        assert_eq!(dup.unwrap(), Processed::Duplicate);
+        consumer.ack(&again).await.unwrap();
+        // Another group processes it on its own.
+        let other = db::process_once(&pool, "billing", &again, |_tx, _m| {
+            Box::pin(async { Ok::<_, String>(()) })
+        })
+        .await;
+        assert_eq!(other.unwrap(), Processed::Done(()));
+
+        assert_eq!(runs.load(Ordering::SeqCst), 2); // the failed run and the committed one
+        let shipments = DB::scalar(&pool, "SELECT COUNT(*) FROM shipments".into())
+            .await
+            .unwrap();
+        assert_eq!(shipments, 1);
+        assert_eq!(
+            db::cleanup_inbox(&pool, Duration::from_secs(3600))
+                .await
+                .unwrap(),
+            0
+        );
+        assert_eq!(db::cleanup_inbox(&pool, Duration::ZERO).await.unwrap(), 2);
+        producer.shutdown().await;
+        consumer.shutdown().await;
+    })
+    .await;
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_every_outcome_of_a_transactional_send() {
+    with_scratch::<Postgres, _, _>(every_outcome_of_a_transactional_send).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mariadb_every_outcome_of_a_transactional_send() {
+    with_scratch::<MySql, _, _>(every_outcome_of_a_transactional_send).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_every_outcome_of_a_transactional_send() {
+    with_scratch::<Sqlite, _, _>(every_outcome_of_a_transactional_send).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_duplicate_delivery_runs_the_handler_once() {
+    with_scratch::<Postgres, _, _>(duplicate_delivery_runs_the_handler_once).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mariadb_duplicate_delivery_runs_the_handler_once() {
+    with_scratch::<MySql, _, _>(duplicate_delivery_runs_the_handler_once).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_duplicate_delivery_runs_the_handler_once() {
+    with_scratch::<Sqlite, _, _>(duplicate_delivery_runs_the_handler_once).await;
+}
