@@ -35,8 +35,6 @@ pub struct Session {
     pub group: Option<String>,
     /// Commands to the client.
     pub outbox: mpsc::Sender<Result<TelemetryCommand, tonic::Status>>,
-    /// When it connected, ms.
-    pub since_ms: i64,
 }
 
 /// The sessions of all connected clients.
@@ -109,15 +107,5 @@ impl Sessions {
     pub fn knows(&self, client_id: &str) -> bool {
         let map = self.map.read().unwrap_or_else(|e| e.into_inner());
         map.values().any(|s| s.client_id == client_id)
-    }
-
-    /// All sessions.
-    pub fn list(&self) -> Vec<Arc<Session>> {
-        self.map
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect()
     }
 }

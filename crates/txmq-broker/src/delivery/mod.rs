@@ -233,15 +233,6 @@ impl Delivery {
         s
     }
 
-    /// Groups that have consumed from a topic.
-    pub fn groups_of(&self, topic: &str) -> Vec<String> {
-        self.lock()
-            .iter()
-            .filter(|(_, qs)| qs.keys().any(|(t, _)| t == topic))
-            .map(|(g, _)| g.clone())
-            .collect()
-    }
-
     /// The oldest message out with a consumer (or held back) on each queue, for retention
     /// floors. A group that stopped consuming holds nothing back: its backlog expires with
     /// the log like any other message.

@@ -151,6 +151,5 @@ fn session(
         topics,
         group,
         outbox,
-        since_ms: crate::now_ms(),
     }
 }
