@@ -203,8 +203,9 @@ async fn until_count<DB: TestDb>(pool: &Pool<DB>, sql: &str, n: i64) {
     }
 }
 
-/// Sends four payments (committed, failed, crashed after the database commit, crashed
-/// before it) and checks the database rows and what consumers get.
+/// Sends payments that commit, fail, crash after the half message, before the database
+/// commit and after it, and a slow one, and checks the database rows and what consumers
+/// get.
 async fn every_outcome_of_a_transactional_send<DB: TestDb>(pool: Pool<DB>) {
     let dir = tempfile::tempdir().unwrap();
     let server = start(dir.path()).await;
@@ -275,6 +276,28 @@ async fn every_outcome_of_a_transactional_send<DB: TestDb>(pool: Pool<DB>) {
         .unwrap_err();
         assert!(matches!(err, SendInTransactionError::Crashed(_)), "{err:?}");
 
+        // Crash right after the half message: no row; the check-back fences it and rolls
+        // back.
+        let err = fault::inject(
+            Crash::AfterHalf,
+            db::send_in_transaction(
+                &producer,
+                &pool,
+                Message::new("payments", "crash-after-half"),
+                |tx| {
+                    Box::pin(async move {
+                        DB::exec(tx, "INSERT INTO orders (id) VALUES (6)".into()).await
+                    })
+                },
+            ),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(err, SendInTransactionError::Crashed(Crash::AfterHalf)),
+            "{err:?}"
+        );
+
         // Crash before the database commit: the check-back fences it and rolls back.
         let err = fault::inject(
             Crash::BeforeDbCommit,
@@ -307,11 +330,12 @@ async fn every_outcome_of_a_transactional_send<DB: TestDb>(pool: Pool<DB>) {
             .unwrap();
         slow.message_commit.unwrap();
 
-        // The fence row is the check-back's ROLLBACK; wait for it, then a few more checks.
+        // The fence rows are the check-back's ROLLBACKs; wait for them, then a few more
+        // checks.
         until_count(
             &pool,
             "SELECT COUNT(*) FROM txmq_tx_log WHERE state = 'R'",
-            1,
+            2,
         )
         .await;
         let got = drain(&consumer, Duration::from_secs(3)).await;
@@ -348,7 +372,84 @@ async fn every_outcome_of_a_transactional_send<DB: TestDb>(pool: Pool<DB>) {
                 .unwrap(),
             0
         );
-        assert_eq!(db::cleanup_log(&pool, Duration::ZERO).await.unwrap(), 4);
+        assert_eq!(db::cleanup_log(&pool, Duration::ZERO).await.unwrap(), 5);
+        producer.shutdown().await;
+        consumer.shutdown().await;
+    })
+    .await;
+    server.stop().await.unwrap();
+}
+
+/// A sender that gets to its database only after the check-back fenced its transaction
+/// (here: it waits for a pooled connection longer than `max_local_transaction`) fails with
+/// `Fenced`, writes nothing, and its message is never delivered.
+async fn a_sender_fenced_by_the_check_back_writes_nothing<DB: TestDb>(pool: Pool<DB>) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    server
+        .broker
+        .metadata()
+        .create_topic("payments", TopicType::Transaction, 2)
+        .unwrap();
+    within(60, async {
+        db::migrate(&pool).await.unwrap();
+        DB::exec_pool(&pool, "CREATE TABLE orders (id BIGINT PRIMARY KEY)".into())
+            .await
+            .unwrap();
+        let checker = DbChecker::new(pool.clone())
+            .with_max_local_transaction(Duration::from_secs(1))
+            .with_lock_wait(Duration::from_secs(1));
+        let producer = TransactionalProducer::connect(client(&server), ["payments"], checker)
+            .await
+            .unwrap();
+        let consumer =
+            SimpleConsumer::connect(client(&server), "shipping", [Subscription::all("payments")])
+                .await
+                .unwrap();
+        // The sender's pool has one connection, and this test holds it.
+        let options = (*pool.connect_options()).clone();
+        let sender_pool = sqlx::pool::PoolOptions::<DB>::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(options)
+            .await
+            .unwrap();
+        let held = sender_pool.acquire().await.unwrap();
+        let send = {
+            let (producer, sender_pool) = (producer.clone(), sender_pool.clone());
+            tokio::spawn(async move {
+                db::send_in_transaction(
+                    &producer,
+                    &sender_pool,
+                    Message::new("payments", "late"),
+                    |tx| {
+                        Box::pin(async move {
+                            DB::exec(tx, "INSERT INTO orders (id) VALUES (1)".into()).await
+                        })
+                    },
+                )
+                .await
+                .map(|c| c.receipt.transaction_id)
+            })
+        };
+        until_count(
+            &pool,
+            "SELECT COUNT(*) FROM txmq_tx_log WHERE state = 'R'",
+            1,
+        )
+        .await;
+        drop(held);
+        let err = send.await.unwrap().unwrap_err();
+        assert!(
+            matches!(err, SendInTransactionError::Fenced { .. }),
+            "{err:?}"
+        );
+        let orders = DB::scalar(&pool, "SELECT COUNT(*) FROM orders".into())
+            .await
+            .unwrap();
+        assert_eq!(orders, 0);
+        assert!(drain(&consumer, Duration::from_secs(3)).await.is_empty());
+        sender_pool.close().await;
         producer.shutdown().await;
         consumer.shutdown().await;
     })
@@ -492,4 +593,19 @@ async fn mariadb_duplicate_delivery_runs_the_handler_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sqlite_duplicate_delivery_runs_the_handler_once() {
     with_scratch::<Sqlite, _, _>(duplicate_delivery_runs_the_handler_once).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_a_sender_fenced_by_the_check_back_writes_nothing() {
+    with_scratch::<Postgres, _, _>(a_sender_fenced_by_the_check_back_writes_nothing).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mariadb_a_sender_fenced_by_the_check_back_writes_nothing() {
+    with_scratch::<MySql, _, _>(a_sender_fenced_by_the_check_back_writes_nothing).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_a_sender_fenced_by_the_check_back_writes_nothing() {
+    with_scratch::<Sqlite, _, _>(a_sender_fenced_by_the_check_back_writes_nothing).await;
 }

@@ -51,9 +51,144 @@ pub enum Command {
     /// Inspect and repair a data directory.
     #[command(subcommand)]
     Store(StoreCommand),
+    /// Publish the rows of a database's outbox table (`txmq_outbox`) to a broker.
+    Relay(RelayArgs),
+    /// The outbox table of a database: create it, count its rows, list and redrive dead rows.
+    #[command(subcommand)]
+    Outbox(OutboxCommand),
     /// Tools for tests; not a stable interface.
     #[command(subcommand, hide = true)]
     Debug(DebugCommand),
+}
+
+/// Flags of `txmq bench relay`.
+#[derive(Debug, Args)]
+pub struct BenchRelayArgs {
+    /// PostgreSQL; the benchmark makes and drops its own schemas there.
+    #[arg(
+        long,
+        default_value = "postgres://postgres@127.0.0.1:5432/test",
+        value_name = "URL"
+    )]
+    pub db: String,
+    /// A sink URL (repeatable), e.g. txmq://127.0.0.1:8081 or amqp://guest:guest@127.0.0.1:5672/%2f.
+    #[arg(long, required = true, value_name = "URL")]
+    pub sink: Vec<String>,
+    /// The destination of every row (topic, or queue on RabbitMQ's default exchange).
+    #[arg(long, default_value = "bench-relay", value_name = "NAME")]
+    pub destination: String,
+    /// Rows in the throughput run.
+    #[arg(long, default_value_t = 100_000)]
+    pub rows: u64,
+    /// Relay instances to run at once (repeatable: each count is measured).
+    #[arg(long, default_value = "1", value_delimiter = ',')]
+    pub relays: Vec<usize>,
+    /// Also measure latency at this many rows per second.
+    #[arg(long, value_name = "ROWS_PER_SEC")]
+    pub rate: Option<u64>,
+    /// Length of the latency run.
+    #[arg(long, default_value_t = 10)]
+    pub seconds: u64,
+    /// Rows per batch.
+    #[arg(long, default_value_t = 500)]
+    pub batch_size: usize,
+    /// Batches in flight per relay.
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+    /// Payload bytes.
+    #[arg(long, default_value_t = 256)]
+    pub size: u64,
+    /// Print the report as JSON on stdout (the table goes to stderr).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Flags of `txmq relay`; they override the configuration file.
+#[derive(Debug, Args)]
+pub struct RelayArgs {
+    /// The database: postgres://USER@HOST/DB, mysql://USER@HOST/DB or sqlite://FILE.
+    #[arg(long, env = "TXMQ_RELAY_DB", value_name = "URL")]
+    pub db: Option<String>,
+    /// The broker: txmq://HOST:PORT, amqp://USER:PASS@HOST:PORT/VHOST[?exchange=NAME],
+    /// nats://HOST:PORT, redis://HOST:PORT or kafka://HOST:PORT[,HOST:PORT].
+    #[arg(long, env = "TXMQ_RELAY_SINK", value_name = "URL")]
+    pub sink: Option<String>,
+    /// A TOML file with the relay's settings (see docs/outbox.md).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, value_name = "ADDR")]
+    pub http: Option<String>,
+    /// Rows claimed and published per batch (default 500).
+    #[arg(long, value_name = "N")]
+    pub batch_size: Option<usize>,
+    /// Batches in flight at once (default 2).
+    #[arg(long, value_name = "N")]
+    pub workers: Option<usize>,
+    /// Failed attempts after which a row is dead (default 16).
+    #[arg(long, value_name = "N")]
+    pub max_attempts: Option<u32>,
+}
+
+/// `txmq outbox` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum OutboxCommand {
+    /// Create the outbox table, its indexes and (PostgreSQL) its NOTIFY trigger.
+    Migrate {
+        /// The database URL.
+        #[arg(long, value_name = "URL")]
+        db: String,
+    },
+    /// Count pending, retrying and dead rows.
+    Stats {
+        /// The database URL.
+        #[arg(long, value_name = "URL")]
+        db: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rows that failed their last attempt.
+    #[command(subcommand)]
+    Dead(DeadCommand),
+}
+
+/// `txmq outbox dead` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum DeadCommand {
+    /// List dead rows, oldest first, with their last error.
+    List {
+        /// The database URL.
+        #[arg(long, value_name = "URL")]
+        db: String,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put dead rows back to pending, with their attempts reset.
+    Redrive {
+        /// The database URL.
+        #[arg(long, value_name = "URL")]
+        db: String,
+        /// A row's message id (repeatable).
+        #[arg(long = "id", value_name = "ID")]
+        ids: Vec<String>,
+        /// Every dead row.
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+    },
+    /// Delete dead rows that must never be published.
+    Drop {
+        /// The database URL.
+        #[arg(long, value_name = "URL")]
+        db: String,
+        /// A row's message id (repeatable).
+        #[arg(long = "id", value_name = "ID", required = true)]
+        ids: Vec<String>,
+    },
 }
 
 /// Data directory tools.
@@ -90,6 +225,13 @@ pub enum BenchCommand {
     /// Send to txmq at a fixed rate while simple consumers receive and ack, and report the
     /// send-to-receive latency.
     E2e(BenchE2eArgs),
+    /// Write a row to PostgreSQL and send a message about it from concurrent tasks, safely
+    /// (`send_in_transaction`) and unsafely (a plain send after the database commit), in
+    /// alternating rounds, and report what the safe path costs.
+    DbSend(BenchDbSendArgs),
+    /// Relay outbox rows from PostgreSQL to sinks: throughput of a filled table, and
+    /// enqueue-to-confirmation latency at a fixed rate, with one or more relays.
+    Relay(BenchRelayArgs),
 }
 
 /// Where `txmq bench produce` sends.
@@ -181,6 +323,38 @@ pub struct BenchE2eArgs {
     /// After sending, how long to wait for the last messages to arrive.
     #[arg(long, default_value_t = 10, value_name = "SECONDS")]
     pub drain_seconds: u64,
+    /// Print one JSON object on stdout (the table goes to stderr).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Flags of `txmq bench db-send`.
+#[derive(Debug, Args)]
+pub struct BenchDbSendArgs {
+    /// txmq server gRPC address, plaintext (host:port).
+    #[arg(long, default_value = GRPC, value_name = "ADDR")]
+    pub server: String,
+    /// PostgreSQL URL. The benchmark works in a scratch schema of its own there
+    /// (`txmq_bench_<id>`), dropped at the end.
+    #[arg(
+        long,
+        default_value = "postgres://postgres@127.0.0.1:5432/test",
+        value_name = "URL"
+    )]
+    pub db: String,
+    /// Topic name prefix: the safe mode sends to `<TOPIC>-tx` (transactional), the unsafe
+    /// one to `<TOPIC>-plain` (normal).
+    #[arg(long, default_value = "bench-db", value_name = "TOPIC")]
+    pub topic: String,
+    /// Tasks at once, each waiting for its operation to finish before the next.
+    #[arg(long, default_value_t = 16, value_name = "TASKS", value_parser = at_least_one)]
+    pub concurrency: u64,
+    /// How long each round runs (two rounds per mode).
+    #[arg(long, default_value_t = 10, value_name = "SECONDS", value_parser = at_least_one)]
+    pub seconds: u64,
+    /// Body bytes of each message.
+    #[arg(long, default_value_t = 256, value_name = "BYTES", value_parser = at_least_one)]
+    pub size: u64,
     /// Print one JSON object on stdout (the table goes to stderr).
     #[arg(long)]
     pub json: bool,
@@ -287,6 +461,49 @@ mod tests {
         );
         assert_eq!(a.async_flush_ms, None);
         assert!(!a.json && !a.dd);
+    }
+
+    #[test]
+    fn bench_db_send_defaults_to_16_tasks_on_the_local_server_and_database() {
+        let cli = Cli::try_parse_from(["txmq", "bench", "db-send"]).unwrap();
+        let Command::Bench(BenchCommand::DbSend(a)) = cli.command else {
+            panic!("wrong subcommand");
+        };
+        assert_eq!(a.server, "127.0.0.1:8081");
+        assert_eq!(a.db, "postgres://postgres@127.0.0.1:5432/test");
+        assert_eq!(a.topic, "bench-db");
+        assert_eq!((a.concurrency, a.seconds, a.size), (16, 10, 256));
+        assert!(!a.json);
+
+        let cli = Cli::try_parse_from([
+            "txmq",
+            "bench",
+            "db-send",
+            "--server",
+            "127.0.0.1:18081",
+            "--db",
+            "postgres://u@db/x",
+            "--topic",
+            "t",
+            "--concurrency",
+            "4",
+            "--seconds",
+            "2",
+            "--size",
+            "64",
+            "--json",
+        ])
+        .unwrap();
+        let Command::Bench(BenchCommand::DbSend(a)) = cli.command else {
+            panic!("wrong subcommand");
+        };
+        assert_eq!(
+            (a.server.as_str(), a.db.as_str(), a.topic.as_str()),
+            ("127.0.0.1:18081", "postgres://u@db/x", "t")
+        );
+        assert_eq!((a.concurrency, a.seconds, a.size), (4, 2, 64));
+        assert!(a.json);
+        assert!(Cli::try_parse_from(["txmq", "bench", "db-send", "--concurrency", "0"]).is_err());
     }
 }
 

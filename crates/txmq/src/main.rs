@@ -6,8 +6,10 @@ mod bench;
 mod cli;
 mod client_cmd;
 mod debug;
+mod relay_cmd;
 mod serve;
 mod store_check;
+mod url;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -34,7 +36,11 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Store(args)) => bench::store::run(&args),
         Command::Bench(BenchCommand::Produce(args)) => bench::produce::run(&args),
         Command::Bench(BenchCommand::E2e(args)) => bench::e2e::run(&args),
+        Command::Bench(BenchCommand::DbSend(args)) => bench::db_send::run(&args),
+        Command::Bench(BenchCommand::Relay(args)) => bench::relay::run(&args),
         Command::Store(StoreCommand::Check(args)) => store_check::run(&args),
+        Command::Relay(args) => relay_cmd::relay(&args),
+        Command::Outbox(cmd) => relay_cmd::outbox(&cmd),
         Command::Debug(DebugCommand::StoreWriter(args)) => debug::store_writer::run(&args),
     };
     match result {

@@ -7,6 +7,8 @@ use std::future::Future;
 /// Where [`send_in_transaction`](super::send_in_transaction) stops.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Crash {
+    /// Right after the half message was sent, before the database transaction begins.
+    AfterHalf,
     /// After the business writes, before the database commit: the database transaction is
     /// dropped (rolled back) and the half message left open.
     BeforeDbCommit,

@@ -107,6 +107,10 @@ where
         .await
         .map_err(SendInTransactionError::Send)?;
     let receipt = half.receipt().clone();
+    if fault::at(Crash::AfterHalf) {
+        drop(half);
+        return Err(SendInTransactionError::Crashed(Crash::AfterHalf));
+    }
     match run_local(pool, &half, local).await {
         Local::Committed(value) => {
             if fault::at(Crash::AfterDbCommit) {

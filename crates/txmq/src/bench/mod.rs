@@ -1,11 +1,13 @@
 //! Benchmarks: programs that print figures (a table, and JSON on request), never timed
 //! assertions.
 
+pub mod db_send;
 pub mod dd;
 pub mod e2e;
 pub mod latency;
 pub mod peers;
 pub mod produce;
+pub mod relay;
 pub mod store;
 pub mod txmq_wire;
 

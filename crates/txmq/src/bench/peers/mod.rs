@@ -34,34 +34,3 @@ fn flat(error: impl std::error::Error) -> anyhow::Error {
 fn unique_name() -> String {
     format!("txmq-bench-{}", uuid::Uuid::now_v7().simple())
 }
-
-/// `url` with the password of its user info, if any, replaced by `***`, for messages.
-pub fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((user_info, host)) => {
-            let user = user_info.split_once(':').map_or(user_info, |(u, _)| u);
-            format!("{scheme}://{user}:***@{host}{path}")
-        }
-        None => url.to_string(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::redact;
-
-    #[test]
-    fn passwords_are_left_out_of_messages() {
-        assert_eq!(
-            redact("amqp://guest:guest@127.0.0.1:5672/%2f"),
-            "amqp://guest:***@127.0.0.1:5672/%2f"
-        );
-        assert_eq!(redact("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
-        assert_eq!(redact("127.0.0.1:4222"), "127.0.0.1:4222");
-    }
-}

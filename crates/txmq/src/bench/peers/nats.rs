@@ -8,8 +8,9 @@ use anyhow::{Context, anyhow};
 use async_nats::jetstream::{self, message::PublishMessage, stream};
 use bytes::Bytes;
 
-use super::{ADMIN_TIMEOUT, CONNECT_TIMEOUT, flat, redact, unique_name};
+use super::{ADMIN_TIMEOUT, CONNECT_TIMEOUT, flat, unique_name};
 use crate::bench::produce::{NATS_DURABILITY, Publisher, TargetReport, Workload, drive};
+use crate::url::redact;
 
 /// Publishes to one stream over a few connections.
 struct Nats {

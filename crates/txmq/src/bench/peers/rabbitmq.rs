@@ -10,8 +10,9 @@ use lapin::options::{
 use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 
-use super::{ADMIN_TIMEOUT, CONNECT_TIMEOUT, flat, redact, unique_name};
+use super::{ADMIN_TIMEOUT, CONNECT_TIMEOUT, flat, unique_name};
 use crate::bench::produce::{Publisher, RABBITMQ_DURABILITY, TargetReport, Workload, drive};
+use crate::url::redact;
 
 /// AMQP delivery mode of a persistent message.
 const PERSISTENT: u8 = 2;

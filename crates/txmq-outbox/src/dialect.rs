@@ -1,0 +1,854 @@
+//! The outbox table and its statements on each database.
+//!
+//! One table, `txmq_outbox`, keyed by `seq` (enqueue order) with a unique `id`. A row is
+//! `P` (pending), `D` (delivered) or `X` (dead). A pending row is due when
+//! `next_attempt_at <= now` and its lease `claimed_until <= now`.
+//!
+//! Claiming differs by database:
+//! - PostgreSQL and MariaDB/MySQL: the relay selects due rows `FOR UPDATE SKIP LOCKED` in a
+//!   transaction it keeps open while it publishes, then marks them and commits. A relay that
+//!   dies, or loses its connection, leaves nothing claimed: its transaction rolls back.
+//! - SQLite has one writer and no row locks: the relay leases due rows with one
+//!   `UPDATE ... RETURNING` (atomic under the database's write lock) and marks them after
+//!   publishing; a dead relay's rows are due again when the lease ends.
+//!
+//! Ordered rows: a row with a key and `ordered = 1` is due only when no earlier row of its
+//! key is pending or dead.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::{MySql, Pool, Postgres, Sqlite};
+use tokio::sync::Notify;
+
+use crate::OutboxRow;
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for sqlx::Postgres {}
+    impl Sealed for sqlx::MySql {}
+    impl Sealed for sqlx::Sqlite {}
+}
+
+/// The state of a dead row (`P` is pending, `D` delivered).
+pub(crate) const DEAD: &str = "X";
+
+/// Longest `last_error` kept, in bytes.
+const MAX_ERROR: usize = 1000;
+
+/// A row to insert.
+#[doc(hidden)]
+pub struct NewRow<'a> {
+    pub id: &'a str,
+    pub destination: &'a str,
+    pub key: Option<&'a str>,
+    pub ordered: bool,
+    pub headers: String,
+    pub payload: &'a [u8],
+    pub next_attempt_at: i64,
+    pub created_at: i64,
+    pub claimed_by: Option<&'a str>,
+    pub claimed_until: i64,
+}
+
+/// A failed publish to record.
+#[doc(hidden)]
+pub struct Failure<'a> {
+    pub seq: i64,
+    pub error: &'a str,
+    pub next_attempt_at: i64,
+}
+
+/// A row as `txmq outbox dead list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RowSummary {
+    /// Position in the outbox.
+    pub seq: i64,
+    /// The message id.
+    pub id: String,
+    /// The destination.
+    pub destination: String,
+    /// The key.
+    pub key: Option<String>,
+    /// Failed attempts.
+    pub attempts: i64,
+    /// The last publish error.
+    pub last_error: Option<String>,
+    /// Enqueued at, ms since the Unix epoch.
+    pub created_at_ms: i64,
+}
+
+/// Counts for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct TableStats {
+    /// Rows waiting to be published (due or not).
+    pub pending: i64,
+    /// Pending rows that failed at least once.
+    pub retrying: i64,
+    /// Enqueue time of the oldest pending row, ms since the Unix epoch.
+    pub oldest_pending_ms: Option<i64>,
+    /// Dead rows.
+    pub dead: i64,
+}
+
+/// Rows claimed by a relay worker: with the transaction that holds their locks
+/// (PostgreSQL, MySQL), or leased (SQLite).
+#[doc(hidden)]
+pub struct Claimed<DB: sqlx::Database> {
+    pub(crate) tx: Option<sqlx::Transaction<'static, DB>>,
+    pub(crate) rows: Vec<OutboxRow>,
+}
+
+/// A database the outbox works with: [`sqlx::Postgres`], [`sqlx::MySql`] (MySQL and
+/// MariaDB) or [`sqlx::Sqlite`]. Sealed; its methods are the crate's building blocks.
+pub trait OutboxDb: sqlx::Database + sealed::Sealed {
+    /// Creates the table, its indexes and (PostgreSQL) the NOTIFY trigger if missing.
+    #[doc(hidden)]
+    fn migrate(pool: &Pool<Self>) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
+
+    /// Inserts a row; its `seq`.
+    #[doc(hidden)]
+    fn insert(
+        conn: &mut Self::Connection,
+        row: &NewRow<'_>,
+    ) -> impl Future<Output = Result<i64, sqlx::Error>> + Send;
+
+    /// Claims up to `limit` due rows, in `seq` order.
+    #[doc(hidden)]
+    fn claim(
+        pool: &Pool<Self>,
+        worker: &str,
+        now: i64,
+        lease_until: i64,
+        limit: i64,
+    ) -> impl Future<Output = Result<Claimed<Self>, sqlx::Error>> + Send;
+
+    /// Marks published rows delivered and failed ones for retry (or dead after
+    /// `max_attempts`), and releases the claim.
+    #[doc(hidden)]
+    fn finish(
+        pool: &Pool<Self>,
+        claimed: Option<sqlx::Transaction<'static, Self>>,
+        delivered: &[i64],
+        failed: &[Failure<'_>],
+        now: i64,
+        max_attempts: u32,
+    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
+
+    /// Up to `limit` rows in `status`, oldest first.
+    #[doc(hidden)]
+    fn list(
+        pool: &Pool<Self>,
+        status: &str,
+        limit: i64,
+    ) -> impl Future<Output = Result<Vec<RowSummary>, sqlx::Error>> + Send;
+
+    /// Dead rows back to pending with no attempts; all of them, or those with `ids`.
+    #[doc(hidden)]
+    fn redrive(
+        pool: &Pool<Self>,
+        ids: Option<&[String]>,
+        now: i64,
+    ) -> impl Future<Output = Result<u64, sqlx::Error>> + Send;
+
+    /// Deletes the dead rows with `ids`.
+    #[doc(hidden)]
+    fn drop_dead(
+        pool: &Pool<Self>,
+        ids: &[String],
+    ) -> impl Future<Output = Result<u64, sqlx::Error>> + Send;
+
+    /// Deletes up to `limit` rows delivered before `cutoff`; the count.
+    #[doc(hidden)]
+    fn delete_delivered(
+        pool: &Pool<Self>,
+        cutoff: i64,
+        limit: i64,
+    ) -> impl Future<Output = Result<u64, sqlx::Error>> + Send;
+
+    /// Counts for metrics.
+    #[doc(hidden)]
+    fn stats(pool: &Pool<Self>) -> impl Future<Output = Result<TableStats, sqlx::Error>> + Send;
+
+    /// Wakes `wake` whenever rows are inserted, where the database can tell (PostgreSQL
+    /// LISTEN/NOTIFY); the listening task, or `None`.
+    #[doc(hidden)]
+    fn listen(_pool: &Pool<Self>, _wake: Arc<Notify>) -> Option<tokio::task::JoinHandle<()>> {
+        None
+    }
+}
+
+/// `sql` with `?` placeholders numbered `$1, $2, ...` (PostgreSQL).
+fn numbered(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len() + 16);
+    let mut n = 0;
+    for c in sql.chars() {
+        if c == '?' {
+            n += 1;
+            out.push('$');
+            out.push_str(&n.to_string());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// `?, ?, ...` for `n` values.
+fn marks(n: usize) -> String {
+    let mut s = String::with_capacity(n * 3);
+    for i in 0..n {
+        if i > 0 {
+            s.push_str(", ");
+        }
+        s.push('?');
+    }
+    s
+}
+
+/// `error` cut to [`MAX_ERROR`] bytes at a character boundary.
+fn clip(error: &str) -> &str {
+    if error.len() <= MAX_ERROR {
+        return error;
+    }
+    let mut end = MAX_ERROR;
+    while !error.is_char_boundary(end) {
+        end -= 1;
+    }
+    &error[..end]
+}
+
+/// Decodes stored headers; a damaged value becomes one header saying so, and the row is
+/// still published.
+fn headers(json: &str) -> BTreeMap<String, String> {
+    serde_json::from_str(json)
+        .unwrap_or_else(|e| BTreeMap::from([("txmq-headers-error".to_string(), e.to_string())]))
+}
+
+type RawRow = (
+    i64,
+    String,
+    String,
+    Option<String>,
+    String,
+    Vec<u8>,
+    i64,
+    i64,
+);
+
+fn row((seq, id, destination, key, hdrs, payload, attempts, created): RawRow) -> OutboxRow {
+    OutboxRow {
+        seq,
+        id,
+        destination,
+        key,
+        headers: headers(&hdrs),
+        payload,
+        attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+        created_at_ms: created,
+    }
+}
+
+const COLUMNS: &str = "seq, id, destination, msg_key, headers, payload, attempts, created_at";
+
+/// The due-row predicate on alias `o`; binds: now, now.
+const DUE: &str = "o.status = 'P' AND o.next_attempt_at <= ? AND o.claimed_until <= ?
+    AND (o.ordered = 0 OR o.msg_key IS NULL OR NOT EXISTS (
+        SELECT 1 FROM txmq_outbox e
+        WHERE e.msg_key = o.msg_key AND e.seq < o.seq AND e.status <> 'D'))";
+
+const INSERT: &str = "INSERT INTO txmq_outbox (id, destination, msg_key, ordered, headers, payload,
+    status, attempts, next_attempt_at, claimed_by, claimed_until, created_at)
+    VALUES (?, ?, ?, ?, ?, ?, 'P', 0, ?, ?, ?, ?)";
+
+const FAIL: &str = "UPDATE txmq_outbox SET
+    status = CASE WHEN attempts + 1 >= ? THEN 'X' ELSE 'P' END,
+    attempts = attempts + 1, last_error = ?, next_attempt_at = ?,
+    claimed_by = NULL, claimed_until = 0
+    WHERE seq = ? AND status = 'P'";
+
+const LIST: &str = "SELECT seq, id, destination, msg_key, attempts, last_error, created_at
+    FROM txmq_outbox WHERE status = ? ORDER BY seq LIMIT ?";
+
+const REDRIVE: &str = "UPDATE txmq_outbox SET status = 'P', attempts = 0, next_attempt_at = ?,
+    claimed_by = NULL, claimed_until = 0, last_error = NULL WHERE status = 'X'";
+
+const STATS: &str = "SELECT
+    COUNT(CASE WHEN status = 'P' THEN 1 END),
+    COUNT(CASE WHEN status = 'P' AND attempts > 0 THEN 1 END),
+    MIN(CASE WHEN status = 'P' THEN created_at END),
+    COUNT(CASE WHEN status = 'X' THEN 1 END)
+    FROM txmq_outbox WHERE status IN ('P', 'X')";
+
+mod pg {
+    pub const DDL: &[&str] = &[
+        "CREATE TABLE IF NOT EXISTS txmq_outbox (
+            seq BIGSERIAL PRIMARY KEY,
+            id VARCHAR(128) NOT NULL UNIQUE,
+            destination VARCHAR(255) NOT NULL,
+            msg_key VARCHAR(255),
+            ordered SMALLINT NOT NULL DEFAULT 0,
+            headers TEXT NOT NULL,
+            payload BYTEA NOT NULL,
+            status VARCHAR(1) NOT NULL,
+            attempts BIGINT NOT NULL DEFAULT 0,
+            next_attempt_at BIGINT NOT NULL,
+            claimed_by VARCHAR(64),
+            claimed_until BIGINT NOT NULL DEFAULT 0,
+            last_error TEXT,
+            created_at BIGINT NOT NULL,
+            delivered_at BIGINT)",
+        "CREATE INDEX IF NOT EXISTS txmq_outbox_status_seq ON txmq_outbox (status, seq)",
+        "CREATE INDEX IF NOT EXISTS txmq_outbox_key_seq ON txmq_outbox (msg_key, seq)
+            WHERE msg_key IS NOT NULL",
+        // One notification per inserting statement, on a channel per schema; PostgreSQL
+        // folds repeats within a transaction and delivers them at commit.
+        "CREATE OR REPLACE FUNCTION txmq_outbox_notify() RETURNS trigger LANGUAGE plpgsql AS
+            $$ BEGIN PERFORM pg_notify('txmq_outbox.' || TG_TABLE_SCHEMA, ''); RETURN NULL; END $$",
+        "CREATE OR REPLACE TRIGGER txmq_outbox_notify AFTER INSERT ON txmq_outbox
+            FOR EACH STATEMENT EXECUTE FUNCTION txmq_outbox_notify()",
+    ];
+}
+
+mod mysql {
+    // Indexes inline: MySQL has no CREATE INDEX IF NOT EXISTS.
+    pub const DDL: &[&str] = &["CREATE TABLE IF NOT EXISTS txmq_outbox (
+            seq BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
+            id VARCHAR(128) NOT NULL,
+            destination VARCHAR(255) NOT NULL,
+            msg_key VARCHAR(255),
+            ordered SMALLINT NOT NULL DEFAULT 0,
+            headers LONGTEXT NOT NULL,
+            payload LONGBLOB NOT NULL,
+            status VARCHAR(1) NOT NULL,
+            attempts BIGINT NOT NULL DEFAULT 0,
+            next_attempt_at BIGINT NOT NULL,
+            claimed_by VARCHAR(64),
+            claimed_until BIGINT NOT NULL DEFAULT 0,
+            last_error TEXT,
+            created_at BIGINT NOT NULL,
+            delivered_at BIGINT,
+            UNIQUE KEY txmq_outbox_id (id),
+            KEY txmq_outbox_status_seq (status, seq),
+            KEY txmq_outbox_key_seq (msg_key, seq)) ENGINE=InnoDB"];
+    /// Claims and cleanups read committed rows and lock only the rows they take (no gap
+    /// locks that would hold up inserts). `SET TRANSACTION` applies to the next
+    /// transaction only.
+    pub const BEGIN_READ_COMMITTED: &str =
+        "SET TRANSACTION ISOLATION LEVEL READ COMMITTED; START TRANSACTION";
+}
+
+mod sqlite {
+    pub const DDL: &[&str] = &[
+        "CREATE TABLE IF NOT EXISTS txmq_outbox (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            id TEXT NOT NULL UNIQUE,
+            destination TEXT NOT NULL,
+            msg_key TEXT,
+            ordered INTEGER NOT NULL DEFAULT 0,
+            headers TEXT NOT NULL,
+            payload BLOB NOT NULL,
+            status TEXT NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_attempt_at INTEGER NOT NULL,
+            claimed_by TEXT,
+            claimed_until INTEGER NOT NULL DEFAULT 0,
+            last_error TEXT,
+            created_at INTEGER NOT NULL,
+            delivered_at INTEGER)",
+        "CREATE INDEX IF NOT EXISTS txmq_outbox_status_seq ON txmq_outbox (status, seq)",
+        "CREATE INDEX IF NOT EXISTS txmq_outbox_key_seq ON txmq_outbox (msg_key, seq)
+            WHERE msg_key IS NOT NULL",
+    ];
+}
+
+/// The statements every database shares, written against one driver's concrete types.
+macro_rules! common {
+    ($sql:expr) => {
+        async fn list(
+            pool: &Pool<Self>,
+            status: &str,
+            limit: i64,
+        ) -> Result<Vec<RowSummary>, sqlx::Error> {
+            let rows: Vec<(
+                i64,
+                String,
+                String,
+                Option<String>,
+                i64,
+                Option<String>,
+                i64,
+            )> = sqlx::query_as(&$sql(LIST))
+                .bind(status)
+                .bind(limit)
+                .fetch_all(pool)
+                .await?;
+            Ok(rows
+                .into_iter()
+                .map(
+                    |(seq, id, destination, key, attempts, last_error, created_at_ms)| RowSummary {
+                        seq,
+                        id,
+                        destination,
+                        key,
+                        attempts,
+                        last_error,
+                        created_at_ms,
+                    },
+                )
+                .collect())
+        }
+
+        async fn redrive(
+            pool: &Pool<Self>,
+            ids: Option<&[String]>,
+            now: i64,
+        ) -> Result<u64, sqlx::Error> {
+            let sql = match ids {
+                None => REDRIVE.to_string(),
+                Some([]) => return Ok(0),
+                Some(ids) => format!("{REDRIVE} AND id IN ({})", marks(ids.len())),
+            };
+            let sql = $sql(&sql);
+            let mut q = sqlx::query(&sql).bind(now);
+            for id in ids.unwrap_or_default() {
+                q = q.bind(id);
+            }
+            Ok(q.execute(pool).await?.rows_affected())
+        }
+
+        async fn drop_dead(pool: &Pool<Self>, ids: &[String]) -> Result<u64, sqlx::Error> {
+            if ids.is_empty() {
+                return Ok(0);
+            }
+            let sql = $sql(&format!(
+                "DELETE FROM txmq_outbox WHERE status = 'X' AND id IN ({})",
+                marks(ids.len())
+            ));
+            let mut q = sqlx::query(&sql);
+            for id in ids {
+                q = q.bind(id);
+            }
+            Ok(q.execute(pool).await?.rows_affected())
+        }
+
+        async fn stats(pool: &Pool<Self>) -> Result<TableStats, sqlx::Error> {
+            let (pending, retrying, oldest, dead): (i64, i64, Option<i64>, i64) =
+                sqlx::query_as(STATS).fetch_one(pool).await?;
+            Ok(TableStats {
+                pending,
+                retrying,
+                oldest_pending_ms: oldest,
+                dead,
+            })
+        }
+    };
+}
+
+/// Marks rows on `conn`: the delivered ones in one statement, the failed ones each.
+macro_rules! mark {
+    ($conn:expr, $sql:expr, $delivered:expr, $failed:expr, $now:expr, $max:expr) => {{
+        if !$delivered.is_empty() {
+            let sql = $sql(&format!(
+                "UPDATE txmq_outbox SET status = 'D', delivered_at = ?, claimed_by = NULL,
+                 claimed_until = 0 WHERE status = 'P' AND seq IN ({})",
+                marks($delivered.len())
+            ));
+            let mut q = sqlx::query(&sql).bind($now);
+            for seq in $delivered {
+                q = q.bind(*seq);
+            }
+            q.execute(&mut *$conn).await?;
+        }
+        let fail = $sql(FAIL);
+        for f in $failed {
+            sqlx::query(&fail)
+                .bind(i64::from($max))
+                .bind(clip(f.error))
+                .bind(f.next_attempt_at)
+                .bind(f.seq)
+                .execute(&mut *$conn)
+                .await?;
+        }
+        Ok::<(), sqlx::Error>(())
+    }};
+}
+
+impl OutboxDb for Postgres {
+    async fn migrate(pool: &Pool<Self>) -> Result<(), sqlx::Error> {
+        // Serialised: concurrent CREATE OR REPLACE of one function or trigger can fail.
+        let mut tx = pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock(7370617291)")
+            .execute(&mut *tx)
+            .await?;
+        for ddl in pg::DDL {
+            sqlx::query(ddl).execute(&mut *tx).await?;
+        }
+        tx.commit().await
+    }
+
+    async fn insert(conn: &mut sqlx::PgConnection, r: &NewRow<'_>) -> Result<i64, sqlx::Error> {
+        sqlx::query_scalar(&numbered(&format!("{INSERT} RETURNING seq")))
+            .bind(r.id)
+            .bind(r.destination)
+            .bind(r.key)
+            .bind(i16::from(r.ordered))
+            .bind(&r.headers)
+            .bind(r.payload)
+            .bind(r.next_attempt_at)
+            .bind(r.claimed_by)
+            .bind(r.claimed_until)
+            .bind(r.created_at)
+            .fetch_one(conn)
+            .await
+    }
+
+    async fn claim(
+        pool: &Pool<Self>,
+        _worker: &str,
+        now: i64,
+        _lease_until: i64,
+        limit: i64,
+    ) -> Result<Claimed<Self>, sqlx::Error> {
+        let mut tx = pool.begin().await?;
+        let sql = numbered(&format!(
+            "SELECT {COLUMNS} FROM txmq_outbox o WHERE {DUE}
+             ORDER BY o.seq LIMIT ? FOR UPDATE SKIP LOCKED"
+        ));
+        let rows: Vec<RawRow> = sqlx::query_as(&sql)
+            .bind(now)
+            .bind(now)
+            .bind(limit)
+            .fetch_all(&mut *tx)
+            .await?;
+        Ok(Claimed {
+            tx: Some(tx),
+            rows: rows.into_iter().map(row).collect(),
+        })
+    }
+
+    async fn finish(
+        pool: &Pool<Self>,
+        claimed: Option<sqlx::Transaction<'static, Self>>,
+        delivered: &[i64],
+        failed: &[Failure<'_>],
+        now: i64,
+        max_attempts: u32,
+    ) -> Result<(), sqlx::Error> {
+        let mut tx = match claimed {
+            Some(tx) => tx,
+            None => pool.begin().await?,
+        };
+        mark!(
+            tx,
+            |s: &str| numbered(s),
+            delivered,
+            failed,
+            now,
+            max_attempts
+        )?;
+        tx.commit().await
+    }
+
+    async fn delete_delivered(
+        pool: &Pool<Self>,
+        cutoff: i64,
+        limit: i64,
+    ) -> Result<u64, sqlx::Error> {
+        let r = sqlx::query(
+            "DELETE FROM txmq_outbox WHERE seq IN (
+                SELECT seq FROM txmq_outbox WHERE status = 'D' AND delivered_at < $1
+                ORDER BY seq LIMIT $2 FOR UPDATE SKIP LOCKED)",
+        )
+        .bind(cutoff)
+        .bind(limit)
+        .execute(pool)
+        .await?;
+        Ok(r.rows_affected())
+    }
+
+    common!(|s: &str| numbered(s));
+
+    fn listen(pool: &Pool<Self>, wake: Arc<Notify>) -> Option<tokio::task::JoinHandle<()>> {
+        let pool = pool.clone();
+        Some(tokio::spawn(async move {
+            loop {
+                let mut listener = match sqlx::postgres::PgListener::connect_with(&pool).await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "relay: cannot LISTEN; polling until it can");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                };
+                let channel = match sqlx::query_scalar::<_, String>("SELECT current_schema()")
+                    .fetch_one(&pool)
+                    .await
+                {
+                    Ok(schema) => format!("txmq_outbox.{schema}"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "relay: cannot LISTEN; polling until it can");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                };
+                if let Err(e) = listener.listen(&channel).await {
+                    tracing::warn!(error = %e, "relay: cannot LISTEN; polling until it can");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+                // Whatever was inserted while not listening is found now.
+                wake.notify_waiters();
+                loop {
+                    match listener.try_recv().await {
+                        Ok(Some(_)) => wake.notify_waiters(),
+                        // The connection was lost; notifications in between are lost too.
+                        Ok(None) => wake.notify_waiters(),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "relay: LISTEN connection failed");
+                            break;
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }))
+    }
+}
+
+impl OutboxDb for MySql {
+    async fn migrate(pool: &Pool<Self>) -> Result<(), sqlx::Error> {
+        for ddl in mysql::DDL {
+            sqlx::query(ddl).execute(pool).await?;
+        }
+        Ok(())
+    }
+
+    async fn insert(conn: &mut sqlx::MySqlConnection, r: &NewRow<'_>) -> Result<i64, sqlx::Error> {
+        let done = sqlx::query(INSERT)
+            .bind(r.id)
+            .bind(r.destination)
+            .bind(r.key)
+            .bind(i16::from(r.ordered))
+            .bind(&r.headers)
+            .bind(r.payload)
+            .bind(r.next_attempt_at)
+            .bind(r.claimed_by)
+            .bind(r.claimed_until)
+            .bind(r.created_at)
+            .execute(conn)
+            .await?;
+        Ok(i64::try_from(done.last_insert_id()).unwrap_or(i64::MAX))
+    }
+
+    async fn claim(
+        pool: &Pool<Self>,
+        _worker: &str,
+        now: i64,
+        _lease_until: i64,
+        limit: i64,
+    ) -> Result<Claimed<Self>, sqlx::Error> {
+        let mut tx = pool.begin_with(mysql::BEGIN_READ_COMMITTED).await?;
+        // Candidates first, by a plain read of the latest committed rows with the ordering
+        // test: a locking read in MariaDB may also lock (and so skip) the rows its subquery
+        // reads. Then the candidates not locked by other workers are locked, rechecked.
+        // More candidates than the batch, so that concurrent workers find rows past each
+        // other's.
+        let candidates: Vec<i64> = sqlx::query_scalar(&format!(
+            "SELECT o.seq FROM txmq_outbox o WHERE {DUE} ORDER BY o.seq LIMIT ?"
+        ))
+        .bind(now)
+        .bind(now)
+        .bind(limit.saturating_mul(4))
+        .fetch_all(&mut *tx)
+        .await?;
+        if candidates.is_empty() {
+            return Ok(Claimed {
+                tx: Some(tx),
+                rows: Vec::new(),
+            });
+        }
+        let sql = format!(
+            "SELECT {COLUMNS} FROM txmq_outbox o
+             WHERE o.seq IN ({}) AND o.status = 'P' AND o.next_attempt_at <= ?
+                AND o.claimed_until <= ?
+             ORDER BY o.seq LIMIT ? FOR UPDATE SKIP LOCKED",
+            marks(candidates.len())
+        );
+        let mut q = sqlx::query_as::<_, RawRow>(&sql);
+        for seq in &candidates {
+            q = q.bind(*seq);
+        }
+        let rows: Vec<RawRow> = q
+            .bind(now)
+            .bind(now)
+            .bind(limit)
+            .fetch_all(&mut *tx)
+            .await?;
+        Ok(Claimed {
+            tx: Some(tx),
+            rows: rows.into_iter().map(row).collect(),
+        })
+    }
+
+    async fn finish(
+        pool: &Pool<Self>,
+        claimed: Option<sqlx::Transaction<'static, Self>>,
+        delivered: &[i64],
+        failed: &[Failure<'_>],
+        now: i64,
+        max_attempts: u32,
+    ) -> Result<(), sqlx::Error> {
+        let mut tx = match claimed {
+            Some(tx) => tx,
+            None => pool.begin().await?,
+        };
+        mark!(
+            tx,
+            |s: &str| s.to_string(),
+            delivered,
+            failed,
+            now,
+            max_attempts
+        )?;
+        tx.commit().await
+    }
+
+    async fn delete_delivered(
+        pool: &Pool<Self>,
+        cutoff: i64,
+        limit: i64,
+    ) -> Result<u64, sqlx::Error> {
+        let mut tx = pool.begin_with(mysql::BEGIN_READ_COMMITTED).await?;
+        let r = sqlx::query(
+            "DELETE FROM txmq_outbox WHERE status = 'D' AND delivered_at < ? ORDER BY seq LIMIT ?",
+        )
+        .bind(cutoff)
+        .bind(limit)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(r.rows_affected())
+    }
+
+    common!(|s: &str| s.to_string());
+}
+
+impl OutboxDb for Sqlite {
+    async fn migrate(pool: &Pool<Self>) -> Result<(), sqlx::Error> {
+        for ddl in sqlite::DDL {
+            sqlx::query(ddl).execute(pool).await?;
+        }
+        Ok(())
+    }
+
+    async fn insert(conn: &mut sqlx::SqliteConnection, r: &NewRow<'_>) -> Result<i64, sqlx::Error> {
+        sqlx::query_scalar(&format!("{INSERT} RETURNING seq"))
+            .bind(r.id)
+            .bind(r.destination)
+            .bind(r.key)
+            .bind(i16::from(r.ordered))
+            .bind(&r.headers)
+            .bind(r.payload)
+            .bind(r.next_attempt_at)
+            .bind(r.claimed_by)
+            .bind(r.claimed_until)
+            .bind(r.created_at)
+            .fetch_one(conn)
+            .await
+    }
+
+    async fn claim(
+        pool: &Pool<Self>,
+        worker: &str,
+        now: i64,
+        lease_until: i64,
+        limit: i64,
+    ) -> Result<Claimed<Self>, sqlx::Error> {
+        let sql = format!(
+            "UPDATE txmq_outbox SET claimed_by = ?, claimed_until = ?
+             WHERE seq IN (SELECT o.seq FROM txmq_outbox o WHERE {DUE} ORDER BY o.seq LIMIT ?)
+             RETURNING {COLUMNS}"
+        );
+        let mut rows: Vec<RawRow> = sqlx::query_as(&sql)
+            .bind(worker)
+            .bind(lease_until)
+            .bind(now)
+            .bind(now)
+            .bind(limit)
+            .fetch_all(pool)
+            .await?;
+        rows.sort_by_key(|r| r.0);
+        Ok(Claimed {
+            tx: None,
+            rows: rows.into_iter().map(row).collect(),
+        })
+    }
+
+    async fn finish(
+        pool: &Pool<Self>,
+        claimed: Option<sqlx::Transaction<'static, Self>>,
+        delivered: &[i64],
+        failed: &[Failure<'_>],
+        now: i64,
+        max_attempts: u32,
+    ) -> Result<(), sqlx::Error> {
+        let mut tx = match claimed {
+            Some(tx) => tx,
+            None => pool.begin().await?,
+        };
+        mark!(
+            tx,
+            |s: &str| s.to_string(),
+            delivered,
+            failed,
+            now,
+            max_attempts
+        )?;
+        tx.commit().await
+    }
+
+    async fn delete_delivered(
+        pool: &Pool<Self>,
+        cutoff: i64,
+        limit: i64,
+    ) -> Result<u64, sqlx::Error> {
+        let r = sqlx::query(
+            "DELETE FROM txmq_outbox WHERE seq IN (
+                SELECT seq FROM txmq_outbox WHERE status = 'D' AND delivered_at < ?
+                ORDER BY seq LIMIT ?)",
+        )
+        .bind(cutoff)
+        .bind(limit)
+        .execute(pool)
+        .await?;
+        Ok(r.rows_affected())
+    }
+
+    common!(|s: &str| s.to_string());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{clip, marks, numbered};
+
+    #[test]
+    fn placeholders_are_numbered_for_postgres() {
+        assert_eq!(
+            numbered("a = ? AND b IN (?, ?)"),
+            "a = $1 AND b IN ($2, $3)"
+        );
+        assert_eq!(marks(3), "?, ?, ?");
+        assert_eq!(marks(0), "");
+    }
+
+    #[test]
+    fn errors_are_clipped_at_a_character_boundary() {
+        let long = "é".repeat(600);
+        let c = clip(&long);
+        assert!(c.len() <= 1000 && c.chars().all(|ch| ch == 'é'));
+        assert_eq!(clip("short"), "short");
+    }
+}

@@ -1,0 +1,298 @@
+//! Where messages enter the outbox, in the caller's transaction, and the after-commit fast
+//! path.
+
+use std::time::{Duration, Instant};
+
+use sqlx::{Pool, Transaction};
+
+use crate::dialect::{Failure, NewRow, OutboxDb};
+use crate::metrics::Metrics;
+use crate::sink::Sink;
+use crate::{OutboxMessage, OutboxRow, RetryPolicy, now_ms};
+
+/// Longest message id, destination and key, in bytes.
+const MAX_ID: usize = 128;
+const MAX_NAME: usize = 255;
+
+/// Why a message was not enqueued. The caller's transaction is untouched by a validation
+/// error; after a database error it should be rolled back, as after any failed statement.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EnqueueError {
+    /// The message is not valid; nothing was written.
+    #[error("invalid outbox message: {0}")]
+    Invalid(String),
+    /// A message with this id is already in the outbox.
+    #[error("message id {0:?} is already in the outbox")]
+    DuplicateId(String),
+    /// The database failed.
+    #[error("database error while enqueuing: {0}")]
+    Database(#[source] sqlx::Error),
+}
+
+/// Enqueues messages in the caller's database transaction.
+///
+/// # Example
+/// ```no_run
+/// # async fn f(pool: sqlx::PgPool) -> Result<(), Box<dyn std::error::Error>> {
+/// use txmq_outbox::{Outbox, OutboxMessage};
+///
+/// let outbox = Outbox::new();
+/// let mut tx = pool.begin().await?;
+/// sqlx::query("UPDATE orders SET status = 'PAID' WHERE id = 42").execute(&mut *tx).await?;
+/// outbox
+///     .enqueue(&mut tx, OutboxMessage::new("orders.paid", "42").with_key("order-42"))
+///     .await?;
+/// tx.commit().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Outbox {
+    fast_path_lease: Duration,
+    retry: RetryPolicy,
+}
+
+impl Default for Outbox {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A message enqueued for the after-commit fast path: publish it with
+/// [`Outbox::commit_and_publish`].
+#[derive(Debug, Clone)]
+pub struct FastPath {
+    row: OutboxRow,
+}
+
+impl FastPath {
+    /// The message id.
+    pub fn id(&self) -> &str {
+        &self.row.id
+    }
+}
+
+/// What [`Outbox::commit_and_publish`] did after the commit.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FastPathReport {
+    /// Published and marked delivered.
+    pub published: usize,
+    /// Not published (or not marked): left to the relay, after a backoff (or the lease).
+    pub left_to_relay: usize,
+}
+
+impl Outbox {
+    /// An outbox with a 30 s fast-path lease and the default [`RetryPolicy`].
+    pub fn new() -> Self {
+        Self {
+            fast_path_lease: Duration::from_secs(30),
+            retry: RetryPolicy::default(),
+        }
+    }
+
+    /// How long the relay leaves a fast-path row alone after its enqueue, so that it is
+    /// not published twice (default 30 s). If the process dies before publishing, the
+    /// relay publishes the row once the lease ends. Keep it above the commit time plus
+    /// the sink's publish time.
+    pub fn with_fast_path_lease(mut self, lease: Duration) -> Self {
+        self.fast_path_lease = lease;
+        self
+    }
+
+    /// The retry policy a failed fast-path publish is recorded with (use the relay's).
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// Inserts `message` into `txmq_outbox` on the caller's transaction: it is published
+    /// by the relay once the transaction commits, and never if it rolls back.
+    ///
+    /// # Errors
+    /// [`EnqueueError`].
+    pub async fn enqueue<DB: OutboxDb>(
+        &self,
+        tx: &mut Transaction<'_, DB>,
+        message: OutboxMessage,
+    ) -> Result<i64, EnqueueError> {
+        insert(tx, &message, None).await
+    }
+
+    /// Like [`enqueue`](Self::enqueue), for publishing right after the commit with
+    /// [`commit_and_publish`](Self::commit_and_publish); the relay is the safety net.
+    ///
+    /// # Errors
+    /// [`EnqueueError`].
+    pub async fn enqueue_fast<DB: OutboxDb>(
+        &self,
+        tx: &mut Transaction<'_, DB>,
+        message: OutboxMessage,
+    ) -> Result<FastPath, EnqueueError> {
+        let lease_until = now_ms().saturating_add(millis(self.fast_path_lease));
+        let seq = insert(tx, &message, Some(lease_until)).await?;
+        Ok(FastPath {
+            row: OutboxRow {
+                seq,
+                id: message.id,
+                destination: message.destination,
+                key: message.key,
+                headers: message.headers,
+                payload: message.payload,
+                attempts: 0,
+                created_at_ms: now_ms(),
+            },
+        })
+    }
+
+    /// Commits `tx`, then publishes the fast-path messages enqueued on it through `sink`
+    /// and marks them delivered on `pool`. A publish that fails is recorded as a failed
+    /// attempt and left to the relay; so is everything if this process dies on the way.
+    /// Ordered messages (`OutboxMessage::ordered`) should not take the fast path: it does
+    /// not wait for earlier messages of their key.
+    ///
+    /// # Errors
+    /// The commit's error: then nothing was published, and whether the rows committed is
+    /// unknown (if they did, the relay publishes them after the lease). Errors after the
+    /// commit are not returned: they are logged and counted in the report.
+    pub async fn commit_and_publish<DB: OutboxDb>(
+        &self,
+        tx: Transaction<'_, DB>,
+        pool: &Pool<DB>,
+        sink: &dyn Sink,
+        messages: Vec<FastPath>,
+    ) -> Result<FastPathReport, sqlx::Error> {
+        tx.commit().await?;
+        let rows: Vec<OutboxRow> = messages.into_iter().map(|m| m.row).collect();
+        Ok(publish_fast(pool, sink, &rows, &self.retry, None).await)
+    }
+}
+
+/// Publishes committed fast-path rows and marks them.
+pub(crate) async fn publish_fast<DB: OutboxDb>(
+    pool: &Pool<DB>,
+    sink: &dyn Sink,
+    rows: &[OutboxRow],
+    retry: &RetryPolicy,
+    metrics: Option<&Metrics>,
+) -> FastPathReport {
+    if rows.is_empty() {
+        return FastPathReport::default();
+    }
+    let started = Instant::now();
+    let results = sink.publish(rows).await;
+    if let Some(m) = metrics {
+        m.observe_publish(started.elapsed(), rows.len());
+    }
+    let mut delivered = Vec::new();
+    let mut errors = Vec::new();
+    for (row, result) in rows.iter().zip(&results) {
+        match result {
+            Ok(()) => delivered.push(row.seq),
+            Err(e) => errors.push((row.seq, e.to_string(), row.attempts)),
+        }
+    }
+    let now = now_ms();
+    let failed: Vec<Failure<'_>> = errors
+        .iter()
+        .map(|(seq, e, attempts)| Failure {
+            seq: *seq,
+            error: e,
+            next_attempt_at: now.saturating_add(millis(retry.delay(*attempts))),
+        })
+        .collect();
+    match DB::finish(pool, None, &delivered, &failed, now, retry.max_attempts).await {
+        Ok(()) => FastPathReport {
+            published: delivered.len(),
+            left_to_relay: failed.len(),
+        },
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot mark fast-path rows; the relay publishes them again after the lease");
+            FastPathReport {
+                published: 0,
+                left_to_relay: rows.len(),
+            }
+        }
+    }
+}
+
+/// Validates and inserts one message.
+async fn insert<DB: OutboxDb>(
+    tx: &mut Transaction<'_, DB>,
+    m: &OutboxMessage,
+    lease_until: Option<i64>,
+) -> Result<i64, EnqueueError> {
+    validate(m)?;
+    let headers = serde_json::to_string(&m.headers)
+        .map_err(|e| EnqueueError::Invalid(format!("headers cannot be encoded: {e}")))?;
+    let now = now_ms();
+    let not_before = m.not_before.map_or(now, crate::epoch_ms);
+    let row = NewRow {
+        id: &m.id,
+        destination: &m.destination,
+        key: m.key.as_deref(),
+        ordered: m.ordered,
+        headers,
+        payload: &m.payload,
+        next_attempt_at: not_before,
+        created_at: now,
+        claimed_by: lease_until.map(|_| "fast-path"),
+        claimed_until: lease_until.unwrap_or(0),
+    };
+    DB::insert(&mut **tx, &row).await.map_err(|e| match e {
+        sqlx::Error::Database(d) if d.is_unique_violation() => {
+            EnqueueError::DuplicateId(m.id.clone())
+        }
+        e => EnqueueError::Database(e),
+    })
+}
+
+fn validate(m: &OutboxMessage) -> Result<(), EnqueueError> {
+    let bad = |what: String| Err(EnqueueError::Invalid(what));
+    if m.id.is_empty() || m.id.len() > MAX_ID {
+        return bad(format!("message id must be 1 to {MAX_ID} bytes"));
+    }
+    if m.destination.is_empty() || m.destination.len() > MAX_NAME {
+        return bad(format!("destination must be 1 to {MAX_NAME} bytes"));
+    }
+    if let Some(k) = &m.key
+        && (k.is_empty() || k.len() > MAX_NAME)
+    {
+        return bad(format!("key must be 1 to {MAX_NAME} bytes"));
+    }
+    if m.ordered && m.key.is_none() {
+        return bad("an ordered message needs a key".into());
+    }
+    Ok(())
+}
+
+/// `d` in whole milliseconds, saturating.
+pub(crate) fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{EnqueueError, validate};
+    use crate::OutboxMessage;
+
+    #[test]
+    fn bad_messages_are_refused_with_the_reason() {
+        let cases = [
+            (OutboxMessage::new("", "x"), "destination"),
+            (OutboxMessage::new("d", "x").with_id(""), "message id"),
+            (
+                OutboxMessage::new("d", "x").with_id("i".repeat(129)),
+                "message id",
+            ),
+            (OutboxMessage::new("d", "x").ordered(), "needs a key"),
+            (OutboxMessage::new("d", "x").with_key(""), "key"),
+        ];
+        for (m, reason) in cases {
+            match validate(&m) {
+                Err(EnqueueError::Invalid(why)) => assert!(why.contains(reason), "{why}"),
+                other => panic!("{m:?}: {other:?}"),
+            }
+        }
+        validate(&OutboxMessage::new("d", "x").with_key("k").ordered()).unwrap();
+    }
+}

@@ -1,0 +1,305 @@
+//! The relay: claims due rows, publishes them through a sink, marks them delivered (only
+//! after the sink confirmed them) or failed with backoff, and deletes old delivered rows.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sqlx::Pool;
+use tokio::sync::{Notify, watch};
+
+use crate::dialect::{Failure, OutboxDb};
+use crate::metrics::Metrics;
+use crate::outbox::millis;
+use crate::sink::{Sink, SinkError};
+use crate::{RetryPolicy, now_ms};
+
+/// How a relay works. The defaults suit most setups.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// Rows claimed and published per batch (default 500).
+    pub batch_size: usize,
+    /// Batches in flight at once in this relay (default 2).
+    pub workers: usize,
+    /// How often an idle worker looks for due rows (default 1 s). On PostgreSQL, inserts
+    /// also wake the workers at once through LISTEN/NOTIFY; this is the fallback.
+    pub poll_interval: Duration,
+    /// SQLite only: how long a claimed batch stays with this relay before another may
+    /// take it (default 60 s). Keep it above `publish_timeout`.
+    pub lease: Duration,
+    /// Longest wait for the sink's confirmations of one batch (default 30 s); past it the
+    /// batch counts as failed.
+    pub publish_timeout: Duration,
+    /// Backoff and maximum attempts of a failing row.
+    pub retry: RetryPolicy,
+    /// Delivered rows older than this are deleted (default 1 h); `None` keeps them.
+    pub keep_delivered: Option<Duration>,
+    /// Pause between cleanups (default 10 s).
+    pub cleanup_interval: Duration,
+    /// Rows deleted per cleanup statement (default 1000).
+    pub cleanup_batch: i64,
+    /// Listen for inserts on PostgreSQL (default true).
+    pub listen: bool,
+    /// This relay's name in leases (SQLite) and logs (default a fresh UUIDv7).
+    pub instance: String,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 500,
+            workers: 2,
+            poll_interval: Duration::from_secs(1),
+            lease: Duration::from_secs(60),
+            publish_timeout: Duration::from_secs(30),
+            retry: RetryPolicy::default(),
+            keep_delivered: Some(Duration::from_secs(3600)),
+            cleanup_interval: Duration::from_secs(10),
+            cleanup_batch: 1000,
+            listen: true,
+            instance: uuid::Uuid::now_v7().simple().to_string(),
+        }
+    }
+}
+
+/// Publishes the rows of `txmq_outbox` through a [`Sink`]. Run several, in one process or
+/// many: they share the rows without publishing one twice in the normal case.
+///
+/// # Example
+/// ```no_run
+/// # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+/// use txmq_outbox::{Relay, RelayConfig, sink};
+///
+/// let pool = sqlx::PgPool::connect("postgres://postgres@127.0.0.1/shop").await?;
+/// txmq_outbox::migrate(&pool).await?;
+/// let sink = sink::connect("amqp://guest:guest@127.0.0.1:5672/%2f").await?;
+/// let relay = Relay::new(pool, sink, RelayConfig::default());
+/// relay.run(async { tokio::signal::ctrl_c().await.ok(); }).await;
+/// # Ok(()) }
+/// ```
+pub struct Relay<DB: OutboxDb> {
+    pool: Pool<DB>,
+    sink: Arc<dyn Sink>,
+    config: RelayConfig,
+    metrics: Arc<Metrics>,
+}
+
+impl<DB: OutboxDb> Relay<DB> {
+    /// A relay of `pool`'s outbox to `sink`.
+    pub fn new(pool: Pool<DB>, sink: Box<dyn Sink>, config: RelayConfig) -> Self {
+        Self {
+            pool,
+            sink: Arc::from(sink),
+            config,
+            metrics: Arc::new(Metrics::default()),
+        }
+    }
+
+    /// The relay's counters, for a metrics endpoint.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// Claims one batch, publishes it and marks it; the number of rows claimed.
+    ///
+    /// # Errors
+    /// A database error of the claim or the marking. After a marking error, the rows
+    /// published are published again later (at least once).
+    pub async fn run_once(&self) -> Result<usize, sqlx::Error> {
+        let now = now_ms();
+        let lease_until = now.saturating_add(millis(self.config.lease));
+        let limit = i64::try_from(self.config.batch_size.max(1)).unwrap_or(i64::MAX);
+        let claimed = DB::claim(&self.pool, &self.config.instance, now, lease_until, limit).await?;
+        let rows = claimed.rows;
+        if rows.is_empty() {
+            if let Some(tx) = claimed.tx {
+                tx.commit().await?;
+            }
+            return Ok(0);
+        }
+        let started = Instant::now();
+        let results =
+            match tokio::time::timeout(self.config.publish_timeout, self.sink.publish(&rows)).await
+            {
+                Ok(r) if r.len() == rows.len() => r,
+                Ok(r) => {
+                    let e = SinkError::new(format!(
+                        "the {} sink answered {} results for {} rows",
+                        self.sink.name(),
+                        r.len(),
+                        rows.len()
+                    ));
+                    vec![Err(e); rows.len()]
+                }
+                Err(_) => {
+                    let e = SinkError::new(format!(
+                        "no confirmation from the {} sink within {:?}",
+                        self.sink.name(),
+                        self.config.publish_timeout
+                    ));
+                    vec![Err(e); rows.len()]
+                }
+            };
+        self.metrics.observe_publish(started.elapsed(), rows.len());
+        let acked = now_ms();
+        let mut delivered = Vec::with_capacity(rows.len());
+        let mut waits = Vec::with_capacity(rows.len());
+        let mut errors = Vec::new();
+        let mut dead = 0;
+        for (row, result) in rows.iter().zip(results) {
+            match result {
+                Ok(()) => {
+                    delivered.push(row.seq);
+                    waits.push(acked.saturating_sub(row.created_at_ms).max(0));
+                }
+                Err(e) => {
+                    let last = row.attempts.saturating_add(1) >= self.config.retry.max_attempts;
+                    dead += usize::from(last);
+                    tracing::debug!(id = %row.id, attempts = row.attempts + 1, dead = last, error = %e, "publish failed");
+                    errors.push((row.seq, e.to_string(), row.attempts));
+                }
+            }
+        }
+        let failed: Vec<Failure<'_>> = errors
+            .iter()
+            .map(|(seq, e, attempts)| Failure {
+                seq: *seq,
+                error: e,
+                next_attempt_at: acked.saturating_add(millis(self.config.retry.delay(*attempts))),
+            })
+            .collect();
+        DB::finish(
+            &self.pool,
+            claimed.tx,
+            &delivered,
+            &failed,
+            acked,
+            self.config.retry.max_attempts,
+        )
+        .await?;
+        // Counted once marked: a row whose marking failed is published again.
+        for w in waits {
+            self.metrics
+                .observe_delivered(Duration::from_millis(w.unsigned_abs()));
+        }
+        for i in 0..errors.len() {
+            self.metrics.failed(i < dead);
+        }
+        Ok(rows.len())
+    }
+
+    /// Runs until `shutdown` completes: the workers, the PostgreSQL listener and the
+    /// cleanup. Batches in flight finish first; database errors are logged and retried.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) {
+        let relay = Arc::new(self);
+        let (stop_tx, stop) = watch::channel(false);
+        let wake = Arc::new(Notify::new());
+        let listener = if relay.config.listen {
+            DB::listen(&relay.pool, wake.clone())
+        } else {
+            None
+        };
+        let mut tasks = Vec::new();
+        for _ in 0..relay.config.workers.max(1) {
+            let (r, stop, wake) = (relay.clone(), stop.clone(), wake.clone());
+            tasks.push(tokio::spawn(async move { r.work(stop, wake).await }));
+        }
+        if relay.config.keep_delivered.is_some() {
+            let (r, stop) = (relay.clone(), stop.clone());
+            tasks.push(tokio::spawn(async move { r.clean(stop).await }));
+        }
+        tracing::info!(instance = %relay.config.instance, sink = relay.sink.name(), workers = relay.config.workers, "relay started");
+        shutdown.await;
+        let _ = stop_tx.send(true);
+        wake.notify_waiters();
+        for t in tasks {
+            if let Err(e) = t.await {
+                tracing::error!(error = %e, "relay task failed");
+            }
+        }
+        if let Some(l) = listener {
+            l.abort();
+        }
+        tracing::info!(instance = %relay.config.instance, "relay stopped");
+    }
+
+    /// One worker: a batch after another while there is work, else wait for a wake-up
+    /// or the poll interval.
+    async fn work(&self, mut stop: watch::Receiver<bool>, wake: Arc<Notify>) {
+        let mut error_pause = Duration::from_millis(200);
+        while !*stop.borrow() {
+            let notified = wake.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let pause = match self.run_once().await {
+                // More may be due at once: the rest of a backlog, or the next ordered row of
+                // a key whose row was just delivered.
+                Ok(n) if n > 0 => {
+                    error_pause = Duration::from_millis(200);
+                    continue;
+                }
+                Ok(_) => {
+                    error_pause = Duration::from_millis(200);
+                    self.config.poll_interval
+                }
+                Err(e) => {
+                    self.metrics.database_error();
+                    tracing::warn!(error = %e, pause = ?error_pause, "relay: database error; retrying");
+                    let p = error_pause;
+                    error_pause = (error_pause * 2).min(Duration::from_secs(10));
+                    p
+                }
+            };
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep(pause) => {}
+                _ = stop.changed() => {}
+            }
+        }
+    }
+
+    /// Deletes delivered rows older than `keep_delivered`, in small batches.
+    async fn clean(&self, mut stop: watch::Receiver<bool>) {
+        let Some(keep) = self.config.keep_delivered else {
+            return;
+        };
+        while !*stop.borrow() {
+            match cleanup::<DB>(&self.pool, keep, self.config.cleanup_batch).await {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(rows = n, "relay: deleted delivered rows"),
+                Err(e) => {
+                    self.metrics.database_error();
+                    tracing::warn!(error = %e, "relay: cleanup failed");
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(self.config.cleanup_interval) => {}
+                _ = stop.changed() => {}
+            }
+        }
+    }
+}
+
+/// Deletes delivered rows older than `keep`, `batch` rows per statement, until none is
+/// left; the number deleted. Each statement is its own short transaction, so inserts are
+/// never held up for long.
+///
+/// # Errors
+/// The database's error; earlier batches stay deleted.
+pub async fn cleanup<DB: OutboxDb>(
+    pool: &Pool<DB>,
+    keep: Duration,
+    batch: i64,
+) -> Result<u64, sqlx::Error> {
+    let cutoff = now_ms().saturating_sub(millis(keep));
+    let batch = batch.max(1);
+    let mut total = 0;
+    loop {
+        let n = DB::delete_delivered(pool, cutoff, batch).await?;
+        total += n;
+        if n < batch.unsigned_abs() {
+            return Ok(total);
+        }
+        tokio::task::yield_now().await;
+    }
+}

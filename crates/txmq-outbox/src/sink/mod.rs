@@ -1,0 +1,68 @@
+//! Where the relay publishes: a [`Sink`] confirms each row durably before the relay marks
+//! it delivered.
+
+use crate::OutboxRow;
+
+/// A boxed future, as [`Sink::publish`] returns.
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// Why a row was not published. The relay retries it with backoff and, after the maximum
+/// attempts, marks it dead.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct SinkError(pub String);
+
+impl SinkError {
+    /// An error with `message`.
+    pub fn new(message: impl Into<String>) -> Self {
+        Self(message.into())
+    }
+}
+
+/// A broker the relay publishes to.
+///
+/// `publish` returns one result per row, in order: `Ok` only once the broker confirmed the
+/// row durably (as durably as the broker is configured to be), carrying the row's id for
+/// deduplication. Rows of one call have distinct ordered keys, so the sink may publish them
+/// concurrently. A sink reconnects by itself after a failure.
+pub trait Sink: Send + Sync + 'static {
+    /// A short name for logs and metrics, e.g. `rabbitmq`.
+    fn name(&self) -> &'static str;
+
+    /// Publishes `rows`; one result per row, in order.
+    fn publish<'a>(&'a self, rows: &'a [OutboxRow]) -> BoxFuture<'a, Vec<Result<(), SinkError>>>;
+}
+
+pub mod kafka;
+pub mod nats;
+pub mod rabbitmq;
+pub mod redis;
+pub mod txmq;
+
+/// Connects the sink a URL names:
+///
+/// | URL | sink | destination is |
+/// |---|---|---|
+/// | `txmq://HOST:PORT` | [`txmq::TxmqSink`] | a topic |
+/// | `amqp://USER:PASS@HOST:PORT/VHOST[?exchange=NAME]` | [`rabbitmq::RabbitMqSink`] | a routing key |
+/// | `nats://HOST:PORT` | [`nats::NatsSink`] | a subject of a JetStream stream |
+/// | `redis://HOST:PORT[/DB]` | [`redis::RedisSink`] | a stream key |
+/// | `kafka://HOST:PORT[,HOST:PORT...]` | [`kafka::KafkaSink`] | a topic |
+///
+/// # Errors
+/// An unknown scheme, or the sink's connection error.
+pub async fn connect(url: &str) -> Result<Box<dyn Sink>, SinkError> {
+    let scheme = url.split("://").next().unwrap_or_default();
+    Ok(match scheme {
+        "txmq" => Box::new(txmq::TxmqSink::connect(url).await?),
+        "amqp" | "amqps" => Box::new(rabbitmq::RabbitMqSink::connect(url).await?),
+        "nats" => Box::new(nats::NatsSink::connect(url).await?),
+        "redis" => Box::new(redis::RedisSink::connect(url).await?),
+        "kafka" => Box::new(kafka::KafkaSink::connect(url).await?),
+        _ => {
+            return Err(SinkError::new(format!(
+                "unknown sink URL {url:?}: use txmq://, amqp://, nats://, redis:// or kafka://"
+            )));
+        }
+    })
+}

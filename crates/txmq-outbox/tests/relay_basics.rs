@@ -1,0 +1,368 @@
+//! The outbox and relay on each real database (PostgreSQL, MariaDB, SQLite) with a real
+//! sink (Redis Streams): rolled-back rows never published, transactions committing out of
+//! order, per-key order, a poison row going dead, redrive and drop, cleanup, the fast path.
+//!
+//! Each test makes its own schema (PostgreSQL), database (MariaDB) or file (SQLite) and
+//! Redis keys, and removes them. A service that is not running skips the test, except
+//! under `CI=true`, where it fails.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::str::FromStr;
+use std::time::Duration;
+
+use redis::AsyncCommands;
+use sqlx::{MySql, Pool, Postgres, Sqlite};
+use txmq_outbox::sink::redis::RedisSink;
+use txmq_outbox::{Outbox, OutboxDb, OutboxMessage, Relay, RelayConfig, RetryPolicy, Sink};
+
+const REDIS: &str = "redis://127.0.0.1:6379";
+
+type BoxFuture<T> = std::pin::Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// Skips (returns `None`) when a service is down; fails under CI.
+fn down<T>(what: &str, e: impl std::fmt::Display) -> Option<T> {
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{what} is not reachable under CI=true: {e}");
+    }
+    eprintln!("skipping: {what} is not reachable: {e}");
+    None
+}
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}_{}", uuid::Uuid::now_v7().simple())
+}
+
+trait TestDb: OutboxDb {
+    /// A pool on a scratch database and the future that drops it.
+    fn scratch() -> impl Future<Output = Option<(Pool<Self>, BoxFuture<()>)>> + Send;
+    /// Whether two write transactions can be open at once.
+    const CONCURRENT_WRITERS: bool = true;
+}
+
+impl TestDb for Postgres {
+    async fn scratch() -> Option<(Pool<Self>, BoxFuture<()>)> {
+        let url = "postgres://postgres@127.0.0.1:5432/test";
+        let admin = match sqlx::PgPool::connect(url).await {
+            Ok(p) => p,
+            Err(e) => return down("PostgreSQL at 127.0.0.1:5432", e),
+        };
+        let schema = unique("txmq_ob");
+        sqlx::query(&format!("CREATE SCHEMA {schema}"))
+            .execute(&admin)
+            .await
+            .unwrap();
+        let options = sqlx::postgres::PgConnectOptions::from_str(url)
+            .unwrap()
+            .options([("search_path", schema.as_str())]);
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(8)
+            .connect_with(options)
+            .await
+            .unwrap();
+        let p = pool.clone();
+        Some((
+            pool,
+            Box::pin(async move {
+                p.close().await;
+                sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+                    .execute(&admin)
+                    .await
+                    .unwrap();
+            }),
+        ))
+    }
+}
+
+impl TestDb for MySql {
+    async fn scratch() -> Option<(Pool<Self>, BoxFuture<()>)> {
+        let admin = match sqlx::MySqlPool::connect("mysql://root@127.0.0.1:3306/test").await {
+            Ok(p) => p,
+            Err(e) => return down("MariaDB at 127.0.0.1:3306", e),
+        };
+        let name = unique("txmq_ob");
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&admin)
+            .await
+            .unwrap();
+        let pool = sqlx::mysql::MySqlPoolOptions::new()
+            .max_connections(8)
+            .connect(&format!("mysql://root@127.0.0.1:3306/{name}"))
+            .await
+            .unwrap();
+        let p = pool.clone();
+        Some((
+            pool,
+            Box::pin(async move {
+                p.close().await;
+                sqlx::query(&format!("DROP DATABASE {name}"))
+                    .execute(&admin)
+                    .await
+                    .unwrap();
+            }),
+        ))
+    }
+}
+
+impl TestDb for Sqlite {
+    const CONCURRENT_WRITERS: bool = false;
+
+    async fn scratch() -> Option<(Pool<Self>, BoxFuture<()>)> {
+        let dir = tempfile::tempdir().unwrap();
+        let options = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(dir.path().join("outbox.db"))
+            .create_if_missing(true)
+            .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = sqlx::sqlite::SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await
+            .unwrap();
+        let p = pool.clone();
+        Some((
+            pool,
+            Box::pin(async move {
+                p.close().await;
+                drop(dir);
+            }),
+        ))
+    }
+}
+
+/// A Redis connection, or `None` (skip) when Redis is down.
+async fn redis() -> Option<redis::aio::MultiplexedConnection> {
+    let client = redis::Client::open(REDIS).unwrap();
+    match client.get_multiplexed_async_connection().await {
+        Ok(c) => Some(c),
+        Err(e) => down("Redis at 127.0.0.1:6379", e),
+    }
+}
+
+/// The `id` fields of a stream, in order.
+async fn ids(conn: &mut redis::aio::MultiplexedConnection, stream: &str) -> Vec<String> {
+    let reply: redis::streams::StreamRangeReply = conn.xrange_all(stream).await.unwrap();
+    reply
+        .ids
+        .iter()
+        .map(|e| e.get::<String>("id").expect("every entry has an id field"))
+        .collect()
+}
+
+fn config() -> RelayConfig {
+    RelayConfig {
+        batch_size: 100,
+        retry: RetryPolicy {
+            initial: Duration::from_millis(20),
+            max: Duration::from_millis(100),
+            max_attempts: 3,
+        },
+        lease: Duration::from_secs(5),
+        publish_timeout: Duration::from_secs(4),
+        ..RelayConfig::default()
+    }
+}
+
+/// Runs batches until nothing is pending, or 20 s.
+async fn drain<DB: OutboxDb>(relay: &Relay<DB>, pool: &Pool<DB>) {
+    drain_to(relay, pool, 0).await;
+}
+
+/// Runs batches until `left` rows are pending (held by a dead row of their key), or 20 s.
+async fn drain_to<DB: OutboxDb>(relay: &Relay<DB>, pool: &Pool<DB>, left: i64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let n = relay.run_once().await.unwrap();
+        let s = txmq_outbox::stats(pool).await.unwrap();
+        if n == 0 && s.pending == left && s.retrying == 0 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "outbox not drained: {:?}, last batch {n}, metrics {:?}",
+            txmq_outbox::stats(pool).await,
+            relay.metrics()
+        );
+        if n == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+async fn enqueue_committed<DB: OutboxDb>(pool: &Pool<DB>, messages: Vec<OutboxMessage>) {
+    let mut tx = pool.begin().await.unwrap();
+    for m in messages {
+        Outbox::new().enqueue(&mut tx, m).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+}
+
+async fn everything<DB: TestDb>(pool: Pool<DB>) {
+    let Some(mut conn) = redis().await else {
+        return;
+    };
+    let stream = unique("txmq_ob_stream");
+    let poison = unique("txmq_ob_poison");
+    // A string key: XADD to it always fails (WRONGTYPE).
+    let _: () = conn.set(&poison, "not a stream").await.unwrap();
+    txmq_outbox::migrate(&pool).await.unwrap();
+    txmq_outbox::migrate(&pool).await.unwrap(); // idempotent
+    let relay = Relay::new(
+        pool.clone(),
+        Box::new(RedisSink::connect(REDIS).await.unwrap()),
+        config(),
+    );
+    let m = |id: &str| OutboxMessage::new(stream.as_str(), id.as_bytes().to_vec()).with_id(id);
+
+    // Committed and rolled back.
+    enqueue_committed(&pool, vec![m("c1"), m("c2"), m("c3")]).await;
+    let mut tx = pool.begin().await.unwrap();
+    Outbox::new().enqueue(&mut tx, m("r1")).await.unwrap();
+    tx.rollback().await.unwrap();
+
+    // A duplicate id is refused and leaves the first.
+    let mut tx = pool.begin().await.unwrap();
+    let dup = Outbox::new().enqueue(&mut tx, m("c1")).await.unwrap_err();
+    assert!(
+        matches!(dup, txmq_outbox::EnqueueError::DuplicateId(_)),
+        "{dup:?}"
+    );
+    tx.rollback().await.unwrap();
+    drain(&relay, &pool).await;
+    assert_eq!(ids(&mut conn, &stream).await, ["c1", "c2", "c3"]);
+
+    // Out of order: the earlier row commits after the later one and is still published.
+    if DB::CONCURRENT_WRITERS {
+        let mut early = pool.begin().await.unwrap();
+        Outbox::new().enqueue(&mut early, m("early")).await.unwrap();
+        enqueue_committed(&pool, vec![m("late")]).await;
+        drain(&relay, &pool).await;
+        early.commit().await.unwrap();
+        drain(&relay, &pool).await;
+        assert_eq!(
+            ids(&mut conn, &stream).await,
+            ["c1", "c2", "c3", "late", "early"]
+        );
+    }
+
+    // Per-key order, with a poison row holding its key's later rows.
+    let k = |id: &str, dest: &str| {
+        OutboxMessage::new(dest, id.as_bytes().to_vec())
+            .with_id(id)
+            .with_key("order-7")
+            .ordered()
+    };
+    enqueue_committed(
+        &pool,
+        vec![
+            k("k1", &stream),
+            k("k2", &stream),
+            k("k3-poison", &poison),
+            k("k4", &stream),
+            m("free"),
+        ],
+    )
+    .await;
+    drain_to(&relay, &pool, 1).await;
+    let got = ids(&mut conn, &stream).await;
+    let tail: Vec<&str> = got.iter().skip(got.len() - 3).map(String::as_str).collect();
+    assert!(tail.contains(&"free"), "{got:?}");
+    let keyed: Vec<&str> = tail.iter().copied().filter(|i| *i != "free").collect();
+    assert_eq!(keyed, ["k1", "k2"], "{got:?}");
+    let dead = txmq_outbox::dead(&pool, 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].id, "k3-poison");
+    assert_eq!(dead[0].attempts, 3);
+    assert!(
+        dead[0]
+            .last_error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("WRONGTYPE"),
+        "{dead:?}"
+    );
+    let metrics = relay.metrics();
+    assert_eq!(metrics.dead_lettered(), 1);
+    assert_eq!(metrics.failed_attempts(), 3);
+
+    // Redrive: it fails again and goes dead again; dropping it releases k4.
+    assert_eq!(txmq_outbox::redrive(&pool, None).await.unwrap(), 1);
+    drain_to(&relay, &pool, 1).await;
+    assert_eq!(txmq_outbox::dead(&pool, 10).await.unwrap().len(), 1);
+    assert!(!ids(&mut conn, &stream).await.contains(&"k4".to_string()));
+    assert_eq!(
+        txmq_outbox::drop_dead(&pool, &["k3-poison".to_string()])
+            .await
+            .unwrap(),
+        1
+    );
+    drain(&relay, &pool).await;
+    assert_eq!(ids(&mut conn, &stream).await.last().unwrap(), "k4");
+
+    // Fast path: published at once, and not again by the relay.
+    let sink = RedisSink::connect(REDIS).await.unwrap();
+    let outbox = Outbox::new();
+    let mut tx = pool.begin().await.unwrap();
+    let fast = vec![
+        outbox.enqueue_fast(&mut tx, m("fast1")).await.unwrap(),
+        outbox.enqueue_fast(&mut tx, m("fast2")).await.unwrap(),
+    ];
+    let report = outbox
+        .commit_and_publish(tx, &pool, &sink as &dyn Sink, fast)
+        .await
+        .unwrap();
+    assert_eq!((report.published, report.left_to_relay), (2, 0));
+    drain(&relay, &pool).await;
+    let all = ids(&mut conn, &stream).await;
+    let mut counts: HashMap<&str, usize> = HashMap::new();
+    for id in &all {
+        *counts.entry(id.as_str()).or_default() += 1;
+    }
+    assert!(
+        counts.values().all(|n| *n == 1),
+        "a row published twice: {all:?}"
+    );
+    assert_eq!(counts.get("fast1"), Some(&1));
+    assert!(!counts.contains_key("r1"));
+
+    // Cleanup deletes delivered rows only (those delivered before now).
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let deleted = txmq_outbox::cleanup(&pool, Duration::ZERO, 2)
+        .await
+        .unwrap();
+    assert_eq!(deleted as usize, all.len());
+    assert_eq!(txmq_outbox::stats(&pool).await.unwrap().pending, 0);
+
+    let _: () = conn.del(&[&stream, &poison]).await.unwrap();
+}
+
+async fn with_scratch<DB: TestDb>() {
+    let Some((pool, drop_it)) = DB::scratch().await else {
+        return;
+    };
+    let outcome = tokio::spawn(async move {
+        tokio::time::timeout(Duration::from_secs(120), everything(pool))
+            .await
+            .expect("finished in time");
+    })
+    .await;
+    drop_it.await;
+    if let Err(e) = outcome {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_outbox_and_relay() {
+    with_scratch::<Postgres>().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mariadb_outbox_and_relay() {
+    with_scratch::<MySql>().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_outbox_and_relay() {
+    with_scratch::<Sqlite>().await;
+}
