@@ -104,9 +104,13 @@ pub struct Claimed<DB: sqlx::Database> {
 /// A database the outbox works with: [`sqlx::Postgres`], [`sqlx::MySql`] (MySQL and
 /// MariaDB) or [`sqlx::Sqlite`]. Sealed; its methods are the crate's building blocks.
 pub trait OutboxDb: sqlx::Database + sealed::Sealed {
-    /// Creates the table, its indexes and (PostgreSQL) the NOTIFY trigger if missing.
+    /// Creates the table and its indexes if missing; on PostgreSQL also creates the
+    /// NOTIFY trigger (`notify`) or drops it.
     #[doc(hidden)]
-    fn migrate(pool: &Pool<Self>) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
+    fn migrate(
+        pool: &Pool<Self>,
+        notify: bool,
+    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
 
     /// Inserts a row; its `seq`.
     #[doc(hidden)]
@@ -283,6 +287,13 @@ const STATS: &str = "SELECT
     FROM txmq_outbox WHERE status IN ('P', 'X')";
 
 mod pg {
+    /// Claims and cleanups walk the `(status, seq)` index in order and stop at their
+    /// limit. Left to itself, the planner may instead fetch every row of the status and
+    /// sort them (a bitmap scan), which costs as much as the backlog is long whenever the
+    /// statistics lag behind a burst of inserts.
+    pub const BEGIN_INDEX_ORDER: &str =
+        "BEGIN; SET LOCAL enable_bitmapscan = off; SET LOCAL enable_sort = off";
+
     pub const DDL: &[&str] = &[
         "CREATE TABLE IF NOT EXISTS txmq_outbox (
             seq BIGSERIAL PRIMARY KEY,
@@ -303,13 +314,19 @@ mod pg {
         "CREATE INDEX IF NOT EXISTS txmq_outbox_status_seq ON txmq_outbox (status, seq)",
         "CREATE INDEX IF NOT EXISTS txmq_outbox_key_seq ON txmq_outbox (msg_key, seq)
             WHERE msg_key IS NOT NULL",
-        // One notification per inserting statement, on a channel per schema; PostgreSQL
-        // folds repeats within a transaction and delivers them at commit.
+    ];
+
+    /// One notification per inserting statement, on a channel per schema; PostgreSQL folds
+    /// repeats within a transaction and delivers them at commit. A notifying commit takes
+    /// a database-wide lock until it ends, so notifying transactions commit one at a time.
+    pub const NOTIFY: &[&str] = &[
         "CREATE OR REPLACE FUNCTION txmq_outbox_notify() RETURNS trigger LANGUAGE plpgsql AS
             $$ BEGIN PERFORM pg_notify('txmq_outbox.' || TG_TABLE_SCHEMA, ''); RETURN NULL; END $$",
         "CREATE OR REPLACE TRIGGER txmq_outbox_notify AFTER INSERT ON txmq_outbox
             FOR EACH STATEMENT EXECUTE FUNCTION txmq_outbox_notify()",
     ];
+
+    pub const NO_NOTIFY: &[&str] = &["DROP TRIGGER IF EXISTS txmq_outbox_notify ON txmq_outbox"];
 }
 
 mod mysql {
@@ -476,14 +493,43 @@ macro_rules! mark {
     }};
 }
 
+/// `finish` for the databases with `?` placeholders: the claim's transaction, or a new one.
+macro_rules! finish_with_question_marks {
+    () => {
+        async fn finish(
+            pool: &Pool<Self>,
+            claimed: Option<sqlx::Transaction<'static, Self>>,
+            delivered: &[i64],
+            failed: &[Failure<'_>],
+            now: i64,
+            max_attempts: u32,
+        ) -> Result<(), sqlx::Error> {
+            let mut tx = match claimed {
+                Some(tx) => tx,
+                None => pool.begin().await?,
+            };
+            mark!(
+                tx,
+                |s: &str| s.to_string(),
+                delivered,
+                failed,
+                now,
+                max_attempts
+            )?;
+            tx.commit().await
+        }
+    };
+}
+
 impl OutboxDb for Postgres {
-    async fn migrate(pool: &Pool<Self>) -> Result<(), sqlx::Error> {
+    async fn migrate(pool: &Pool<Self>, notify: bool) -> Result<(), sqlx::Error> {
         // Serialised: concurrent CREATE OR REPLACE of one function or trigger can fail.
         let mut tx = pool.begin().await?;
         sqlx::query("SELECT pg_advisory_xact_lock(7370617291)")
             .execute(&mut *tx)
             .await?;
-        for ddl in pg::DDL {
+        let trigger = if notify { pg::NOTIFY } else { pg::NO_NOTIFY };
+        for ddl in pg::DDL.iter().chain(trigger) {
             sqlx::query(ddl).execute(&mut *tx).await?;
         }
         tx.commit().await
@@ -512,7 +558,7 @@ impl OutboxDb for Postgres {
         _lease_until: i64,
         limit: i64,
     ) -> Result<Claimed<Self>, sqlx::Error> {
-        let mut tx = pool.begin().await?;
+        let mut tx = pool.begin_with(pg::BEGIN_INDEX_ORDER).await?;
         let sql = numbered(&format!(
             "SELECT {COLUMNS} FROM txmq_outbox o WHERE {DUE}
              ORDER BY o.seq LIMIT ? FOR UPDATE SKIP LOCKED"
@@ -539,16 +585,21 @@ impl OutboxDb for Postgres {
     ) -> Result<(), sqlx::Error> {
         let mut tx = match claimed {
             Some(tx) => tx,
-            None => pool.begin().await?,
+            None => pool.begin_with(pg::BEGIN_INDEX_ORDER).await?,
         };
-        mark!(
-            tx,
-            |s: &str| numbered(s),
-            delivered,
-            failed,
-            now,
-            max_attempts
-        )?;
+        if !delivered.is_empty() {
+            // One statement for any number of rows, found through the index.
+            sqlx::query(
+                "UPDATE txmq_outbox SET status = 'D', delivered_at = $1, claimed_by = NULL,
+                 claimed_until = 0 WHERE status = 'P' AND seq = ANY($2)",
+            )
+            .bind(now)
+            .bind(delivered)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let none: &[i64] = &[];
+        mark!(tx, |s: &str| numbered(s), none, failed, now, max_attempts)?;
         tx.commit().await
     }
 
@@ -557,6 +608,7 @@ impl OutboxDb for Postgres {
         cutoff: i64,
         limit: i64,
     ) -> Result<u64, sqlx::Error> {
+        let mut tx = pool.begin_with(pg::BEGIN_INDEX_ORDER).await?;
         let r = sqlx::query(
             "DELETE FROM txmq_outbox WHERE seq IN (
                 SELECT seq FROM txmq_outbox WHERE status = 'D' AND delivered_at < $1
@@ -564,8 +616,9 @@ impl OutboxDb for Postgres {
         )
         .bind(cutoff)
         .bind(limit)
-        .execute(pool)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(r.rows_affected())
     }
 
@@ -619,7 +672,7 @@ impl OutboxDb for Postgres {
 }
 
 impl OutboxDb for MySql {
-    async fn migrate(pool: &Pool<Self>) -> Result<(), sqlx::Error> {
+    async fn migrate(pool: &Pool<Self>, _notify: bool) -> Result<(), sqlx::Error> {
         for ddl in mysql::DDL {
             sqlx::query(ddl).execute(pool).await?;
         }
@@ -693,28 +746,7 @@ impl OutboxDb for MySql {
         })
     }
 
-    async fn finish(
-        pool: &Pool<Self>,
-        claimed: Option<sqlx::Transaction<'static, Self>>,
-        delivered: &[i64],
-        failed: &[Failure<'_>],
-        now: i64,
-        max_attempts: u32,
-    ) -> Result<(), sqlx::Error> {
-        let mut tx = match claimed {
-            Some(tx) => tx,
-            None => pool.begin().await?,
-        };
-        mark!(
-            tx,
-            |s: &str| s.to_string(),
-            delivered,
-            failed,
-            now,
-            max_attempts
-        )?;
-        tx.commit().await
-    }
+    finish_with_question_marks!();
 
     async fn delete_delivered(
         pool: &Pool<Self>,
@@ -737,7 +769,7 @@ impl OutboxDb for MySql {
 }
 
 impl OutboxDb for Sqlite {
-    async fn migrate(pool: &Pool<Self>) -> Result<(), sqlx::Error> {
+    async fn migrate(pool: &Pool<Self>, _notify: bool) -> Result<(), sqlx::Error> {
         for ddl in sqlite::DDL {
             sqlx::query(ddl).execute(pool).await?;
         }
@@ -787,28 +819,7 @@ impl OutboxDb for Sqlite {
         })
     }
 
-    async fn finish(
-        pool: &Pool<Self>,
-        claimed: Option<sqlx::Transaction<'static, Self>>,
-        delivered: &[i64],
-        failed: &[Failure<'_>],
-        now: i64,
-        max_attempts: u32,
-    ) -> Result<(), sqlx::Error> {
-        let mut tx = match claimed {
-            Some(tx) => tx,
-            None => pool.begin().await?,
-        };
-        mark!(
-            tx,
-            |s: &str| s.to_string(),
-            delivered,
-            failed,
-            now,
-            max_attempts
-        )?;
-        tx.commit().await
-    }
+    finish_with_question_marks!();
 
     async fn delete_delivered(
         pool: &Pool<Self>,

@@ -80,7 +80,21 @@ fn millis_u64(d: Duration) -> u64 {
 /// # Errors
 /// The database's error.
 pub async fn migrate<DB: OutboxDb>(pool: &sqlx::Pool<DB>) -> Result<(), sqlx::Error> {
-    DB::migrate(pool).await
+    DB::migrate(pool, true).await
+}
+
+/// Like [`migrate`], choosing whether inserts notify relays (PostgreSQL; ignored
+/// elsewhere): `false` drops the trigger, and relays find rows by polling only (set a
+/// short `poll_interval`). PostgreSQL commits notifying transactions one at a time, so the
+/// trigger caps how many enqueuing transactions commit per second (see `docs/outbox.md`).
+///
+/// # Errors
+/// The database's error.
+pub async fn migrate_with_notify<DB: OutboxDb>(
+    pool: &sqlx::Pool<DB>,
+    notify: bool,
+) -> Result<(), sqlx::Error> {
+    DB::migrate(pool, notify).await
 }
 
 /// Up to `limit` dead rows, oldest first.

@@ -106,6 +106,7 @@ impl<DB: OutboxDb> Relay<DB> {
     /// A database error of the claim or the marking. After a marking error, the rows
     /// published are published again later (at least once).
     pub async fn run_once(&self) -> Result<usize, sqlx::Error> {
+        let began = Instant::now();
         let now = now_ms();
         let lease_until = now.saturating_add(millis(self.config.lease));
         let limit = i64::try_from(self.config.batch_size.max(1)).unwrap_or(i64::MAX);
@@ -118,6 +119,7 @@ impl<DB: OutboxDb> Relay<DB> {
             return Ok(0);
         }
         let started = Instant::now();
+        let claiming = started - began;
         let results =
             match tokio::time::timeout(self.config.publish_timeout, self.sink.publish(&rows)).await
             {
@@ -140,7 +142,8 @@ impl<DB: OutboxDb> Relay<DB> {
                     vec![Err(e); rows.len()]
                 }
             };
-        self.metrics.observe_publish(started.elapsed(), rows.len());
+        let publishing = started.elapsed();
+        self.metrics.observe_publish(publishing, rows.len());
         let acked = now_ms();
         let mut delivered = Vec::with_capacity(rows.len());
         let mut waits = Vec::with_capacity(rows.len());
@@ -177,6 +180,14 @@ impl<DB: OutboxDb> Relay<DB> {
             self.config.retry.max_attempts,
         )
         .await?;
+        tracing::debug!(
+            rows = rows.len(),
+            failed = errors.len(),
+            claim_ms = claiming.as_secs_f64() * 1e3,
+            publish_ms = publishing.as_secs_f64() * 1e3,
+            mark_ms = (started.elapsed() - publishing).as_secs_f64() * 1e3,
+            "batch done"
+        );
         // Counted once marked: a row whose marking failed is published again.
         for w in waits {
             self.metrics

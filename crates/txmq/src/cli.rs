@@ -98,6 +98,18 @@ pub struct BenchRelayArgs {
     /// Payload bytes.
     #[arg(long, default_value_t = 256)]
     pub size: u64,
+    /// Rows per transaction in the latency run.
+    #[arg(long, default_value_t = 1)]
+    pub rows_per_tx: u64,
+    /// Tasks enqueuing in the latency run, each with its own connection.
+    #[arg(long, default_value_t = 16)]
+    pub tasks: usize,
+    /// No insert trigger and no LISTEN: relays poll every `--poll-ms`.
+    #[arg(long)]
+    pub no_notify: bool,
+    /// Poll interval with `--no-notify`, ms.
+    #[arg(long, default_value_t = 20)]
+    pub poll_ms: u64,
     /// Print the report as JSON on stdout (the table goes to stderr).
     #[arg(long)]
     pub json: bool,

@@ -9,7 +9,6 @@ mod debug;
 mod relay_cmd;
 mod serve;
 mod store_check;
-mod url;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;

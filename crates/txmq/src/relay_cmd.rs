@@ -13,7 +13,6 @@ use sqlx::{MySql, Pool, Postgres, Sqlite};
 use txmq_outbox::{OutboxDb, Relay, RelayConfig, RetryPolicy};
 
 use crate::cli::{DeadCommand, OutboxCommand, RelayArgs};
-use crate::url::redact;
 
 /// The database kinds a URL can name.
 enum Db {
@@ -44,14 +43,25 @@ macro_rules! with_pool {
                 let $pool: Pool<Postgres> = pool_options($workers)
                     .connect_with(options)
                     .await
-                    .with_context(|| format!("cannot connect to PostgreSQL at {}", redact($url)))?;
+                    .with_context(|| {
+                        format!(
+                            "cannot connect to PostgreSQL at {}",
+                            txmq_outbox::sink::redact_url($url, false)
+                        )
+                    })?;
                 $body
             }
             Db::MySql => {
-                let $pool: Pool<MySql> = pool_options($workers)
-                    .connect($url)
-                    .await
-                    .with_context(|| format!("cannot connect to MySQL at {}", redact($url)))?;
+                let $pool: Pool<MySql> =
+                    pool_options($workers)
+                        .connect($url)
+                        .await
+                        .with_context(|| {
+                            format!(
+                                "cannot connect to MySQL at {}",
+                                txmq_outbox::sink::redact_url($url, false)
+                            )
+                        })?;
                 $body
             }
             Db::Sqlite => {
@@ -194,12 +204,18 @@ async fn run_relay<DB: OutboxDb>(
     http: Option<SocketAddr>,
     config: RelayConfig,
 ) -> anyhow::Result<()> {
-    txmq_outbox::migrate(&pool)
+    // Without LISTEN the insert trigger is dropped too: it would only cost commits.
+    txmq_outbox::migrate_with_notify(&pool, config.listen)
         .await
         .context("cannot create the outbox table")?;
     let sink = txmq_outbox::sink::connect(sink_url)
         .await
-        .with_context(|| format!("cannot connect the sink {}", redact(sink_url)))?;
+        .with_context(|| {
+            format!(
+                "cannot connect the sink {}",
+                txmq_outbox::sink::redact_url(sink_url, false)
+            )
+        })?;
     let relay = Relay::new(pool.clone(), sink, config);
     let metrics = relay.metrics();
     let server = match http {

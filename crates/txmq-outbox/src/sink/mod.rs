@@ -33,6 +33,68 @@ pub trait Sink: Send + Sync + 'static {
     fn publish<'a>(&'a self, rows: &'a [OutboxRow]) -> BoxFuture<'a, Vec<Result<(), SinkError>>>;
 }
 
+/// `url` with the secret of its user info replaced by `***`, for messages: the password,
+/// and with `bare_user_is_secret` a user info without a password too (a NATS token, a
+/// Redis password). A URL without user info is left as it is.
+///
+/// # Example
+/// ```
+/// use txmq_outbox::sink::redact_url;
+///
+/// assert_eq!(redact_url("amqp://guest:secret@h:5672/%2f", false), "amqp://guest:***@h:5672/%2f");
+/// assert_eq!(redact_url("postgres://app@db/shop", false), "postgres://app@db/shop");
+/// assert_eq!(redact_url("nats://token@h:4222", true), "nats://***@h:4222");
+/// ```
+pub fn redact_url(url: &str, bare_user_is_secret: bool) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
+            None if bare_user_is_secret => format!("{scheme}://***@{host}{tail}"),
+            None => url.to_string(),
+        },
+        None => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn secrets_are_left_out_of_messages() {
+        for (url, token, shown) in [
+            (
+                "amqp://guest:guest@127.0.0.1:5672/%2f",
+                false,
+                "amqp://guest:***@127.0.0.1:5672/%2f",
+            ),
+            (
+                "postgres://app:s3cret@db:5432/orders?sslmode=disable",
+                false,
+                "postgres://app:***@db:5432/orders?sslmode=disable",
+            ),
+            (
+                "postgres://postgres@127.0.0.1:5432/test",
+                false,
+                "postgres://postgres@127.0.0.1:5432/test",
+            ),
+            ("nats://u:p@h:4222", true, "nats://u:***@h:4222"),
+            ("nats://tok@h:4222", true, "nats://***@h:4222"),
+            ("redis://:pw@h:6379/2", true, "redis://:***@h:6379/2"),
+            ("redis://h:6379/0", true, "redis://h:6379/0"),
+            ("127.0.0.1:4222", false, "127.0.0.1:4222"),
+            ("sqlite://x.db", false, "sqlite://x.db"),
+        ] {
+            assert_eq!(redact_url(url, token), shown, "{url}");
+        }
+    }
+}
+
 pub mod kafka;
 pub mod nats;
 pub mod rabbitmq;

@@ -55,7 +55,7 @@ impl NatsSink {
     /// # Errors
     /// A malformed URL, or the server cannot be reached or does not answer within 10 s.
     pub async fn connect(url: &str) -> Result<Self, SinkError> {
-        let shown = redact(url);
+        let shown = super::redact_url(url, true);
         let client = tokio::time::timeout(
             CONNECT_TIMEOUT,
             async_nats::ConnectOptions::new()
@@ -162,22 +162,6 @@ impl std::fmt::Debug for NatsSink {
     }
 }
 
-/// `url` with the password (or a token) replaced by `***`.
-fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
-            None => format!("{scheme}://***@{host}{tail}"),
-        },
-        None => url.to_string(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -217,12 +201,5 @@ mod tests {
         let mut r = row();
         r.headers.insert(String::new(), "v".into());
         assert!(NatsSink::headers(&r).is_err());
-    }
-
-    #[test]
-    fn credentials_are_redacted() {
-        assert_eq!(redact("nats://u:p@h:4222"), "nats://u:***@h:4222");
-        assert_eq!(redact("nats://tok@h:4222"), "nats://***@h:4222");
-        assert_eq!(redact("nats://h:4222"), "nats://h:4222");
     }
 }

@@ -94,11 +94,11 @@ impl RabbitMqSink {
         if let Err(e) = ShortString::try_new(exchange.as_str()) {
             return Err(SinkError::new(format!(
                 "invalid RabbitMQ exchange name in {}: {e}",
-                redact(url)
+                super::redact_url(url, false)
             )));
         }
         let sink = Self {
-            shown: redact(&lapin_url),
+            shown: super::redact_url(&lapin_url, false),
             url: lapin_url,
             exchange,
             link: Mutex::new(None),
@@ -418,13 +418,13 @@ fn split_exchange(url: &str) -> Result<(String, String), SinkError> {
                 SinkError::new(format!(
                     "invalid exchange parameter in RabbitMQ URL {}: not UTF-8 after \
                      percent-decoding",
-                    redact(url)
+                    super::redact_url(url, false)
                 ))
             })?;
             if exchange.replace(value).is_some() {
                 return Err(SinkError::new(format!(
                     "RabbitMQ URL {} names the exchange twice",
-                    redact(url)
+                    super::redact_url(url, false)
                 )));
             }
         } else {
@@ -464,22 +464,6 @@ fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-/// `url` with the password replaced by `***`.
-fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
-            None => url.to_string(),
-        },
-        None => url.to_string(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -502,14 +486,5 @@ mod tests {
     fn percent_decoding() {
         assert_eq!(percent_decode("a%2Fb+c%").as_deref(), Some("a/b c%"));
         assert_eq!(percent_decode("%zz%4").as_deref(), Some("%zz%4"));
-    }
-
-    #[test]
-    fn password_is_redacted() {
-        assert_eq!(
-            redact("amqp://guest:secret@h:5672/v?exchange=e"),
-            "amqp://guest:***@h:5672/v?exchange=e"
-        );
-        assert_eq!(redact("amqp://h:5672/v"), "amqp://h:5672/v");
     }
 }

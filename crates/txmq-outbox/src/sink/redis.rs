@@ -53,7 +53,7 @@ impl RedisSink {
     /// A malformed URL, or the server cannot be reached, refuses the login or does not
     /// answer within 10 s.
     pub async fn connect(url: &str) -> Result<Self, SinkError> {
-        let shown = redact(url);
+        let shown = super::redact_url(url, true);
         let client = redis::Client::open(url)
             .map_err(|e| SinkError::new(format!("invalid Redis URL {shown}: {e}")))?;
         let config = ConnectionManagerConfig::new()
@@ -156,33 +156,5 @@ impl std::fmt::Debug for RedisSink {
         f.debug_struct("RedisSink")
             .field("url", &self.shown)
             .finish_non_exhaustive()
-    }
-}
-
-/// `url` with the password replaced by `***`.
-fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
-            None => format!("{scheme}://***@{host}{tail}"),
-        },
-        None => url.to_string(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::redact;
-
-    #[test]
-    fn password_is_redacted() {
-        assert_eq!(redact("redis://:pw@h:6379/2"), "redis://:***@h:6379/2");
-        assert_eq!(redact("redis://u:pw@h:6379"), "redis://u:***@h:6379");
-        assert_eq!(redact("redis://h:6379/0"), "redis://h:6379/0");
     }
 }

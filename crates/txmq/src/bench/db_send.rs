@@ -188,7 +188,7 @@ pub fn run(args: &BenchDbSendArgs) -> anyhow::Result<()> {
 
 /// Creates the scratch schema, runs the rounds in it, and drops it.
 async fn measure(args: &BenchDbSendArgs) -> anyhow::Result<Report> {
-    let db = crate::url::redact(&args.db);
+    let db = txmq_outbox::sink::redact_url(&args.db, false);
     let base = PgConnectOptions::from_str(&args.db)
         .with_context(|| format!("invalid PostgreSQL URL {db}"))?;
     let mut admin = tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(&base))
@@ -288,7 +288,7 @@ async fn in_schema(
         .with_context(|| {
             format!(
                 "cannot connect to PostgreSQL at {}",
-                crate::url::redact(&args.db)
+                txmq_outbox::sink::redact_url(&args.db, false)
             )
         })?;
     let measured = with_pool(args, &pool, pool_size).await;

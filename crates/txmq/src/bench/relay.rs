@@ -3,13 +3,15 @@
 //! For each sink and each relay count it measures, on a fresh schema:
 //! - **throughput**: `--rows` rows are enqueued first (in transactions of 1,000), then the
 //!   relays start and the clock runs until every row is delivered;
-//! - **latency** (with `--rate`): the relays run, and 16 tasks enqueue rows at `--rate` rows/s
+//! - **latency** (with `--rate`): the relays run, and `--tasks` tasks enqueue rows at `--rate` rows/s
 //!   for `--seconds`, each in its own transaction; a row's latency runs from its enqueue
 //!   (just before its commit) to the sink's confirmation, both stamped in milliseconds on
 //!   this host's clock (`created_at`, `delivered_at`).
 //!
 //! Relays are in-process [`txmq_outbox::Relay`]s, each with its own connection pool, woken
-//! by LISTEN/NOTIFY with the 1 s poll as fallback.
+//! by LISTEN/NOTIFY with the 1 s poll as fallback, or (`--no-notify`) polling every
+//! `--poll-ms` with no insert trigger. `--rows-per-tx` sets how many rows each transaction
+//! of the latency run enqueues.
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -26,8 +28,6 @@ use crate::cli::BenchRelayArgs;
 
 /// Rows per transaction when filling the table for the throughput run.
 const FILL_TX: usize = 1000;
-/// Tasks enqueuing in the latency run.
-const LATENCY_TASKS: usize = 16;
 
 /// One measured configuration.
 #[derive(Debug, Serialize)]
@@ -49,6 +49,10 @@ struct Measurement {
 #[derive(Debug, Serialize)]
 struct Report {
     db: String,
+    notify: bool,
+    poll_ms: Option<u64>,
+    tasks: usize,
+    rows_per_tx: u64,
     batch_size: usize,
     workers: usize,
     size: u64,
@@ -68,9 +72,14 @@ pub fn run(args: &BenchRelayArgs) -> anyhow::Result<()> {
         .build()
         .context("cannot start the runtime")?;
     let report = runtime.block_on(measure_all(args))?;
+    let wake = match report.poll_ms {
+        None => "LISTEN/NOTIFY, 1 s poll as fallback".to_string(),
+        Some(ms) => format!("no trigger, poll every {ms} ms"),
+    };
     let mut table = format!(
-        "outbox relay, PostgreSQL {} → sinks; batch {} × {} workers per relay, {} B payloads\n\n",
-        report.db, report.batch_size, report.workers, report.size
+        "outbox relay, PostgreSQL {} -> sinks; batch {} x {} workers per relay, {} B payloads\n\
+         wake-up: {wake}; latency run: {} tasks, {} row(s) per transaction\n\n",
+        report.db, report.batch_size, report.workers, report.size, report.tasks, report.rows_per_tx
     );
     table.push_str(&format!(
         "{:<34} {:>6} {:<10} {:>8} {:>10} {:>9} {:>8} {:>8} {:>8}\n",
@@ -100,7 +109,6 @@ async fn measure_all(args: &BenchRelayArgs) -> anyhow::Result<Report> {
         .with_context(|| format!("cannot connect to PostgreSQL at {}", args.db))?;
     let mut results = Vec::new();
     for sink in &args.sink {
-        prepare_destination(sink, &args.destination).await?;
         for &relays in &args.relays {
             let m = throughput(args, &admin, sink, relays).await?;
             eprintln!(
@@ -117,10 +125,13 @@ async fn measure_all(args: &BenchRelayArgs) -> anyhow::Result<Report> {
                 results.push(m);
             }
         }
-        cleanup_destination(sink, &args.destination).await;
     }
     Ok(Report {
         db: args.db.clone(),
+        notify: !args.no_notify,
+        poll_ms: args.no_notify.then_some(args.poll_ms),
+        tasks: args.tasks,
+        rows_per_tx: args.rows_per_tx.max(1),
         batch_size: args.batch_size,
         workers: args.workers,
         size: args.size,
@@ -169,12 +180,19 @@ impl Scratch {
 }
 
 fn relay_config(args: &BenchRelayArgs, relay: usize) -> RelayConfig {
+    let defaults = RelayConfig::default();
     RelayConfig {
         batch_size: args.batch_size,
         workers: args.workers,
         keep_delivered: None,
         instance: format!("bench-{relay}"),
-        ..RelayConfig::default()
+        listen: !args.no_notify,
+        poll_interval: if args.no_notify {
+            Duration::from_millis(args.poll_ms)
+        } else {
+            defaults.poll_interval
+        },
+        ..defaults
     }
 }
 
@@ -243,10 +261,12 @@ async fn throughput(
     sink: &str,
     relays: usize,
 ) -> anyhow::Result<Measurement> {
+    // A fresh destination each time: no backlog from the previous measurement.
+    prepare_destination(sink, &args.destination).await?;
     let scratch = Scratch::new(admin, &args.db).await?;
     let result = async {
         let pool = scratch.pool(4).await?;
-        txmq_outbox::migrate(&pool).await?;
+        txmq_outbox::migrate_with_notify(&pool, !args.no_notify).await?;
         let body = bench_body(args.size);
         let outbox = Outbox::new();
         let mut left = args.rows;
@@ -282,6 +302,7 @@ async fn throughput(
     }
     .await;
     scratch.drop(admin).await;
+    cleanup_destination(sink, &args.destination).await;
     result
 }
 
@@ -292,38 +313,45 @@ async fn latency(
     relays: usize,
     rate: u64,
 ) -> anyhow::Result<Measurement> {
+    // A fresh destination each time: no backlog from the previous measurement.
+    prepare_destination(sink, &args.destination).await?;
     let scratch = Scratch::new(admin, &args.db).await?;
     let result = async {
-        let pool = scratch.pool(LATENCY_TASKS as u32 + 2).await?;
-        txmq_outbox::migrate(&pool).await?;
+        let pool = scratch.pool(args.tasks as u32 + 2).await?;
+        txmq_outbox::migrate_with_notify(&pool, !args.no_notify).await?;
         let (stop, tasks) = start_relays(args, &scratch, sink, relays).await?;
         // Let the relays connect and LISTEN before the clock starts.
         tokio::time::sleep(Duration::from_millis(500)).await;
         let total = rate * args.seconds;
-        let interval = Duration::from_secs_f64(LATENCY_TASKS as f64 / rate as f64);
+        let per_tx = args.rows_per_tx.max(1);
+        let interval = Duration::from_secs_f64(args.tasks as f64 * per_tx as f64 / rate as f64);
+        let spread = interval.div_f64(args.tasks as f64);
         let body = Arc::new(bench_body(args.size));
         let started = Instant::now();
         let mut writers = Vec::new();
-        for t in 0..LATENCY_TASKS as u64 {
+        for t in 0..args.tasks as u64 {
             let (pool, body, destination) = (pool.clone(), body.clone(), args.destination.clone());
-            let count = total / LATENCY_TASKS as u64 + u64::from(t < total % LATENCY_TASKS as u64);
+            let start = tokio::time::Instant::now() + spread.mul_f64(t as f64);
+            let count = total / args.tasks as u64 + u64::from(t < total % args.tasks as u64);
             writers.push(tokio::spawn(async move {
                 let outbox = Outbox::new();
-                let mut tick = tokio::time::interval_at(
-                    tokio::time::Instant::now() + interval.mul_f64(t as f64 / LATENCY_TASKS as f64),
-                    interval,
-                );
+                let mut tick = tokio::time::interval_at(start, interval);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-                for _ in 0..count {
+                let mut left = count;
+                while left > 0 {
                     tick.tick().await;
+                    let n = left.min(per_tx);
                     let mut tx = pool.begin().await?;
-                    outbox
-                        .enqueue(
-                            &mut tx,
-                            OutboxMessage::new(destination.as_str(), body.to_vec()),
-                        )
-                        .await?;
+                    for _ in 0..n {
+                        outbox
+                            .enqueue(
+                                &mut tx,
+                                OutboxMessage::new(destination.as_str(), body.to_vec()),
+                            )
+                            .await?;
+                    }
                     tx.commit().await?;
+                    left -= n;
                 }
                 anyhow::Ok(())
             }));
@@ -365,6 +393,7 @@ async fn latency(
     }
     .await;
     scratch.drop(admin).await;
+    cleanup_destination(sink, &args.destination).await;
     result
 }
 

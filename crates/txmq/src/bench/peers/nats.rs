@@ -10,7 +10,6 @@ use bytes::Bytes;
 
 use super::{ADMIN_TIMEOUT, CONNECT_TIMEOUT, flat, unique_name};
 use crate::bench::produce::{NATS_DURABILITY, Publisher, TargetReport, Workload, drive};
-use crate::url::redact;
 
 /// Publishes to one stream over a few connections.
 struct Nats {
@@ -51,7 +50,7 @@ impl Publisher for Nats {
 /// If NATS cannot be reached or the stream cannot be created; failed publishes and a failed
 /// deletion are reported in the result instead.
 pub async fn run(url: &str, w: &Workload) -> anyhow::Result<TargetReport> {
-    let shown = redact(url);
+    let shown = txmq_outbox::sink::redact_url(url, true);
     let mut clients = Vec::new();
     for _ in 0..w.connections.max(1) {
         let client = tokio::time::timeout(

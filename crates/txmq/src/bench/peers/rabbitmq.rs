@@ -12,7 +12,6 @@ use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProper
 
 use super::{ADMIN_TIMEOUT, CONNECT_TIMEOUT, flat, unique_name};
 use crate::bench::produce::{Publisher, RABBITMQ_DURABILITY, TargetReport, Workload, drive};
-use crate::url::redact;
 
 /// AMQP delivery mode of a persistent message.
 const PERSISTENT: u8 = 2;
@@ -51,7 +50,7 @@ impl Publisher for Rabbit {
 /// If RabbitMQ cannot be reached or the queue cannot be declared; failed publishes and a
 /// failed deletion are reported in the result instead.
 pub async fn run(url: &str, w: &Workload) -> anyhow::Result<TargetReport> {
-    let shown = redact(url);
+    let shown = txmq_outbox::sink::redact_url(url, false);
     let mut connections = Vec::new();
     for _ in 0..w.connections.max(1) {
         let connection = tokio::time::timeout(
