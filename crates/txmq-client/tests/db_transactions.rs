@@ -12,7 +12,6 @@ mod common;
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
@@ -26,12 +25,12 @@ use txmq_client::db::{
     SendInTransactionError,
 };
 use txmq_client::{Message, MessageView, SimpleConsumer, Subscription, TransactionalProducer};
+use txmq_testkit::ScratchDb;
 
-/// A database for these tests: how to make a scratch one, and portable SQL.
-trait TestDb: Dialect {
-    /// A pool on a fresh scratch database and the future that drops it, or `None` when
-    /// the service is down (outside CI).
-    fn scratch() -> impl Future<Output = Option<(Pool<Self>, BoxFuture<'static, ()>)>> + Send;
+/// A database for these tests: the size of its scratch pool, and portable SQL.
+trait TestDb: Dialect + ScratchDb {
+    /// The connections of the scratch database's pool.
+    const POOL_SIZE: u32 = 8;
 
     /// Runs `sql` on the transaction.
     fn exec<'c>(tx: &'c mut DbTransaction<Self>, sql: String) -> BoxFuture<'c, sqlx::Result<()>>;
@@ -41,19 +40,6 @@ trait TestDb: Dialect {
 
     /// The single BIGINT `sql` selects.
     fn scalar(pool: &Pool<Self>, sql: String) -> BoxFuture<'_, sqlx::Result<i64>>;
-}
-
-/// `None` (skip) when a service is down, a failure under CI.
-fn down<T>(what: &str, e: impl std::fmt::Display) -> Option<T> {
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{what} is not reachable under CI=true: {e}");
-    }
-    eprintln!("skipping: {what} is not reachable: {e}");
-    None
-}
-
-fn scratch_name() -> String {
-    format!("txmq_t_{}", uuid::Uuid::now_v7().simple())
 }
 
 macro_rules! sql_helpers {
@@ -76,92 +62,15 @@ macro_rules! sql_helpers {
 }
 
 impl TestDb for Postgres {
-    async fn scratch() -> Option<(Pool<Self>, BoxFuture<'static, ()>)> {
-        let url = "postgres://postgres@127.0.0.1:5432/test";
-        let admin = match sqlx::PgPool::connect(url).await {
-            Ok(p) => p,
-            Err(e) => return down("PostgreSQL at 127.0.0.1:5432", e),
-        };
-        let schema = scratch_name();
-        sqlx::query(&format!("CREATE SCHEMA {schema}"))
-            .execute(&admin)
-            .await
-            .unwrap();
-        let options = sqlx::postgres::PgConnectOptions::from_str(url)
-            .unwrap()
-            .options([("search_path", schema.as_str())]);
-        let pool = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(8)
-            .connect_with(options)
-            .await
-            .unwrap();
-        let drop_it: BoxFuture<'static, ()> = {
-            let pool = pool.clone();
-            Box::pin(async move {
-                pool.close().await;
-                sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
-                    .execute(&admin)
-                    .await
-                    .unwrap();
-            })
-        };
-        Some((pool, drop_it))
-    }
     sql_helpers!();
 }
 
 impl TestDb for MySql {
-    async fn scratch() -> Option<(Pool<Self>, BoxFuture<'static, ()>)> {
-        let admin = match sqlx::MySqlPool::connect("mysql://root@127.0.0.1:3306/test").await {
-            Ok(p) => p,
-            Err(e) => return down("MariaDB at 127.0.0.1:3306", e),
-        };
-        let name = scratch_name();
-        sqlx::query(&format!("CREATE DATABASE {name}"))
-            .execute(&admin)
-            .await
-            .unwrap();
-        let pool = sqlx::mysql::MySqlPoolOptions::new()
-            .max_connections(8)
-            .connect(&format!("mysql://root@127.0.0.1:3306/{name}"))
-            .await
-            .unwrap();
-        let drop_it: BoxFuture<'static, ()> = {
-            let pool = pool.clone();
-            Box::pin(async move {
-                pool.close().await;
-                sqlx::query(&format!("DROP DATABASE {name}"))
-                    .execute(&admin)
-                    .await
-                    .unwrap();
-            })
-        };
-        Some((pool, drop_it))
-    }
     sql_helpers!();
 }
 
 impl TestDb for Sqlite {
-    async fn scratch() -> Option<(Pool<Self>, BoxFuture<'static, ()>)> {
-        let dir = tempfile::tempdir().unwrap();
-        let options = sqlx::sqlite::SqliteConnectOptions::new()
-            .filename(dir.path().join("app.db"))
-            .create_if_missing(true)
-            .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal);
-        let pool = sqlx::sqlite::SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(options)
-            .await
-            .unwrap();
-        let drop_it: BoxFuture<'static, ()> = {
-            let pool = pool.clone();
-            Box::pin(async move {
-                pool.close().await;
-                drop(dir);
-            })
-        };
-        Some((pool, drop_it))
-    }
+    const POOL_SIZE: u32 = 4;
     sql_helpers!();
 }
 
@@ -172,13 +81,8 @@ where
     F: FnOnce(Pool<DB>) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let Some((pool, drop_it)) = DB::scratch().await else {
-        return;
-    };
-    let outcome = tokio::spawn(body(pool)).await;
-    drop_it.await;
-    if let Err(e) = outcome {
-        std::panic::resume_unwind(e.into_panic());
+    if let Some(scratch) = DB::scratch("txmq_t", DB::POOL_SIZE).await {
+        scratch.run(body).await;
     }
 }
 

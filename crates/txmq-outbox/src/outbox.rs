@@ -106,7 +106,8 @@ impl Outbox {
     }
 
     /// Inserts `message` into `txmq_outbox` on the caller's transaction: it is published
-    /// by the relay once the transaction commits, and never if it rolls back.
+    /// by the relay once the transaction commits, and never if it rolls back. Returns the
+    /// row's position in the outbox (`seq`).
     ///
     /// # Errors
     /// [`EnqueueError`].

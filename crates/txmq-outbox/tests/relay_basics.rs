@@ -7,127 +7,31 @@
 //! under `CI=true`, where it fails.
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::str::FromStr;
 use std::time::Duration;
 
 use redis::AsyncCommands;
 use sqlx::{MySql, Pool, Postgres, Sqlite};
 use txmq_outbox::sink::redis::RedisSink;
 use txmq_outbox::{Outbox, OutboxDb, OutboxMessage, Relay, RelayConfig, RetryPolicy, Sink};
+use txmq_testkit::{ScratchDb, down, unique};
 
 const REDIS: &str = "redis://127.0.0.1:6379";
 
-type BoxFuture<T> = std::pin::Pin<Box<dyn Future<Output = T> + Send>>;
-
-/// Skips (returns `None`) when a service is down; fails under CI.
-fn down<T>(what: &str, e: impl std::fmt::Display) -> Option<T> {
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{what} is not reachable under CI=true: {e}");
-    }
-    eprintln!("skipping: {what} is not reachable: {e}");
-    None
-}
-
-fn unique(prefix: &str) -> String {
-    format!("{prefix}_{}", uuid::Uuid::now_v7().simple())
-}
-
-trait TestDb: OutboxDb {
-    /// A pool on a scratch database and the future that drops it.
-    fn scratch() -> impl Future<Output = Option<(Pool<Self>, BoxFuture<()>)>> + Send;
+/// A database for these tests: the size of its scratch pool, and what it can do.
+trait TestDb: OutboxDb + ScratchDb {
+    /// The connections of the scratch database's pool.
+    const POOL_SIZE: u32 = 8;
     /// Whether two write transactions can be open at once.
     const CONCURRENT_WRITERS: bool = true;
 }
 
-impl TestDb for Postgres {
-    async fn scratch() -> Option<(Pool<Self>, BoxFuture<()>)> {
-        let url = "postgres://postgres@127.0.0.1:5432/test";
-        let admin = match sqlx::PgPool::connect(url).await {
-            Ok(p) => p,
-            Err(e) => return down("PostgreSQL at 127.0.0.1:5432", e),
-        };
-        let schema = unique("txmq_ob");
-        sqlx::query(&format!("CREATE SCHEMA {schema}"))
-            .execute(&admin)
-            .await
-            .unwrap();
-        let options = sqlx::postgres::PgConnectOptions::from_str(url)
-            .unwrap()
-            .options([("search_path", schema.as_str())]);
-        let pool = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(8)
-            .connect_with(options)
-            .await
-            .unwrap();
-        let p = pool.clone();
-        Some((
-            pool,
-            Box::pin(async move {
-                p.close().await;
-                sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
-                    .execute(&admin)
-                    .await
-                    .unwrap();
-            }),
-        ))
-    }
-}
+impl TestDb for Postgres {}
 
-impl TestDb for MySql {
-    async fn scratch() -> Option<(Pool<Self>, BoxFuture<()>)> {
-        let admin = match sqlx::MySqlPool::connect("mysql://root@127.0.0.1:3306/test").await {
-            Ok(p) => p,
-            Err(e) => return down("MariaDB at 127.0.0.1:3306", e),
-        };
-        let name = unique("txmq_ob");
-        sqlx::query(&format!("CREATE DATABASE {name}"))
-            .execute(&admin)
-            .await
-            .unwrap();
-        let pool = sqlx::mysql::MySqlPoolOptions::new()
-            .max_connections(8)
-            .connect(&format!("mysql://root@127.0.0.1:3306/{name}"))
-            .await
-            .unwrap();
-        let p = pool.clone();
-        Some((
-            pool,
-            Box::pin(async move {
-                p.close().await;
-                sqlx::query(&format!("DROP DATABASE {name}"))
-                    .execute(&admin)
-                    .await
-                    .unwrap();
-            }),
-        ))
-    }
-}
+impl TestDb for MySql {}
 
 impl TestDb for Sqlite {
+    const POOL_SIZE: u32 = 4;
     const CONCURRENT_WRITERS: bool = false;
-
-    async fn scratch() -> Option<(Pool<Self>, BoxFuture<()>)> {
-        let dir = tempfile::tempdir().unwrap();
-        let options = sqlx::sqlite::SqliteConnectOptions::new()
-            .filename(dir.path().join("outbox.db"))
-            .create_if_missing(true)
-            .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
-            .busy_timeout(Duration::from_secs(10));
-        let pool = sqlx::sqlite::SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(options)
-            .await
-            .unwrap();
-        let p = pool.clone();
-        Some((
-            pool,
-            Box::pin(async move {
-                p.close().await;
-                drop(dir);
-            }),
-        ))
-    }
 }
 
 /// A Redis connection, or `None` (skip) when Redis is down.
@@ -135,7 +39,10 @@ async fn redis() -> Option<redis::aio::MultiplexedConnection> {
     let client = redis::Client::open(REDIS).unwrap();
     match client.get_multiplexed_async_connection().await {
         Ok(c) => Some(c),
-        Err(e) => down("Redis at 127.0.0.1:6379", e),
+        Err(e) => {
+            down("Redis at 127.0.0.1:6379", e);
+            None
+        }
     }
 }
 
@@ -336,20 +243,19 @@ async fn everything<DB: TestDb>(pool: Pool<DB>) {
     let _: () = conn.del(&[&stream, &poison]).await.unwrap();
 }
 
+/// Runs [`everything`] on a scratch database of `DB`, dropping it afterwards even if it
+/// fails.
 async fn with_scratch<DB: TestDb>() {
-    let Some((pool, drop_it)) = DB::scratch().await else {
+    let Some(scratch) = DB::scratch("txmq_ob", DB::POOL_SIZE).await else {
         return;
     };
-    let outcome = tokio::spawn(async move {
-        tokio::time::timeout(Duration::from_secs(120), everything(pool))
-            .await
-            .expect("finished in time");
-    })
-    .await;
-    drop_it.await;
-    if let Err(e) = outcome {
-        std::panic::resume_unwind(e.into_panic());
-    }
+    scratch
+        .run(|pool| async move {
+            tokio::time::timeout(Duration::from_secs(120), everything(pool))
+                .await
+                .expect("finished in time");
+        })
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -52,9 +52,8 @@ use txmq_outbox::{
     Metrics, Outbox, OutboxDb, OutboxMessage, OutboxRow, Relay, RelayConfig, RetryPolicy, Sink,
     TableStats,
 };
+use txmq_testkit::{Scratch, ScratchDb, down, unique};
 
-const PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
-const MARIADB_ROOT: &str = "mysql://root@127.0.0.1:3306";
 const REDIS_URL: &str = "redis://127.0.0.1:6379";
 const RABBITMQ_ADDR: &str = "127.0.0.1:5672";
 const RABBITMQ_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -66,23 +65,18 @@ type BoxFuture<T> = std::pin::Pin<Box<dyn Future<Output = T> + Send>>;
 // Services, scratch databases, clean-up
 // ---------------------------------------------------------------------------------------
 
-fn ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
-}
-
-/// Skips (`None`) when a service is down; fails under `CI=true`.
-fn down<T>(what: &str, e: impl std::fmt::Display) -> Option<T> {
-    assert!(!ci(), "{what} is not reachable under CI=true: {e}");
-    eprintln!("skipping: {what} is not reachable: {e}");
-    None
-}
-
 /// Whether something listens at `addr` (skip or, under CI, fail when not).
 async fn reachable(what: &str, addr: &str) -> bool {
     match tokio::time::timeout(Duration::from_secs(3), TcpStream::connect(addr)).await {
         Ok(Ok(_)) => true,
-        Ok(Err(e)) => down::<()>(what, e).is_some(),
-        Err(_) => down::<()>(what, "no answer within 3 s").is_some(),
+        Ok(Err(e)) => {
+            down(what, e);
+            false
+        }
+        Err(_) => {
+            down(what, "no answer within 3 s");
+            false
+        }
     }
 }
 
@@ -95,11 +89,6 @@ fn random_below(n: u64) -> u64 {
     h.finish() % n.max(1)
 }
 
-/// A unique lowercase name: `prefix_<uuid v7>`.
-fn unique(prefix: &str) -> String {
-    format!("{prefix}_{}", uuid::Uuid::now_v7().simple())
-}
-
 /// Runs `body` in its own task with a time limit, then `cleanup` (also when the body
 /// failed), then resumes the body's panic.
 async fn guarded(
@@ -108,25 +97,21 @@ async fn guarded(
     cleanup: impl Future<Output = ()>,
 ) {
     let started = Instant::now();
-    let outcome = tokio::spawn(async move {
+    let body = async move {
         tokio::time::timeout(limit, body)
             .await
             .unwrap_or_else(|_| panic!("the test did not finish within {limit:?}"));
-    })
-    .await;
-    if tokio::time::timeout(Duration::from_secs(30), cleanup)
-        .await
-        .is_err()
-    {
-        eprintln!("warning: clean-up did not finish within 30 s");
-    }
-    eprintln!("test body took {:?}", started.elapsed());
-    if let Err(e) = outcome {
-        if e.is_panic() {
-            std::panic::resume_unwind(e.into_panic());
+    };
+    let cleanup = async move {
+        if tokio::time::timeout(Duration::from_secs(30), cleanup)
+            .await
+            .is_err()
+        {
+            eprintln!("warning: clean-up did not finish within 30 s");
         }
-        panic!("the test task failed: {e}");
-    }
+        eprintln!("test body took {:?}", started.elapsed());
+    };
+    txmq_testkit::guarded(body, cleanup).await;
 }
 
 /// A spawned task that is aborted when dropped (e.g. when the test body panics).
@@ -152,154 +137,31 @@ impl Drop for Task {
     }
 }
 
-/// A scratch database: a pool on it, its URL (for more pools and the `txmq` binary) and
-/// the future that removes it.
-struct Scratch<DB: sqlx::Database> {
-    pool: Pool<DB>,
-    url: String,
-    /// The schema (PostgreSQL), database (MariaDB) or file (SQLite) name.
-    name: String,
-    drop: BoxFuture<()>,
+/// A database for these tests: the size of its scratch pool.
+trait TestDb: OutboxDb + ScratchDb {
+    /// The connections of the scratch database's pool.
+    const POOL_SIZE: u32 = 24;
 }
 
-trait TestDb: OutboxDb {
-    const LABEL: &'static str;
-    /// A scratch database, or `None` (skip) when the server is down.
-    fn scratch() -> impl Future<Output = Option<Scratch<Self>>> + Send;
-    /// Another pool on the scratch database at `url`.
-    fn connect(url: &str, max: u32) -> impl Future<Output = Pool<Self>> + Send;
-}
+impl TestDb for Postgres {}
 
-impl TestDb for Postgres {
-    const LABEL: &'static str = "PostgreSQL";
-
-    async fn scratch() -> Option<Scratch<Self>> {
-        let admin = match sqlx::postgres::PgPoolOptions::new()
-            .max_connections(2)
-            .acquire_timeout(Duration::from_secs(5))
-            .connect(PG_URL)
-            .await
-        {
-            Ok(p) => p,
-            Err(e) => return down("PostgreSQL at 127.0.0.1:5432", e),
-        };
-        let schema = unique("txmq_chaos");
-        sqlx::query(&format!("CREATE SCHEMA {schema}"))
-            .execute(&admin)
-            .await
-            .expect("create the schema");
-        let url = format!("{PG_URL}?options=-c%20search_path%3D{schema}");
-        let pool = Self::connect(&url, 24).await;
-        let p = pool.clone();
-        let name = schema.clone();
-        Some(Scratch {
-            pool,
-            url,
-            name,
-            drop: Box::pin(async move {
-                p.close().await;
-                if let Err(e) = sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
-                    .execute(&admin)
-                    .await
-                {
-                    eprintln!("warning: cannot drop schema {schema}: {e}");
-                }
-                admin.close().await;
-            }),
-        })
-    }
-
-    async fn connect(url: &str, max: u32) -> Pool<Self> {
-        sqlx::postgres::PgPoolOptions::new()
-            .max_connections(max)
-            .acquire_timeout(Duration::from_secs(10))
-            .connect(url)
-            .await
-            .expect("connect to the scratch schema")
-    }
-}
-
-impl TestDb for MySql {
-    const LABEL: &'static str = "MariaDB";
-
-    async fn scratch() -> Option<Scratch<Self>> {
-        let admin = match sqlx::mysql::MySqlPoolOptions::new()
-            .max_connections(2)
-            .acquire_timeout(Duration::from_secs(5))
-            .connect(&format!("{MARIADB_ROOT}/test"))
-            .await
-        {
-            Ok(p) => p,
-            Err(e) => return down("MariaDB at 127.0.0.1:3306", e),
-        };
-        let name = unique("txmq_chaos");
-        sqlx::query(&format!("CREATE DATABASE {name}"))
-            .execute(&admin)
-            .await
-            .expect("create the database");
-        let url = format!("{MARIADB_ROOT}/{name}");
-        let pool = Self::connect(&url, 24).await;
-        let p = pool.clone();
-        let db = name.clone();
-        Some(Scratch {
-            pool,
-            url,
-            name,
-            drop: Box::pin(async move {
-                p.close().await;
-                if let Err(e) = sqlx::query(&format!("DROP DATABASE {db}"))
-                    .execute(&admin)
-                    .await
-                {
-                    eprintln!("warning: cannot drop database {db}: {e}");
-                }
-                admin.close().await;
-            }),
-        })
-    }
-
-    async fn connect(url: &str, max: u32) -> Pool<Self> {
-        sqlx::mysql::MySqlPoolOptions::new()
-            .max_connections(max)
-            .acquire_timeout(Duration::from_secs(10))
-            .connect(url)
-            .await
-            .expect("connect to the scratch database")
-    }
-}
+impl TestDb for MySql {}
 
 impl TestDb for Sqlite {
-    const LABEL: &'static str = "SQLite";
+    const POOL_SIZE: u32 = 4;
+}
 
-    async fn scratch() -> Option<Scratch<Self>> {
-        let dir = tempfile::tempdir().expect("a temporary directory");
-        let file = dir.path().join("outbox.db");
-        let url = format!("sqlite://{}", file.display());
-        let pool = Self::connect(&url, 4).await;
-        let p = pool.clone();
-        Some(Scratch {
-            pool,
-            url,
-            name: file.display().to_string(),
-            drop: Box::pin(async move {
-                p.close().await;
-                drop(dir);
-            }),
-        })
-    }
+/// A scratch database of `DB`, or `None` (skip) when its server is down.
+async fn scratch<DB: TestDb>() -> Option<Scratch<DB>> {
+    DB::scratch("txmq_chaos", DB::POOL_SIZE).await
+}
 
-    async fn connect(url: &str, max: u32) -> Pool<Self> {
-        let options = sqlx::sqlite::SqliteConnectOptions::from_str(url)
-            .expect("a SQLite URL")
-            .create_if_missing(true)
-            .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
-            .busy_timeout(Duration::from_secs(10));
-        sqlx::sqlite::SqlitePoolOptions::new()
-            .max_connections(max)
-            .acquire_timeout(Duration::from_secs(10))
-            .connect_with(options)
-            .await
-            .expect("open the scratch SQLite file")
+/// Removes a scratch database; a failure is only a warning, so that it cannot hide the
+/// test's own result.
+async fn drop_scratch<DB: TestDb>(scratch: Scratch<DB>) {
+    let name = scratch.name.clone();
+    if let Err(e) = scratch.try_drop().await {
+        eprintln!("warning: cannot drop the scratch database {name}: {e}");
     }
 }
 
@@ -497,8 +359,14 @@ async fn redis_conn() -> Option<redis::aio::MultiplexedConnection> {
     .await
     {
         Ok(Ok(c)) => Some(c),
-        Ok(Err(e)) => down("Redis at 127.0.0.1:6379", e),
-        Err(_) => down("Redis at 127.0.0.1:6379", "no answer within 5 s"),
+        Ok(Err(e)) => {
+            down("Redis at 127.0.0.1:6379", e);
+            None
+        }
+        Err(_) => {
+            down("Redis at 127.0.0.1:6379", "no answer within 5 s");
+            None
+        }
     }
 }
 
@@ -745,7 +613,7 @@ async fn read_topic(addr: SocketAddr, topic: &str, n: usize) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn relay_process_killed_mid_batch_then_replaced() {
-    let Some(scratch) = Postgres::scratch().await else {
+    let Some(scratch) = scratch::<Postgres>().await else {
         return;
     };
     let dir = tempfile::tempdir().expect("a temporary directory");
@@ -841,7 +709,7 @@ async fn relay_process_killed_mid_batch_then_replaced() {
         );
     };
     guarded(Duration::from_secs(90), body, async move {
-        scratch.drop.await;
+        drop_scratch(scratch).await;
         server.stop().await.expect("the broker stops");
         drop(dir);
     })
@@ -938,7 +806,7 @@ async fn sink_down_for_a_while_then_back() {
     let Some((rabbit, admin)) = rabbit_admin().await else {
         return;
     };
-    let Some(scratch) = MySql::scratch().await else {
+    let Some(scratch) = scratch::<MySql>().await else {
         return;
     };
     let queue = unique("txmq_chaos_outage");
@@ -1013,7 +881,7 @@ async fn sink_down_for_a_while_then_back() {
     guarded(Duration::from_secs(60), body, async move {
         delete_queue(&admin, &queue).await;
         let _ = rabbit.close(200, ShortString::from("done")).await;
-        scratch.drop.await;
+        drop_scratch(scratch).await;
     })
     .await;
 }
@@ -1213,7 +1081,7 @@ async fn database_sessions_killed<DB: KillableDb>() {
     if !reachable("NATS at 127.0.0.1:4222", "127.0.0.1:4222").await {
         return;
     }
-    let Some(scratch) = DB::scratch().await else {
+    let Some(scratch) = scratch::<DB>().await else {
         return;
     };
     let js = async_nats::jetstream::new(async_nats::connect(NATS_URL).await.expect("NATS"));
@@ -1325,7 +1193,7 @@ async fn database_sessions_killed<DB: KillableDb>() {
     };
     guarded(Duration::from_secs(60), body, async move {
         let _ = js.delete_stream(&stream_name).await;
-        scratch.drop.await;
+        drop_scratch(scratch).await;
     })
     .await;
 }
@@ -1347,7 +1215,7 @@ async fn database_unreachable<DB: TestDb>(server: &'static str) {
     let Some(mut redis) = redis_conn().await else {
         return;
     };
-    let Some(scratch) = DB::scratch().await else {
+    let Some(scratch) = scratch::<DB>().await else {
         return;
     };
     let stream = unique("txmq_chaos_dbdown");
@@ -1415,7 +1283,7 @@ async fn database_unreachable<DB: TestDb>(server: &'static str) {
     };
     guarded(Duration::from_secs(60), body, async move {
         let _: Result<(), _> = redis.del(&stream).await;
-        scratch.drop.await;
+        drop_scratch(scratch).await;
     })
     .await;
 }
@@ -1438,7 +1306,7 @@ async fn two_relays<DB: TestDb>() {
     let Some(mut redis) = redis_conn().await else {
         return;
     };
-    let Some(scratch) = DB::scratch().await else {
+    let Some(scratch) = scratch::<DB>().await else {
         return;
     };
     let stream = unique("txmq_chaos_two");
@@ -1496,7 +1364,7 @@ async fn two_relays<DB: TestDb>() {
     };
     guarded(Duration::from_secs(60), body, async move {
         let _: Result<(), _> = redis.del(&stream).await;
-        scratch.drop.await;
+        drop_scratch(scratch).await;
     })
     .await;
 }
@@ -1524,7 +1392,7 @@ async fn out_of_order_commits<DB: TestDb>() {
     let Some(mut redis) = redis_conn().await else {
         return;
     };
-    let Some(scratch) = DB::scratch().await else {
+    let Some(scratch) = scratch::<DB>().await else {
         return;
     };
     let stream = unique("txmq_chaos_ooo");
@@ -1576,7 +1444,7 @@ async fn out_of_order_commits<DB: TestDb>() {
     };
     guarded(Duration::from_secs(60), body, async move {
         let _: Result<(), _> = redis.del(&stream).await;
-        scratch.drop.await;
+        drop_scratch(scratch).await;
     })
     .await;
 }
@@ -1600,7 +1468,7 @@ async fn poison_row_goes_dead_then_is_redriven() {
     let Some((rabbit, admin)) = rabbit_admin().await else {
         return;
     };
-    let Some(scratch) = Postgres::scratch().await else {
+    let Some(scratch) = scratch::<Postgres>().await else {
         return;
     };
     let good = unique("txmq_chaos_good");
@@ -1690,7 +1558,7 @@ async fn poison_row_goes_dead_then_is_redriven() {
         delete_queue(&admin, &good).await;
         delete_queue(&admin, &poison_key).await;
         let _ = rabbit.close(200, ShortString::from("done")).await;
-        scratch.drop.await;
+        drop_scratch(scratch).await;
     })
     .await;
 }
@@ -1703,7 +1571,7 @@ async fn per_key_order<DB: TestDb>() {
     let Some(mut redis) = redis_conn().await else {
         return;
     };
-    let Some(scratch) = DB::scratch().await else {
+    let Some(scratch) = scratch::<DB>().await else {
         return;
     };
     let stream = unique("txmq_chaos_order");
@@ -1824,7 +1692,7 @@ async fn per_key_order<DB: TestDb>() {
     };
     guarded(Duration::from_secs(60), body, async move {
         let _: Result<(), _> = redis.del(&stream).await;
-        scratch.drop.await;
+        drop_scratch(scratch).await;
     })
     .await;
 }
@@ -1891,7 +1759,7 @@ async fn http_get(addr: &str, path: &str) -> std::io::Result<(String, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn relay_process_serves_metrics() {
-    let Some(scratch) = Sqlite::scratch().await else {
+    let Some(scratch) = scratch::<Sqlite>().await else {
         return;
     };
     let dir = tempfile::tempdir().expect("a temporary directory");
@@ -1969,7 +1837,7 @@ async fn relay_process_serves_metrics() {
         check_delivery("metrics (SQLite → txmq)", &ledger, &delivered);
     };
     guarded(Duration::from_secs(60), body, async move {
-        scratch.drop.await;
+        drop_scratch(scratch).await;
         server.stop().await.expect("the broker stops");
         drop(dir);
     })
@@ -1994,7 +1862,7 @@ async fn held_key_holds_only_its_rows<DB: TestDb>() {
     let Some(mut redis) = redis_conn().await else {
         return;
     };
-    let Some(scratch) = DB::scratch().await else {
+    let Some(scratch) = scratch::<DB>().await else {
         return;
     };
     let stream = unique("txmq_chaos_held");
@@ -2052,7 +1920,7 @@ async fn held_key_holds_only_its_rows<DB: TestDb>() {
     };
     guarded(Duration::from_secs(30), body, async move {
         let _: Result<(), _> = redis.del(&[&stream, &poison]).await;
-        scratch.drop.await;
+        drop_scratch(scratch).await;
     })
     .await;
 }
@@ -2081,7 +1949,7 @@ async fn ordered_backlog_drains_without_waiting_for_polls() {
     let Some(mut redis) = redis_conn().await else {
         return;
     };
-    let Some(scratch) = Sqlite::scratch().await else {
+    let Some(scratch) = scratch::<Sqlite>().await else {
         return;
     };
     let stream = unique("txmq_chaos_backlog");
@@ -2116,7 +1984,7 @@ async fn ordered_backlog_drains_without_waiting_for_polls() {
     };
     guarded(Duration::from_secs(45), body, async move {
         let _: Result<(), _> = redis.del(&stream).await;
-        scratch.drop.await;
+        drop_scratch(scratch).await;
     })
     .await;
 }

@@ -12,18 +12,7 @@ use std::time::Duration;
 use txmq_broker::BrokerConfig;
 use txmq_broker::server::Server;
 use txmq_broker::transactions::TxState;
-
-/// Skips the test when a service is down; fails under CI.
-fn down(what: &str, e: impl std::fmt::Display) {
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{what} is not reachable under CI=true: {e}");
-    }
-    eprintln!("skipping: {what} is not reachable: {e}");
-}
-
-fn scratch_name() -> String {
-    format!("txmq_demo_{}", uuid::Uuid::now_v7().simple())
-}
+use txmq_testkit::ScratchDb;
 
 /// Runs the demo against a fresh broker and `db`, then checks the broker's side.
 async fn run_demo(db: &str) -> (String, Server, tempfile::TempDir) {
@@ -139,73 +128,39 @@ where
     );
 }
 
+/// Runs the demo on a scratch database of `DB` and checks what it left there, dropping the
+/// database afterwards even if the run fails.
+async fn demo_on<DB: ScratchDb>()
+where
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+    for<'q> <DB as sqlx::Database>::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
+    for<'r> (String, i64): sqlx::FromRow<'r, DB::Row>,
+    for<'r> (i64,): sqlx::FromRow<'r, DB::Row>,
+{
+    let Some(scratch) = DB::scratch("txmq_demo", 2).await else {
+        return;
+    };
+    let url = scratch.url.clone();
+    scratch
+        .run(|pool| async move {
+            let (_, server, _data) = run_demo(&url).await;
+            check_rows(&pool).await;
+            server.stop().await.unwrap();
+        })
+        .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_on_sqlite() {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("shop.db");
-    let url = format!("sqlite://{}", file.display());
-    let (_, server, _data) = run_demo(&url).await;
-    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
-    check_rows(&pool).await;
-    pool.close().await;
-    server.stop().await.unwrap();
+    demo_on::<sqlx::Sqlite>().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_on_postgres() {
-    let admin_url = "postgres://postgres@127.0.0.1:5432/test";
-    let admin = match sqlx::PgPool::connect(admin_url).await {
-        Ok(p) => p,
-        Err(e) => return down("PostgreSQL at 127.0.0.1:5432", e),
-    };
-    let name = scratch_name();
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&admin)
-        .await
-        .unwrap();
-    let url = format!("postgres://postgres@127.0.0.1:5432/{name}");
-    let body = tokio::spawn(async move {
-        let (_, server, _data) = run_demo(&url).await;
-        let pool = sqlx::PgPool::connect(&url).await.unwrap();
-        check_rows(&pool).await;
-        pool.close().await;
-        server.stop().await.unwrap();
-    })
-    .await;
-    sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)"))
-        .execute(&admin)
-        .await
-        .unwrap();
-    if let Err(e) = body {
-        std::panic::resume_unwind(e.into_panic());
-    }
+    demo_on::<sqlx::Postgres>().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_on_mariadb() {
-    let admin = match sqlx::MySqlPool::connect("mysql://root@127.0.0.1:3306/test").await {
-        Ok(p) => p,
-        Err(e) => return down("MariaDB at 127.0.0.1:3306", e),
-    };
-    let name = scratch_name();
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&admin)
-        .await
-        .unwrap();
-    let url = format!("mysql://root@127.0.0.1:3306/{name}");
-    let body = tokio::spawn(async move {
-        let (_, server, _data) = run_demo(&url).await;
-        let pool = sqlx::MySqlPool::connect(&url).await.unwrap();
-        check_rows(&pool).await;
-        pool.close().await;
-        server.stop().await.unwrap();
-    })
-    .await;
-    sqlx::query(&format!("DROP DATABASE {name}"))
-        .execute(&admin)
-        .await
-        .unwrap();
-    if let Err(e) = body {
-        std::panic::resume_unwind(e.into_panic());
-    }
+    demo_on::<sqlx::MySql>().await;
 }
