@@ -45,6 +45,8 @@ pub struct Broker {
     pub(crate) gate: RwLock<()>,
     /// Identifies this run of the broker in receipt handles.
     pub(crate) nonce: u32,
+    /// Log position of the snapshot last written or loaded (`u64::MAX`: none yet).
+    pub(crate) snapshot_at: std::sync::atomic::AtomicU64,
     arrivals: Mutex<HashMap<String, Arc<Notify>>>,
     round_robin: AtomicU32,
     /// Set when the server stops: long polls answer, Telemetry streams end.
@@ -63,6 +65,7 @@ impl Broker {
             sessions: Sessions::default(),
             gate: RwLock::new(()),
             nonce,
+            snapshot_at: std::sync::atomic::AtomicU64::new(u64::MAX),
             arrivals: Mutex::new(HashMap::new()),
             round_robin: AtomicU32::new(0),
             closing: tokio::sync::watch::channel(false).0,

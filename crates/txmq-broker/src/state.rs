@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -70,6 +71,7 @@ impl Broker {
                 );
                 broker.transactions.restore(snap.transactions);
                 broker.delivery.restore(snap.groups);
+                broker.snapshot_at.store(snap.position, Ordering::Relaxed);
                 snap.position
             }
             None => broker.store.log_range().start,
@@ -107,7 +109,9 @@ impl Broker {
         Ok(n)
     }
 
-    /// Writes a snapshot now and moves the retention floors.
+    /// Writes a snapshot now and moves the retention floors; does nothing when the log did
+    /// not grow since the last snapshot (every durable change of state appends a record, so
+    /// the saved state is still that of the log: an idle broker writes nothing).
     ///
     /// # Errors
     /// If the state file cannot be written.
@@ -117,11 +121,11 @@ impl Broker {
         // Under the gate only the copy: encoding happens after other work resumed.
         let (position, transactions, groups) = {
             let _exclusive = self.gate.write().await;
-            (
-                self.store.log_range().end,
-                self.transactions.copy(),
-                self.delivery.progress(),
-            )
+            let position = self.store.log_range().end;
+            if position == self.snapshot_at.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            (position, self.transactions.copy(), self.delivery.progress())
         };
         // Encoding and the synced write block a thread for a while: not a runtime worker's.
         let files = self.store.state_files().clone();
@@ -137,6 +141,7 @@ impl Broker {
             Ok::<_, anyhow::Error>(())
         })
         .await??;
+        self.snapshot_at.store(position, Ordering::Relaxed);
         self.store
             .set_retention_floor("broker-snapshot", Some(position));
         self.store

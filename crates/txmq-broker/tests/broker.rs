@@ -436,3 +436,63 @@ async fn tag_filters_deliver_only_matching_messages() {
     got.sort();
     assert_eq!(got, vec!["a".to_string(), "c".to_string()]);
 }
+
+/// The snapshot file under `dir`, found by name.
+fn snapshot_file(dir: &std::path::Path) -> std::path::PathBuf {
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.file_name().is_some_and(|n| n == "broker") {
+                return path;
+            }
+        }
+    }
+    panic!("no snapshot file under {}", dir.display());
+}
+
+/// The snapshot file's inode: every write replaces the file.
+fn snapshot_inode(dir: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(snapshot_file(dir)).unwrap().ino()
+}
+
+#[tokio::test]
+async fn an_idle_broker_does_not_rewrite_its_snapshot_and_skipped_snapshots_lose_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let b = open(dir.path());
+        for i in 0..2 {
+            b.send(vec![msg("n", &format!("m{i}"), SendType::Normal)])
+                .await
+                .unwrap();
+        }
+        b.snapshot().await.unwrap();
+        let first = snapshot_inode(dir.path());
+        b.snapshot().await.unwrap();
+        assert_eq!(
+            snapshot_inode(dir.path()),
+            first,
+            "nothing changed: no write"
+        );
+
+        let got = b.receive(&receive("g", "n", 30_000)).await.unwrap();
+        assert_eq!(got.len(), 2);
+        for r in b.ack("g", "n", &[got[0].handle.clone()]).await {
+            r.unwrap();
+        }
+        b.snapshot().await.unwrap();
+        let second = snapshot_inode(dir.path());
+        assert_ne!(
+            second, first,
+            "an acknowledgement changed the state: written"
+        );
+        b.snapshot().await.unwrap();
+        b.shutdown().await.unwrap();
+        assert_eq!(snapshot_inode(dir.path()), second);
+    }
+    let b = open(dir.path());
+    assert_eq!(drain(&b, "g", "n").await, vec!["m1".to_string()]);
+}
