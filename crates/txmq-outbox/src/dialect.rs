@@ -464,6 +464,23 @@ macro_rules! common {
     };
 }
 
+/// `$query` ([`INSERT`]'s statement) with the values of the new row `$r` bound in order.
+macro_rules! bind_row {
+    ($query:expr, $r:expr) => {
+        $query
+            .bind($r.id)
+            .bind($r.destination)
+            .bind($r.key)
+            .bind(i16::from($r.ordered))
+            .bind(&$r.headers)
+            .bind($r.payload)
+            .bind($r.next_attempt_at)
+            .bind($r.claimed_by)
+            .bind($r.claimed_until)
+            .bind($r.created_at)
+    };
+}
+
 /// Marks rows on `conn`: the delivered ones in one statement, the failed ones each.
 macro_rules! mark {
     ($conn:expr, $sql:expr, $delivered:expr, $failed:expr, $now:expr, $max:expr) => {{
@@ -536,19 +553,12 @@ impl OutboxDb for Postgres {
     }
 
     async fn insert(conn: &mut sqlx::PgConnection, r: &NewRow<'_>) -> Result<i64, sqlx::Error> {
-        sqlx::query_scalar(&numbered(&format!("{INSERT} RETURNING seq")))
-            .bind(r.id)
-            .bind(r.destination)
-            .bind(r.key)
-            .bind(i16::from(r.ordered))
-            .bind(&r.headers)
-            .bind(r.payload)
-            .bind(r.next_attempt_at)
-            .bind(r.claimed_by)
-            .bind(r.claimed_until)
-            .bind(r.created_at)
-            .fetch_one(conn)
-            .await
+        bind_row!(
+            sqlx::query_scalar(&numbered(&format!("{INSERT} RETURNING seq"))),
+            r
+        )
+        .fetch_one(conn)
+        .await
     }
 
     async fn claim(
@@ -680,19 +690,7 @@ impl OutboxDb for MySql {
     }
 
     async fn insert(conn: &mut sqlx::MySqlConnection, r: &NewRow<'_>) -> Result<i64, sqlx::Error> {
-        let done = sqlx::query(INSERT)
-            .bind(r.id)
-            .bind(r.destination)
-            .bind(r.key)
-            .bind(i16::from(r.ordered))
-            .bind(&r.headers)
-            .bind(r.payload)
-            .bind(r.next_attempt_at)
-            .bind(r.claimed_by)
-            .bind(r.claimed_until)
-            .bind(r.created_at)
-            .execute(conn)
-            .await?;
+        let done = bind_row!(sqlx::query(INSERT), r).execute(conn).await?;
         Ok(i64::try_from(done.last_insert_id()).unwrap_or(i64::MAX))
     }
 
@@ -777,17 +775,7 @@ impl OutboxDb for Sqlite {
     }
 
     async fn insert(conn: &mut sqlx::SqliteConnection, r: &NewRow<'_>) -> Result<i64, sqlx::Error> {
-        sqlx::query_scalar(&format!("{INSERT} RETURNING seq"))
-            .bind(r.id)
-            .bind(r.destination)
-            .bind(r.key)
-            .bind(i16::from(r.ordered))
-            .bind(&r.headers)
-            .bind(r.payload)
-            .bind(r.next_attempt_at)
-            .bind(r.claimed_by)
-            .bind(r.claimed_until)
-            .bind(r.created_at)
+        bind_row!(sqlx::query_scalar(&format!("{INSERT} RETURNING seq")), r)
             .fetch_one(conn)
             .await
     }

@@ -86,10 +86,9 @@ impl Metrics {
         self.database_errors.load(Ordering::Relaxed)
     }
 
-    pub(crate) fn observe_publish(&self, d: Duration, rows: usize) {
+    pub(crate) fn observe_publish(&self, d: Duration) {
         self.publish_seconds.observe(d, 1);
         self.batches.fetch_add(1, Ordering::Relaxed);
-        let _ = rows;
     }
 
     pub(crate) fn observe_delivered(&self, commit_to_ack: Duration) {
@@ -219,7 +218,7 @@ mod tests {
     #[test]
     fn renders_counters_histograms_and_table_gauges() {
         let m = Metrics::default();
-        m.observe_publish(Duration::from_millis(3), 10);
+        m.observe_publish(Duration::from_millis(3));
         for _ in 0..10 {
             m.observe_delivered(Duration::from_millis(40));
         }

@@ -1,12 +1,12 @@
 //! Where messages enter the outbox, in the caller's transaction, and the after-commit fast
 //! path.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sqlx::{Pool, Transaction};
 
-use crate::dialect::{Failure, NewRow, OutboxDb};
-use crate::metrics::Metrics;
+use crate::dialect::{NewRow, OutboxDb};
+use crate::relay;
 use crate::sink::Sink;
 use crate::{OutboxMessage, OutboxRow, RetryPolicy, now_ms};
 
@@ -164,55 +164,26 @@ impl Outbox {
     ) -> Result<FastPathReport, sqlx::Error> {
         tx.commit().await?;
         let rows: Vec<OutboxRow> = messages.into_iter().map(|m| m.row).collect();
-        Ok(publish_fast(pool, sink, &rows, &self.retry, None).await)
-    }
-}
-
-/// Publishes committed fast-path rows and marks them.
-pub(crate) async fn publish_fast<DB: OutboxDb>(
-    pool: &Pool<DB>,
-    sink: &dyn Sink,
-    rows: &[OutboxRow],
-    retry: &RetryPolicy,
-    metrics: Option<&Metrics>,
-) -> FastPathReport {
-    if rows.is_empty() {
-        return FastPathReport::default();
-    }
-    let started = Instant::now();
-    let results = sink.publish(rows).await;
-    if let Some(m) = metrics {
-        m.observe_publish(started.elapsed(), rows.len());
-    }
-    let mut delivered = Vec::new();
-    let mut errors = Vec::new();
-    for (row, result) in rows.iter().zip(&results) {
-        match result {
-            Ok(()) => delivered.push(row.seq),
-            Err(e) => errors.push((row.seq, e.to_string(), row.attempts)),
+        if rows.is_empty() {
+            return Ok(FastPathReport::default());
         }
-    }
-    let now = now_ms();
-    let failed: Vec<Failure<'_>> = errors
-        .iter()
-        .map(|(seq, e, attempts)| Failure {
-            seq: *seq,
-            error: e,
-            next_attempt_at: now.saturating_add(millis(retry.delay(*attempts))),
-        })
-        .collect();
-    match DB::finish(pool, None, &delivered, &failed, now, retry.max_attempts).await {
-        Ok(()) => FastPathReport {
-            published: delivered.len(),
-            left_to_relay: failed.len(),
-        },
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot mark fast-path rows; the relay publishes them again after the lease");
-            FastPathReport {
-                published: 0,
-                left_to_relay: rows.len(),
-            }
-        }
+        // Past the lease the relay may publish them too: wait no longer than that.
+        let results = relay::publish(sink, &rows, self.fast_path_lease).await;
+        Ok(
+            match relay::mark_published(pool, None, &rows, &results, &self.retry).await {
+                Ok(m) => FastPathReport {
+                    published: rows.len() - m.failed,
+                    left_to_relay: m.failed,
+                },
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot mark fast-path rows; the relay publishes them again after the lease");
+                    FastPathReport {
+                        published: 0,
+                        left_to_relay: rows.len(),
+                    }
+                }
+            },
+        )
     }
 }
 

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use sqlx::Pool;
 use tokio::sync::{Notify, watch};
 
+use crate::OutboxRow;
 use crate::dialect::{Failure, OutboxDb};
 use crate::metrics::Metrics;
 use crate::outbox::millis;
@@ -120,81 +121,26 @@ impl<DB: OutboxDb> Relay<DB> {
         }
         let started = Instant::now();
         let claiming = started - began;
-        let results =
-            match tokio::time::timeout(self.config.publish_timeout, self.sink.publish(&rows)).await
-            {
-                Ok(r) if r.len() == rows.len() => r,
-                Ok(r) => {
-                    let e = SinkError::new(format!(
-                        "the {} sink answered {} results for {} rows",
-                        self.sink.name(),
-                        r.len(),
-                        rows.len()
-                    ));
-                    vec![Err(e); rows.len()]
-                }
-                Err(_) => {
-                    let e = SinkError::new(format!(
-                        "no confirmation from the {} sink within {:?}",
-                        self.sink.name(),
-                        self.config.publish_timeout
-                    ));
-                    vec![Err(e); rows.len()]
-                }
-            };
+        let results = publish(&*self.sink, &rows, self.config.publish_timeout).await;
         let publishing = started.elapsed();
-        self.metrics.observe_publish(publishing, rows.len());
-        let acked = now_ms();
-        let mut delivered = Vec::with_capacity(rows.len());
-        let mut waits = Vec::with_capacity(rows.len());
-        let mut errors = Vec::new();
-        let mut dead = 0;
-        for (row, result) in rows.iter().zip(results) {
-            match result {
-                Ok(()) => {
-                    delivered.push(row.seq);
-                    waits.push(acked.saturating_sub(row.created_at_ms).max(0));
-                }
-                Err(e) => {
-                    let last = row.attempts.saturating_add(1) >= self.config.retry.max_attempts;
-                    dead += usize::from(last);
-                    tracing::debug!(id = %row.id, attempts = row.attempts + 1, dead = last, error = %e, "publish failed");
-                    errors.push((row.seq, e.to_string(), row.attempts));
-                }
-            }
-        }
-        let failed: Vec<Failure<'_>> = errors
-            .iter()
-            .map(|(seq, e, attempts)| Failure {
-                seq: *seq,
-                error: e,
-                next_attempt_at: acked.saturating_add(millis(self.config.retry.delay(*attempts))),
-            })
-            .collect();
-        DB::finish(
-            &self.pool,
-            claimed.tx,
-            &delivered,
-            &failed,
-            acked,
-            self.config.retry.max_attempts,
-        )
-        .await?;
+        self.metrics.observe_publish(publishing);
+        let marked =
+            mark_published(&self.pool, claimed.tx, &rows, &results, &self.config.retry).await?;
         tracing::debug!(
             rows = rows.len(),
-            failed = errors.len(),
+            failed = marked.failed,
             claim_ms = claiming.as_secs_f64() * 1e3,
             publish_ms = publishing.as_secs_f64() * 1e3,
             mark_ms = (started.elapsed() - publishing).as_secs_f64() * 1e3,
             "batch done"
         );
         // Counted once marked: a row whose marking failed is published again.
-        for w in waits {
+        for w in marked.waits_ms {
             self.metrics
                 .observe_delivered(Duration::from_millis(w.unsigned_abs()));
         }
-        for i in 0..errors.len() {
-            self.metrics.failed(i < dead);
+        for i in 0..marked.failed {
+            self.metrics.failed(i < marked.dead);
         }
         Ok(rows.len())
     }
@@ -289,6 +235,95 @@ impl<DB: OutboxDb> Relay<DB> {
             }
         }
     }
+}
+
+/// Publishes `rows` through `sink`, waiting at most `timeout`: one result per row. Every
+/// row fails if the sink does not answer in time, or answers for another number of rows.
+pub(crate) async fn publish(
+    sink: &dyn Sink,
+    rows: &[OutboxRow],
+    timeout: Duration,
+) -> Vec<Result<(), SinkError>> {
+    let failure = match tokio::time::timeout(timeout, sink.publish(rows)).await {
+        Ok(r) if r.len() == rows.len() => return r,
+        Ok(r) => format!(
+            "the {} sink answered {} results for {} rows",
+            sink.name(),
+            r.len(),
+            rows.len()
+        ),
+        Err(_) => format!(
+            "no confirmation from the {} sink within {timeout:?}",
+            sink.name()
+        ),
+    };
+    vec![Err(SinkError::new(failure)); rows.len()]
+}
+
+/// What [`mark_published`] recorded.
+pub(crate) struct Marked {
+    /// Enqueue-to-confirmation time of each delivered row, ms.
+    pub waits_ms: Vec<i64>,
+    /// Rows that failed this attempt.
+    pub failed: usize,
+    /// Of those, rows now dead (that was their last attempt).
+    pub dead: usize,
+}
+
+/// Marks the rows of one publish from the sink's `results`: delivered, or failed with
+/// `retry`'s backoff (dead after the last attempt). The marks commit with `claimed` (the
+/// claim's transaction) or in a transaction of their own.
+///
+/// # Errors
+/// The database's error; then nothing is marked and the rows are published again later.
+pub(crate) async fn mark_published<DB: OutboxDb>(
+    pool: &Pool<DB>,
+    claimed: Option<sqlx::Transaction<'static, DB>>,
+    rows: &[OutboxRow],
+    results: &[Result<(), SinkError>],
+    retry: &RetryPolicy,
+) -> Result<Marked, sqlx::Error> {
+    let acked = now_ms();
+    let mut delivered = Vec::with_capacity(rows.len());
+    let mut waits_ms = Vec::with_capacity(rows.len());
+    let mut errors = Vec::new();
+    let mut dead = 0;
+    for (row, result) in rows.iter().zip(results) {
+        match result {
+            Ok(()) => {
+                delivered.push(row.seq);
+                waits_ms.push(acked.saturating_sub(row.created_at_ms).max(0));
+            }
+            Err(e) => {
+                let last = row.attempts.saturating_add(1) >= retry.max_attempts;
+                dead += usize::from(last);
+                tracing::debug!(id = %row.id, attempts = row.attempts + 1, dead = last, error = %e, "publish failed");
+                errors.push((row.seq, e.to_string(), row.attempts));
+            }
+        }
+    }
+    let failed: Vec<Failure<'_>> = errors
+        .iter()
+        .map(|(seq, e, attempts)| Failure {
+            seq: *seq,
+            error: e,
+            next_attempt_at: acked.saturating_add(millis(retry.delay(*attempts))),
+        })
+        .collect();
+    DB::finish(
+        pool,
+        claimed,
+        &delivered,
+        &failed,
+        acked,
+        retry.max_attempts,
+    )
+    .await?;
+    Ok(Marked {
+        waits_ms,
+        failed: failed.len(),
+        dead,
+    })
 }
 
 /// Deletes delivered rows older than `keep`, `batch` rows per statement, until none is
