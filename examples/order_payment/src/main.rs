@@ -216,7 +216,15 @@ async fn demo<DB: Shop>(cli: &Cli, config: ClientConfig, pool: Pool<DB>) -> anyh
             .await
             .context("cannot place an order")?;
     }
-    println!("stock: 4 keyboards, 1 monitor; 5 new orders placed\n");
+    let stock: Vec<String> = STOCK
+        .iter()
+        .map(|(sku, n)| format!("{n} x {sku}"))
+        .collect();
+    println!(
+        "stock: {}; {} new orders placed\n",
+        stock.join(", "),
+        ORDERS.len()
+    );
 
     let checker = DbChecker::new(pool.clone()).with_max_local_transaction(Duration::from_secs(30));
     let producer =
