@@ -1,5 +1,5 @@
-//! `txmq`: the one binary of txmq. Today it benchmarks and checks the storage engine;
-//! `serve` and the other commands of ARCHITECTURE.md follow.
+//! `txmq`: the one binary of txmq: the broker (`serve`), its admin and client commands, the
+//! outbox relay, the storage checks and the benchmarks.
 
 mod admin_cmd;
 mod bench;
@@ -18,7 +18,24 @@ use tracing_subscriber::EnvFilter;
 
 use cli::{BenchCommand, Cli, Command, DebugCommand, StoreCommand};
 
+/// The broker and the benchmarks allocate and free many small buffers per request on every
+/// core; mimalloc's per-thread heaps serve them with less contention than glibc's arenas.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Keeps the kernel from backing this process's memory with transparent huge pages.
+///
+/// mimalloc reserves its heap in large aligned regions; where THP is set to `always`, the
+/// first byte touched in such a region makes 2 MiB resident, which more than doubled an idle
+/// broker's memory (28 MB against 16 MB). Nothing in txmq gains from huge pages: its large
+/// data is the commit log, in the page cache.
+fn no_huge_pages() {
+    // SAFETY: PR_SET_THP_DISABLE only sets a flag on this process; it takes no pointers.
+    let _ = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+}
+
 fn main() -> ExitCode {
+    no_huge_pages();
     let cli = Cli::parse();
     if let Err(e) = init_logging(&cli.log_level) {
         eprintln!("txmq: error: {e:#}");

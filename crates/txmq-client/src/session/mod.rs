@@ -1,4 +1,4 @@
-//! One client's connection to the server: the channel, the Telemetry stream (settings in
+//! One client's connection to the server: the HTTP/2 connection, the Telemetry stream (settings in
 //! both directions, check-backs from the server), heartbeats, the route cache, and a
 //! wrapper per RPC with its deadline and status check.
 //!
@@ -18,7 +18,6 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
 use txmq_proto::v2::messaging_service_client::MessagingServiceClient;
 use txmq_proto::v2::{self as pb, Code, receive_message_response, settings::PubSub};
 
@@ -28,10 +27,10 @@ use crate::error::{CallError, ConnectError, check};
 use crate::message::MessageView;
 use crate::retry::{RetryPolicy, from_duration};
 use crate::transaction::TransactionResolution;
-use transport::{Headers, Target};
+use transport::{Connection, Headers, Target};
 
 /// The generated stub with the `x-mq-*` headers added to every request.
-pub(crate) type Stub = MessagingServiceClient<InterceptedService<Channel, Headers>>;
+pub(crate) type Stub = MessagingServiceClient<InterceptedService<Connection, Headers>>;
 
 /// A boxed, sendable future.
 pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -148,10 +147,13 @@ impl Session {
             uuid::Uuid::now_v7().simple()
         );
         let headers = Headers::new(&client_id, &config)?;
-        let channel = transport::channel(&config, &target)?;
-        let stub = MessagingServiceClient::with_interceptor(channel, headers)
-            .max_decoding_message_size(256 << 20)
-            .max_encoding_message_size(256 << 20);
+        let connection = Connection::new(&config, &target)?;
+        let stub = MessagingServiceClient::with_origin(
+            InterceptedService::new(connection, headers),
+            transport::origin(&target),
+        )
+        .max_decoding_message_size(256 << 20)
+        .max_encoding_message_size(256 << 20);
         let shared = Arc::new(Shared {
             config,
             target,

@@ -6,23 +6,30 @@
 //! Every message is accounted for: sends the server acknowledged must all be received before
 //! the drain time ends, each once; messages of other runs found in the group are
 //! acknowledged and counted apart.
+//!
+//! Both sides use the product's own client, [`txmq_client`]: `--connections` [`Producer`]s
+//! and as many [`SimpleConsumer`]s (one connection each), sending task `i` using producer
+//! `i % connections` and consuming task `i` consumer `i % connections`. The producers retry
+//! a send that failed transiently (connection lost, timeout, throttling, server error) as
+//! the server's retry policy says (3 attempts by default, with the same message id): a send
+//! counts as an error only when the client gives up, and its latency includes the retries.
+//! A message's arrival time is when the receive call that brought it returned (the server
+//! writes a batch's messages out at once, and the client reads the stream to its end).
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use serde::Serialize;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use txmq_proto::v2::{
-    AckMessageEntry, Code, Encoding, Message, MessageQueue, MessageType, ReceiveMessageRequest,
-    SystemProperties,
+use txmq_client::{
+    ClientConfig, Message, MessageView, Producer, ReceiveError, SimpleConsumer, Subscription,
 };
 
 use super::latency::{Latencies, LatencySummary, bench_body, round3};
-use super::txmq_wire::{self, CallError, Delivered, Session};
+use super::produce::server_uri;
 use crate::cli::BenchE2eArgs;
 
 /// User property naming the run a message belongs to.
@@ -35,7 +42,7 @@ const SEQ_PROPERTY: &str = "bench-seq";
 const SENT_NS_PROPERTY: &str = "bench-sent-ns";
 
 /// Messages asked for per ReceiveMessage.
-const BATCH_SIZE: i32 = 32;
+const BATCH_SIZE: u32 = 32;
 /// How long a received message stays invisible to other consumers before it must be acked.
 const INVISIBLE_DURATION: Duration = Duration::from_secs(30);
 /// How long the server may hold a ReceiveMessage open waiting for messages.
@@ -188,9 +195,8 @@ pub fn run(args: &BenchE2eArgs) -> anyhow::Result<()> {
 
 /// Everything the consumer tasks share.
 struct Consuming {
-    session: Session,
-    group: String,
-    topic: String,
+    /// One consumer per connection; task `i` uses consumer `i % consumers.len()`.
+    consumers: Vec<SimpleConsumer>,
     run_id: String,
     base: Instant,
     ledger: Arc<Ledger>,
@@ -203,13 +209,13 @@ struct Consuming {
 
 /// Everything the sending tasks share.
 struct Sending {
-    session: Session,
+    /// One producer per connection; task `i` uses producer `i % producers.len()`.
+    producers: Vec<Producer>,
     topic: String,
     run_id: String,
     base: Instant,
     rate: u64,
     body: Vec<u8>,
-    born_host: String,
     next: AtomicU64,
     total: u64,
     ledger: Arc<Ledger>,
@@ -220,33 +226,49 @@ struct Sending {
 }
 
 async fn measure(args: &BenchE2eArgs) -> anyhow::Result<Report> {
-    let connections = |tasks: u64| args.connections.min(tasks) as usize;
-    // The consumer announces its subscription before anything is sent.
-    let consumer = Session::open(
-        &args.server,
-        connections(args.consumers),
-        txmq_wire::simple_consumer_settings(&args.group, &args.topic),
-    )
-    .await?;
-    let producer = Session::open(
-        &args.server,
-        connections(args.senders),
-        txmq_wire::producer_settings(&[&args.topic]),
-    )
-    .await?;
-    let server = producer.server().to_string();
-    // One message before the clock starts, so that the topic exists (the first send creates
-    // it) when the consumers begin to poll; consumers acknowledge it and count it nowhere.
-    warm_up(&producer, &args.topic).await?;
+    let connections = |tasks: u64| (args.connections.min(tasks) as usize).max(1);
+    let config = ClientConfig::new(&args.server).with_long_polling_timeout(LONG_POLLING_TIMEOUT);
+    // The consumers announce their subscription before anything is sent.
+    let mut consumers = Vec::new();
+    for _ in 0..connections(args.consumers) {
+        let consumer = SimpleConsumer::connect(
+            config.clone(),
+            &args.group,
+            [Subscription::all(&args.topic)],
+        )
+        .await
+        .with_context(|| {
+            format!(
+                "cannot connect to the txmq server at {}",
+                server_uri(&args.server)
+            )
+        })?;
+        consumers.push(consumer);
+    }
+    let mut producers = Vec::new();
+    for _ in 0..connections(args.senders) {
+        let producer = Producer::connect(config.clone(), [args.topic.as_str()])
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot connect to the txmq server at {}",
+                    server_uri(&args.server)
+                )
+            })?;
+        producers.push(producer);
+    }
+    let server = server_uri(&args.server);
+    // One message per producer before the clock starts, so that the topic exists (the first
+    // send creates it) when the consumers begin to poll, and every producer has the topic's
+    // route; consumers acknowledge them and count them nowhere.
+    warm_up(&producers, &args.topic).await?;
     let run_id = uuid::Uuid::now_v7().simple().to_string();
     let total = args.rate.saturating_mul(args.seconds);
     let ledger = Arc::new(Ledger::new(total));
     let base = Instant::now();
 
     let consuming = Arc::new(Consuming {
-        session: consumer,
-        group: args.group.clone(),
-        topic: args.topic.clone(),
+        consumers,
         run_id: run_id.clone(),
         base,
         ledger: ledger.clone(),
@@ -257,19 +279,18 @@ async fn measure(args: &BenchE2eArgs) -> anyhow::Result<Report> {
         ack_errors: Errors::default(),
     });
     let (stop, stopped) = watch::channel(false);
-    let mut consumers = JoinSet::new();
+    let mut consuming_tasks = JoinSet::new();
     for task in 0..args.consumers {
-        consumers.spawn(consume(consuming.clone(), task, stopped.clone()));
+        consuming_tasks.spawn(consume(consuming.clone(), task, stopped.clone()));
     }
 
     let sending = Arc::new(Sending {
-        session: producer,
+        producers,
         topic: args.topic.clone(),
         run_id: run_id.clone(),
         base,
         rate: args.rate,
         body: bench_body(args.size),
-        born_host: txmq_wire::hostname(),
         next: AtomicU64::new(0),
         total,
         ledger: ledger.clone(),
@@ -296,9 +317,22 @@ async fn measure(args: &BenchE2eArgs) -> anyhow::Result<Report> {
     }
     let drain = drain_start.elapsed();
     let _ = stop.send(true);
-    while let Some(joined) = consumers.join_next().await {
+    while let Some(joined) = consuming_tasks.join_next().await {
         joined.context("a consuming task panicked")?;
     }
+    // Every task has finished: the clients are no longer used.
+    let shutdowns = sending
+        .producers
+        .iter()
+        .map(|p| p.clone().shutdown())
+        .collect::<Vec<_>>();
+    futures::future::join_all(shutdowns).await;
+    let shutdowns = consuming
+        .consumers
+        .iter()
+        .map(|c| c.clone().shutdown())
+        .collect::<Vec<_>>();
+    futures::future::join_all(shutdowns).await;
 
     let c = &consuming;
     let s = &sending;
@@ -351,24 +385,14 @@ async fn measure(args: &BenchE2eArgs) -> anyhow::Result<Report> {
     })
 }
 
-/// Sends one message that belongs to no run.
-async fn warm_up(producer: &Session, topic: &str) -> anyhow::Result<()> {
-    let message = Message {
-        topic: Some(txmq_wire::resource(topic)),
-        user_properties: HashMap::from([(WARM_UP_PROPERTY.to_string(), "1".to_string())]),
-        system_properties: Some(SystemProperties {
-            message_id: uuid::Uuid::now_v7().simple().to_string(),
-            message_type: MessageType::Normal as i32,
-            born_timestamp: Some(SystemTime::now().into()),
-            body_encoding: Encoding::Identity as i32,
-            ..Default::default()
-        }),
-        body: b"warm-up".to_vec(),
-    };
-    producer
-        .send(message)
-        .await
-        .context("warm-up send failed")?;
+/// Sends one message that belongs to no run through each producer.
+async fn warm_up(producers: &[Producer], topic: &str) -> anyhow::Result<()> {
+    let sends = producers.iter().map(|p| {
+        p.send(Message::new(topic, b"warm-up".to_vec()).with_property(WARM_UP_PROPERTY, "1"))
+    });
+    for sent in futures::future::join_all(sends).await {
+        sent.context("warm-up send failed")?;
+    }
     Ok(())
 }
 
@@ -376,6 +400,7 @@ async fn warm_up(producer: &Session, topic: &str) -> anyhow::Result<()> {
 /// (`rate` per second from the clock base), sends it and waits for the acknowledgement;
 /// stops at the first slot past the end of the run.
 async fn send(s: Arc<Sending>, task: u64) {
+    let producer = &s.producers[usize::try_from(task).unwrap_or(usize::MAX) % s.producers.len()];
     loop {
         let seq = s.next.fetch_add(1, Ordering::Relaxed);
         if seq >= s.total {
@@ -391,24 +416,11 @@ async fn send(s: Arc<Sending>, task: u64) {
             *max = (*max).max(lag);
         }
         let sent_ns = now.duration_since(s.base).as_nanos();
-        let message = Message {
-            topic: Some(txmq_wire::resource(&s.topic)),
-            user_properties: HashMap::from([
-                (RUN_PROPERTY.to_string(), s.run_id.clone()),
-                (SEQ_PROPERTY.to_string(), seq.to_string()),
-                (SENT_NS_PROPERTY.to_string(), sent_ns.to_string()),
-            ]),
-            system_properties: Some(SystemProperties {
-                message_id: uuid::Uuid::now_v7().simple().to_string(),
-                message_type: MessageType::Normal as i32,
-                born_timestamp: Some(SystemTime::now().into()),
-                born_host: s.born_host.clone(),
-                body_encoding: Encoding::Identity as i32,
-                ..Default::default()
-            }),
-            body: s.body.clone(),
-        };
-        match s.session.send(message).await {
+        let message = Message::new(s.topic.as_str(), s.body.clone())
+            .with_property(RUN_PROPERTY, s.run_id.as_str())
+            .with_property(SEQ_PROPERTY, seq.to_string())
+            .with_property(SENT_NS_PROPERTY, sent_ns.to_string());
+        match producer.send(message).await {
             Ok(_) => {
                 let latency = now.elapsed();
                 s.latencies.record(task, latency);
@@ -425,36 +437,25 @@ async fn send(s: Arc<Sending>, task: u64) {
     }
 }
 
-/// One consuming task: long-polls ReceiveMessage, records each message's latency, acks the
-/// batch, until told to stop (a receive in progress is then abandoned).
+/// One consuming task: long-polls ReceiveMessage for up to [`BATCH_SIZE`] messages, records
+/// each message's latency, acks the batch (one AckMessage per message, all at once), until
+/// told to stop (a receive in progress is then abandoned).
 async fn consume(c: Arc<Consuming>, task: u64, mut stop: watch::Receiver<bool>) {
+    let consumer = &c.consumers[usize::try_from(task).unwrap_or(usize::MAX) % c.consumers.len()];
     while !*stop.borrow() {
-        let request = ReceiveMessageRequest {
-            group: Some(txmq_wire::resource(&c.group)),
-            message_queue: Some(MessageQueue {
-                topic: Some(txmq_wire::resource(&c.topic)),
-                id: -1,
-                ..Default::default()
-            }),
-            filter_expression: Some(txmq_wire::all_tags()),
-            batch_size: BATCH_SIZE,
-            invisible_duration: Some(txmq_wire::duration(INVISIBLE_DURATION)),
-            auto_renew: false,
-            long_polling_timeout: Some(txmq_wire::duration(LONG_POLLING_TIMEOUT)),
-            attempt_id: Some(uuid::Uuid::now_v7().to_string()),
-        };
         // Until a send is acknowledged the topic may not exist yet (the first send can create
         // it), so TOPIC_NOT_FOUND is then no error.
         let before_first_send = c.ledger.acked.load(Ordering::Acquire) == 0;
         let received = tokio::select! {
-            r = c.session.receive(request) => r,
+            r = consumer.receive(BATCH_SIZE, INVISIBLE_DURATION) => r,
             _ = stop.wait_for(|s| *s) => return,
         };
+        let at = Instant::now();
         let batch = match received {
             Ok(batch) => batch,
             Err(e) => {
-                let topic_not_yet_created = before_first_send
-                    && matches!(e, CallError::Refused { code, .. } if code == Code::TopicNotFound as i32);
+                let topic_not_yet_created =
+                    before_first_send && matches!(e, ReceiveError::TopicNotFound { .. });
                 if !topic_not_yet_created {
                     c.receive_errors.note(e.to_string());
                 }
@@ -467,33 +468,21 @@ async fn consume(c: Arc<Consuming>, task: u64, mut stop: watch::Receiver<bool>) 
         if batch.is_empty() {
             continue;
         }
-        let mut entries = Vec::with_capacity(batch.len());
-        for delivered in batch {
-            record(&c, task, &delivered);
-            let props = delivered.message.system_properties.unwrap_or_default();
-            match props.receipt_handle {
-                Some(receipt_handle) => entries.push(AckMessageEntry {
-                    message_id: props.message_id,
-                    receipt_handle,
-                    lite_topic: None,
-                }),
-                None => c.ack_errors.note(format!(
-                    "message {} has no receipt handle",
-                    props.message_id
-                )),
-            }
+        for message in &batch {
+            record(&c, task, message, at);
         }
-        if !entries.is_empty()
-            && let Err(e) = c.session.ack(&c.group, &c.topic, entries).await
-        {
-            c.ack_errors.note(e.to_string());
+        let acks = batch.iter().map(|m| consumer.ack(m));
+        for acked in futures::future::join_all(acks).await {
+            if let Err(e) = acked {
+                c.ack_errors.note(e.to_string());
+            }
         }
     }
 }
 
-/// Records the arrival of one message: its latency if it is this run's and new.
-fn record(c: &Consuming, task: u64, d: &Delivered) {
-    let props = &d.message.user_properties;
+/// Records the arrival, at `at`, of one message: its latency if it is this run's and new.
+fn record(c: &Consuming, task: u64, m: &MessageView, at: Instant) {
+    let props = m.properties();
     if props.contains_key(WARM_UP_PROPERTY) {
         return;
     }
@@ -509,7 +498,7 @@ fn record(c: &Consuming, task: u64, d: &Delivered) {
     match c.ledger.mark(seq, RECEIVED) {
         Some(before) if before & RECEIVED == 0 => {
             let sent = c.base + Duration::from_nanos(sent_ns);
-            let latency = d.at.saturating_duration_since(sent);
+            let latency = at.saturating_duration_since(sent);
             c.latencies.record(task, latency);
             let mut max = c.max_latency.lock().unwrap_or_else(|e| e.into_inner());
             *max = (*max).max(latency);

@@ -9,7 +9,6 @@ pub mod peers;
 pub mod produce;
 pub mod relay;
 pub mod store;
-pub mod txmq_wire;
 
 /// Prints a benchmark's report: the table on stdout, or with `json` one JSON object on stdout
 /// and the table on stderr.

@@ -5,21 +5,29 @@
 //! Every target gets the same shape of load: `--concurrency` tasks, each sending one message
 //! and waiting for the broker's durable acknowledgement before sending the next, over a few
 //! connections shared by the tasks.
+//!
+//! txmq is driven through the product's own client, [`txmq_client`]: one [`Producer`] (or
+//! [`TransactionalProducer`]) per connection, task `i` sending through producer
+//! `i % connections`. The client retries a send that failed transiently (connection lost,
+//! timeout, throttling, server error) as the server's retry policy says (3 attempts by
+//! default, with the same message id), and likewise a commit; a half message is sent once.
+//! A send counts as an error only when the client gives up (or [`SEND_TIMEOUT`] passes),
+//! and its latency includes the client's retries.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use serde::Serialize;
 use tokio::task::JoinSet;
-use txmq_proto::v2::{
-    Encoding, Message, MessageType, SystemProperties, TransactionResolution, TransactionSource,
+use txmq_client::{
+    ClientConfig, Message, MessageView, Producer, TransactionChecker, TransactionResolution,
+    TransactionalProducer,
 };
 
 use super::latency::{Latencies, LatencySummary, bench_body, round3};
 use super::peers;
-use super::txmq_wire::{self, Session};
 use crate::cli::{BenchProduceArgs, BenchTarget};
 
 /// The longest one send (with its commit, if transactional) may take before it counts as an
@@ -294,76 +302,110 @@ pub async fn drive<P: Publisher>(publisher: Arc<P>, w: &Workload) -> anyhow::Res
     })
 }
 
-/// Sends to txmq through the RocketMQ 5 gRPC protocol.
+/// One connection's client of txmq.
+enum TxmqClient {
+    Plain(Producer),
+    /// Each send is a half message ([`TransactionalProducer::begin`]) and its commit.
+    Transactional(TransactionalProducer),
+}
+
+/// Answers the server's check-backs with commit: the benchmark begins only transactions it
+/// commits, so a check-back comes only for one whose commit was lost or late (e.g. when a
+/// send ran out of time).
+struct CommitAll;
+
+impl TransactionChecker for CommitAll {
+    async fn check(&self, _transaction_id: &str, _message: &MessageView) -> TransactionResolution {
+        TransactionResolution::Commit
+    }
+}
+
+/// Sends to txmq through [`txmq_client`], over the RocketMQ 5 gRPC protocol.
 struct Txmq {
-    session: Session,
+    /// One client per connection; task `i` uses client `i % clients.len()`.
+    clients: Vec<TxmqClient>,
     topic: String,
     body: Arc<Vec<u8>>,
-    transactional: bool,
-    born_host: String,
 }
 
 impl Publisher for Txmq {
-    async fn publish(&self, _task: u64, _n: u64) -> Result<(), String> {
-        let message_id = uuid::Uuid::now_v7().simple().to_string();
-        let message_type = if self.transactional {
-            MessageType::Transaction
-        } else {
-            MessageType::Normal
-        };
-        let message = Message {
-            topic: Some(txmq_wire::resource(&self.topic)),
-            user_properties: Default::default(),
-            system_properties: Some(SystemProperties {
-                message_id: message_id.clone(),
-                message_type: message_type as i32,
-                born_timestamp: Some(SystemTime::now().into()),
-                born_host: self.born_host.clone(),
-                body_encoding: Encoding::Identity as i32,
-                ..Default::default()
-            }),
-            body: self.body.as_ref().clone(),
-        };
-        let entry = self
-            .session
-            .send(message)
-            .await
-            .map_err(|e| e.to_string())?;
-        if self.transactional {
-            let id = if entry.message_id.is_empty() {
-                &message_id
-            } else {
-                &entry.message_id
-            };
-            self.session
-                .end_transaction(
-                    &self.topic,
-                    id,
-                    &entry.transaction_id,
-                    TransactionResolution::Commit,
-                    TransactionSource::SourceClient,
-                )
+    async fn publish(&self, task: u64, _n: u64) -> Result<(), String> {
+        let i = usize::try_from(task).unwrap_or(usize::MAX) % self.clients.len();
+        let message = Message::new(self.topic.as_str(), self.body.as_ref().clone());
+        match &self.clients[i] {
+            TxmqClient::Plain(producer) => producer
+                .send(message)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map(drop)
+                .map_err(|e| e.to_string()),
+            TxmqClient::Transactional(producer) => {
+                let transaction = producer
+                    .begin(message)
+                    .await
+                    .map_err(|e| format!("half message: {e}"))?;
+                transaction
+                    .commit()
+                    .await
+                    .map_err(|e| format!("commit: {e}"))
+            }
         }
-        Ok(())
+    }
+}
+
+/// `server` as a URI for the report: `http://` is added when no scheme is given.
+pub fn server_uri(server: &str) -> String {
+    if server.contains("://") {
+        server.to_string()
+    } else {
+        format!("http://{server}")
     }
 }
 
 async fn run_txmq(args: &BenchProduceArgs, w: &Workload) -> anyhow::Result<TargetReport> {
-    let settings = txmq_wire::producer_settings(&[&args.topic]);
-    let session = Session::open(&args.server, w.connections, settings).await?;
-    let server = session.server().to_string();
+    let config = ClientConfig::new(&args.server);
+    let topics = [args.topic.as_str()];
+    let mut clients = Vec::with_capacity(w.connections.max(1));
+    for _ in 0..w.connections.max(1) {
+        let client = if args.transactional {
+            TransactionalProducer::connect(config.clone(), topics, CommitAll)
+                .await
+                .map(TxmqClient::Transactional)
+        } else {
+            Producer::connect(config.clone(), topics)
+                .await
+                .map(TxmqClient::Plain)
+        };
+        clients.push(client.with_context(|| {
+            format!(
+                "cannot connect to the txmq server at {}",
+                server_uri(&args.server)
+            )
+        })?);
+    }
     let publisher = Arc::new(Txmq {
-        session,
+        clients,
         topic: args.topic.clone(),
         body: w.body.clone(),
-        transactional: args.transactional,
-        born_host: txmq_wire::hostname(),
     });
-    let measured = drive(publisher, w).await?;
+    let measured = drive(publisher.clone(), w).await?;
+    // Every task has finished: this is the last reference.
+    if let Some(publisher) = Arc::into_inner(publisher) {
+        let shutdowns = publisher.clients.into_iter().map(|c| async move {
+            match c {
+                TxmqClient::Plain(p) => p.shutdown().await,
+                TxmqClient::Transactional(p) => p.shutdown().await,
+            }
+        });
+        futures::future::join_all(shutdowns).await;
+    }
     let durability = TXMQ_DURABILITY;
-    Ok(measured.report("txmq", server, args.topic.clone(), w, durability))
+    Ok(measured.report(
+        "txmq",
+        server_uri(&args.server),
+        args.topic.clone(),
+        w,
+        durability,
+    ))
 }
 
 /// The report as an aligned, human-readable table with a footnote on what each target's
