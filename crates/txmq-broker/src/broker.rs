@@ -36,7 +36,7 @@ pub struct Broker {
     pub(crate) config: BrokerConfig,
     pub(crate) store: Arc<Store>,
     pub(crate) metadata: Metadata,
-    pub(crate) transactions: Transactions,
+    pub(crate) transactions: Arc<Transactions>,
     pub(crate) delivery: Delivery,
     pub(crate) sessions: Sessions,
     /// Held (shared) by every change of broker state from before its record is appended
@@ -47,6 +47,9 @@ pub struct Broker {
     pub(crate) nonce: u32,
     /// Log position of the snapshot last written or loaded (`u64::MAX`: none yet).
     pub(crate) snapshot_at: std::sync::atomic::AtomicU64,
+    /// The files of transaction decisions the last snapshot lists, and the log position up
+    /// to which decisions are in them; one snapshot is written at a time.
+    pub(crate) decisions: tokio::sync::Mutex<crate::state::DecisionFiles>,
     arrivals: Mutex<HashMap<String, Arc<Notify>>>,
     round_robin: AtomicU32,
     /// Set when the server stops: long polls answer, Telemetry streams end.
@@ -60,12 +63,13 @@ impl Broker {
             config,
             store,
             metadata,
-            transactions: Transactions::default(),
+            transactions: Arc::default(),
             delivery: Delivery::default(),
             sessions: Sessions::default(),
             gate: RwLock::new(()),
             nonce,
             snapshot_at: std::sync::atomic::AtomicU64::new(u64::MAX),
+            decisions: tokio::sync::Mutex::new(crate::state::DecisionFiles::default()),
             arrivals: Mutex::new(HashMap::new()),
             round_robin: AtomicU32::new(0),
             closing: tokio::sync::watch::channel(false).0,

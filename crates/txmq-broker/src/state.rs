@@ -5,12 +5,20 @@
 //! dead-lettered copies). A snapshot of the transaction table and the groups' progress,
 //! naming the log position it covers, is written every few seconds and at shutdown; opening
 //! the broker loads it and replays the log from that position.
+//!
+//! Decided transactions (committed, rolled back) are kept for a while so that a repeated
+//! `EndTransaction` is answered `OK`, which can mean hundreds of thousands of them after a
+//! burst. They never change once decided, so each is written once: a snapshot puts the
+//! decisions made since the previous one into a file of their own (`tx-decisions-<position>`)
+//! and lists the files still in their retention time; it carries only the open
+//! transactions itself. A snapshot's cost follows the rate of decisions, not their number.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 use txmq_store::{Store, StoreConfig};
 
@@ -29,13 +37,44 @@ const SNAPSHOT_EVERY: Duration = Duration::from_secs(5);
 const KEEP_RESOLVED_MS: i64 = 120_000;
 const KEEP_RESOLVED_MAX: usize = 200_000;
 
+/// Snapshot versions this broker reads; it writes the last.
+const SNAPSHOT_VERSIONS: [u32; 2] = [1, 2];
+const DECISIONS_PREFIX: &str = "tx-decisions-";
+
 #[derive(Serialize, Deserialize)]
 struct Snapshot {
     version: u32,
     /// The state is that of the log below this position.
     position: u64,
+    /// Version 1: every transaction; version 2: those still open.
     transactions: Vec<Tx>,
+    /// Version 2: the files holding the decisions made below `position`, oldest first.
+    #[serde(default)]
+    decision_files: Vec<DecisionFile>,
     groups: BTreeMap<String, BTreeMap<String, QueueProgress>>,
+}
+
+/// A file of decisions, named after the position of the snapshot that wrote it: it holds the
+/// decisions stored between the previous snapshot's position and that one.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub(crate) struct DecisionFile {
+    position: u64,
+    /// When its newest decision was made, ms: the file goes once that is out of retention.
+    newest_ms: i64,
+}
+
+impl DecisionFile {
+    fn name(&self) -> String {
+        format!("{DECISIONS_PREFIX}{}", self.position)
+    }
+}
+
+/// What the decision files hold, as of the last snapshot.
+#[derive(Debug, Default)]
+pub(crate) struct DecisionFiles {
+    files: Vec<DecisionFile>,
+    /// Decisions stored below this log position are in `files` (or out of retention).
+    upto: u64,
 }
 
 impl Broker {
@@ -60,22 +99,47 @@ impl Broker {
     ) -> anyhow::Result<Arc<Self>> {
         let store = Arc::new(Store::open(store_config)?);
         let metadata = Metadata::load(store.state_files().clone())?;
-        let broker = Self::assemble(config, store, metadata);
-        let from = match broker.store.state_files().read(SNAPSHOT)? {
+        let mut broker = Self::assemble(config, store, metadata);
+        let files = broker.store.state_files().clone();
+        let from = match files.read(SNAPSHOT)? {
             Some(bytes) => {
                 let snap: Snapshot = serde_json::from_slice(&bytes)?;
                 anyhow::ensure!(
-                    snap.version == 1,
+                    SNAPSHOT_VERSIONS.contains(&snap.version),
                     "unknown broker snapshot version {}",
                     snap.version
                 );
-                broker.transactions.restore(snap.transactions);
+                let mut transactions = snap.transactions;
+                for f in &snap.decision_files {
+                    match files.read(&f.name())? {
+                        Some(bytes) => {
+                            let decided: Vec<Tx> = serde_json::from_slice(&bytes)
+                                .with_context(|| format!("damaged state file {}", f.name()))?;
+                            transactions.extend(decided);
+                        }
+                        // Decisions only answer repeated EndTransaction calls: without them
+                        // a repeat is refused, and nothing is delivered twice or lost.
+                        None => tracing::warn!(
+                            file = f.name(),
+                            "a file of transaction decisions is missing; repeated commits or \
+                             rollbacks of those transactions will be refused"
+                        ),
+                    }
+                }
+                broker.transactions.restore(transactions);
                 broker.delivery.restore(snap.groups);
                 broker.snapshot_at.store(snap.position, Ordering::Relaxed);
+                if snap.version >= 2 {
+                    *broker.decisions.get_mut() = DecisionFiles {
+                        files: snap.decision_files,
+                        upto: snap.position,
+                    };
+                }
                 snap.position
             }
             None => broker.store.log_range().start,
         };
+        remove_unlisted_decision_files(&files, &broker.decisions.get_mut().files);
         let replayed = broker.replay(from)?;
         tracing::info!(from, replayed, "broker state recovered");
         Ok(Arc::new(broker))
@@ -116,8 +180,21 @@ impl Broker {
     /// # Errors
     /// If the state file cannot be written.
     pub async fn snapshot(&self) -> anyhow::Result<()> {
-        self.transactions
-            .prune(crate::now_ms() - KEEP_RESOLVED_MS, KEEP_RESOLVED_MAX);
+        self.snapshot_as_of(crate::now_ms()).await
+    }
+
+    /// [`Broker::snapshot`] as if the time were `now_ms`, for retention.
+    ///
+    /// # Errors
+    /// As [`Broker::snapshot`].
+    #[doc(hidden)]
+    pub async fn snapshot_as_of(&self, now_ms: i64) -> anyhow::Result<()> {
+        let mut decisions = self.decisions.lock().await;
+        let keep_after = now_ms - KEEP_RESOLVED_MS;
+        // A scan of up to KEEP_RESOLVED_MAX decisions: not on a runtime worker.
+        let transactions = self.transactions.clone();
+        tokio::task::spawn_blocking(move || transactions.prune(keep_after, KEEP_RESOLVED_MAX))
+            .await?;
         // Under the gate only the copy: encoding happens after other work resumed.
         let (position, transactions, groups) = {
             let _exclusive = self.gate.write().await;
@@ -127,25 +204,50 @@ impl Broker {
             }
             (position, self.transactions.copy(), self.delivery.progress())
         };
-        // Encoding and the synced write block a thread for a while: not a runtime worker's.
+        // Encoding and the synced writes block a thread for a while: not a runtime worker's.
         let files = self.store.state_files().clone();
-        tokio::task::spawn_blocking(move || {
+        let (expired, mut listed): (Vec<DecisionFile>, Vec<DecisionFile>) = decisions
+            .files
+            .iter()
+            .partition(|f| f.newest_ms < keep_after);
+        let upto = decisions.upto;
+        let (listed, oldest_open) = tokio::task::spawn_blocking(move || {
+            let (open, decided) = transactions.split(upto);
+            let oldest_open = open.iter().map(|t| t.half_position).min();
+            if !decided.is_empty() {
+                let file = DecisionFile {
+                    position,
+                    newest_ms: decided.iter().filter_map(|t| t.resolved_ms).max().unwrap_or(0),
+                };
+                // Durable before the snapshot that lists it.
+                files.write(&file.name(), &serde_json::to_vec(&decided)?)?;
+                listed.push(file);
+            }
             let snap = Snapshot {
-                version: 1,
+                version: 2,
                 position,
-                transactions: transactions.into_vec(),
+                transactions: open,
+                decision_files: listed.clone(),
                 groups,
             };
-            let bytes = serde_json::to_vec(&snap)?;
-            files.write(SNAPSHOT, &bytes)?;
-            Ok::<_, anyhow::Error>(())
+            files.write(SNAPSHOT, &serde_json::to_vec(&snap)?)?;
+            // No snapshot lists them any more.
+            for f in &expired {
+                if let Err(e) = files.remove(&f.name()) {
+                    tracing::warn!(file = f.name(), error = %e, "cannot remove an expired state file");
+                }
+            }
+            Ok::<_, anyhow::Error>((listed, oldest_open))
         })
         .await??;
+        *decisions = DecisionFiles {
+            files: listed,
+            upto: position,
+        };
         self.snapshot_at.store(position, Ordering::Relaxed);
         self.store
             .set_retention_floor("broker-snapshot", Some(position));
-        self.store
-            .set_retention_floor("transactions", self.transactions.oldest_open());
+        self.store.set_retention_floor("transactions", oldest_open);
         let oldest_unacked = self
             .delivery
             .floors()
@@ -194,5 +296,25 @@ impl Broker {
         let snap = self.snapshot().await;
         self.store.close()?;
         snap
+    }
+}
+
+/// Removes decision files no snapshot lists: written by a snapshot that did not complete.
+fn remove_unlisted_decision_files(files: &txmq_store::StateFiles, listed: &[DecisionFile]) {
+    let Ok(entries) = std::fs::read_dir(files.dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let ours = name
+            .strip_prefix(DECISIONS_PREFIX)
+            .is_some_and(|n| n.parse::<u64>().is_ok());
+        if ours
+            && !listed.iter().any(|f| f.name() == name)
+            && let Err(e) = files.remove(name)
+        {
+            tracing::warn!(file = name, error = %e, "cannot remove a stray state file");
+        }
     }
 }

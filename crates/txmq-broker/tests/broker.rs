@@ -496,3 +496,98 @@ async fn an_idle_broker_does_not_rewrite_its_snapshot_and_skipped_snapshots_lose
     let b = open(dir.path());
     assert_eq!(drain(&b, "g", "n").await, vec!["m1".to_string()]);
 }
+
+/// The names of the files of transaction decisions next to the snapshot, sorted.
+fn decision_files(dir: &std::path::Path) -> Vec<String> {
+    let state = snapshot_file(dir).parent().unwrap().to_path_buf();
+    let mut names: Vec<String> = std::fs::read_dir(state)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with("tx-decisions-"))
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test]
+async fn decisions_are_written_once_survive_restarts_and_expire_with_their_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let begin = |b: Arc<Broker>, id: &'static str| async move {
+        let r = b
+            .send(vec![msg("pay", id, SendType::Transaction)])
+            .await
+            .unwrap();
+        r[0].transaction_id.clone().unwrap()
+    };
+    let (committed, rolled_back, open_id);
+    {
+        let b = open(dir.path());
+        b.metadata()
+            .create_topic("pay", TopicType::Transaction, 1)
+            .unwrap();
+        committed = begin(b.clone(), "c").await;
+        rolled_back = begin(b.clone(), "r").await;
+        open_id = begin(b.clone(), "o").await;
+        b.end_transaction("pay", "c", &committed, Resolution::Commit)
+            .await
+            .unwrap();
+        b.snapshot().await.unwrap();
+        assert_eq!(decision_files(dir.path()).len(), 1);
+        b.end_transaction("pay", "r", &rolled_back, Resolution::Rollback)
+            .await
+            .unwrap();
+        b.snapshot().await.unwrap();
+        // Each decision went into the file of the snapshot after it, and only there.
+        assert_eq!(decision_files(dir.path()).len(), 2);
+        b.shutdown().await.unwrap();
+        assert_eq!(decision_files(dir.path()).len(), 2, "nothing new decided");
+    }
+    // A file no snapshot lists (its snapshot did not complete) is removed at start-up.
+    let state = snapshot_file(dir.path()).parent().unwrap().to_path_buf();
+    let first = decision_files(dir.path())[0].clone();
+    std::fs::copy(state.join(&first), state.join("tx-decisions-1")).unwrap();
+    {
+        let b = open(dir.path());
+        assert_eq!(
+            decision_files(dir.path()).len(),
+            2,
+            "the stray file is gone"
+        );
+        let state_of = |id: &str| b.transactions().get(id).map(|t| t.state);
+        assert_eq!(state_of(&committed), Some(TxState::Committed));
+        assert_eq!(state_of(&rolled_back), Some(TxState::RolledBack));
+        assert_eq!(state_of(&open_id), Some(TxState::Prepared));
+        // Repeats are still answered as the first time, and deliver nothing twice.
+        assert_eq!(
+            b.end_transaction("pay", "c", &committed, Resolution::Commit)
+                .await
+                .unwrap(),
+            TxState::Committed
+        );
+        assert_eq!(
+            b.end_transaction("pay", "r", &rolled_back, Resolution::Rollback)
+                .await
+                .unwrap(),
+            TxState::RolledBack
+        );
+        assert_eq!(drain(&b, "g", "pay").await, vec!["c".to_string()]);
+        // Past the retention time the decisions and their files go; the open one stays.
+        let later = txmq_broker::now_ms() + 10 * 60_000;
+        b.snapshot_as_of(later).await.unwrap();
+        assert!(decision_files(dir.path()).is_empty());
+        assert!(b.transactions().get(&committed).is_none());
+        b.shutdown().await.unwrap();
+    }
+    let b = open(dir.path());
+    assert!(b.transactions().get(&committed).is_none());
+    assert_eq!(
+        b.transactions().get(&open_id).map(|t| t.state),
+        Some(TxState::Prepared)
+    );
+    let err = b
+        .end_transaction("pay", "c", &committed, Resolution::Commit)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, Code::InvalidTransactionId);
+    assert_eq!(drain(&b, "g", "pay").await, Vec::<String>::new());
+}

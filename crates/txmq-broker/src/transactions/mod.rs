@@ -9,6 +9,7 @@
 
 pub mod check_back;
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
@@ -58,6 +59,9 @@ pub struct Tx {
     pub state: TxState,
     /// When it was committed, rolled back or declared unresolved, ms.
     pub resolved_ms: Option<i64>,
+    /// Log position of the record that committed, rolled back or declared it unresolved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolved_at: Option<u64>,
 }
 
 /// What a producer or operator decided.
@@ -81,6 +85,11 @@ struct Entry {
 #[derive(Default)]
 pub struct Transactions {
     table: Mutex<imbl::HashMap<String, Entry>>,
+    /// No prepared transaction's check-back is due before this time, ms: the table holds
+    /// the decisions of the last minutes too, and is scanned for due check-backs only from
+    /// then on. Lowered by every change of a check-back time, set by each scan, always
+    /// under the table's lock.
+    next_due_ms: AtomicI64,
 }
 
 /// A copy of the transaction table at one moment, taken in constant time.
@@ -90,6 +99,26 @@ impl TxTableCopy {
     /// The transactions of the copy.
     pub fn into_vec(self) -> Vec<Tx> {
         self.0.into_iter().map(|(_, e)| e.tx).collect()
+    }
+
+    /// Splits the copy into the transactions still open (prepared or unresolved) and the
+    /// decisions (committed, rolled back) stored by records at or after log position `from`;
+    /// decisions stored before it are left out. A decision of unknown position (loaded from
+    /// an older snapshot) counts as stored at 0.
+    pub fn split(self, from: u64) -> (Vec<Tx>, Vec<Tx>) {
+        let mut open = Vec::new();
+        let mut decided = Vec::new();
+        for (_, e) in self.0 {
+            match e.tx.state {
+                TxState::Prepared | TxState::Unresolved => open.push(e.tx),
+                TxState::Committed | TxState::RolledBack => {
+                    if e.tx.resolved_at.unwrap_or(0) >= from {
+                        decided.push(e.tx);
+                    }
+                }
+            }
+        }
+        (open, decided)
     }
 }
 
@@ -127,19 +156,12 @@ impl Transactions {
 
     /// Replaces the table (loading a snapshot).
     pub fn restore(&self, txs: Vec<Tx>) {
-        *self.lock() = txs
+        let mut t = self.lock();
+        self.next_due_ms.store(i64::MIN, Ordering::Relaxed);
+        *t = txs
             .into_iter()
             .map(|tx| (tx.id.clone(), Entry { tx, busy: None }))
             .collect();
-    }
-
-    /// Log position of the oldest half message still needed.
-    pub fn oldest_open(&self) -> Option<u64> {
-        self.lock()
-            .values()
-            .filter(|e| matches!(e.tx.state, TxState::Prepared | TxState::Unresolved))
-            .map(|e| e.tx.half_position)
-            .min()
     }
 
     /// Forgets committed and rolled-back transactions resolved before `before_ms`, and the
@@ -148,16 +170,24 @@ impl Transactions {
         let done = |e: &Entry| {
             e.busy.is_none() && matches!(e.tx.state, TxState::Committed | TxState::RolledBack)
         };
+        let expired = |e: &Entry| done(e) && e.tx.resolved_ms.is_some_and(|r| r < before_ms);
         let mut t = self.lock();
-        t.retain(|_, e| !done(e) || e.tx.resolved_ms.is_none_or(|r| r >= before_ms));
-        let mut resolved: Vec<(i64, String)> = t
-            .values()
-            .filter(|e| done(e))
-            .map(|e| (e.tx.resolved_ms.unwrap_or(0), e.tx.id.clone()))
-            .collect();
-        if resolved.len() > max_resolved {
-            resolved.sort_unstable();
-            for (_, id) in &resolved[..resolved.len() - max_resolved] {
+        // Runs every few seconds over up to `max_resolved` entries, on a runtime worker:
+        // scan first, and change or allocate only when something goes.
+        if t.values().any(expired) {
+            t.retain(|_, e| !expired(e));
+        }
+        let resolved = t.values().filter(|e| done(e)).count();
+        if resolved > max_resolved {
+            let mut oldest: Vec<(i64, String)> = t
+                .values()
+                .filter(|e| done(e))
+                .map(|e| (e.tx.resolved_ms.unwrap_or(0), e.tx.id.clone()))
+                .collect();
+            // The `resolved - max_resolved` oldest, in any order, come first.
+            let last = resolved - max_resolved - 1;
+            oldest.select_nth_unstable(last);
+            for (_, id) in &oldest[..=last] {
                 t.remove(id);
             }
         }
@@ -165,18 +195,35 @@ impl Transactions {
 
     /// Prepared transactions whose check-back is due.
     pub fn due(&self, now_ms: i64) -> Vec<Tx> {
-        self.lock()
-            .values()
-            .filter(|e| {
-                e.tx.state == TxState::Prepared && e.busy.is_none() && e.tx.next_check_ms <= now_ms
-            })
-            .map(|e| e.tx.clone())
-            .collect()
+        if now_ms < self.next_due_ms.load(Ordering::Relaxed) {
+            return Vec::new();
+        }
+        let t = self.lock();
+        let mut due = Vec::new();
+        // Due ones count too: one whose check is not recorded is looked at again.
+        let mut next = i64::MAX;
+        for e in t.values().filter(|e| e.tx.state == TxState::Prepared) {
+            next = next.min(e.tx.next_check_ms);
+            if e.busy.is_none() && e.tx.next_check_ms <= now_ms {
+                due.push(e.tx.clone());
+            }
+        }
+        self.next_due_ms.store(next, Ordering::Relaxed);
+        due
+    }
+
+    /// Notes the check-back time of `tx` (under the table's lock).
+    fn note_due(&self, tx: &Tx) {
+        if tx.state == TxState::Prepared {
+            self.next_due_ms
+                .fetch_min(tx.next_check_ms, Ordering::Relaxed);
+        }
     }
 
     pub(crate) fn update(&self, id: &str, f: impl FnOnce(&mut Tx)) {
         if let Some(e) = self.lock().get_mut(id) {
             f(&mut e.tx);
+            self.note_due(&e.tx);
         }
     }
 
@@ -208,7 +255,9 @@ impl Transactions {
                     checks: 0,
                     state: TxState::Prepared,
                     resolved_ms: None,
+                    resolved_at: None,
                 };
+                self.note_due(&tx);
                 t.entry(tx.id.clone()).or_insert(Entry { tx, busy: None });
             }
             RecordKind::TxResolution | RecordKind::TxCheck if rec.data.topic == TX_TOPIC => {
@@ -219,22 +268,27 @@ impl Transactions {
                 if rec.data.kind == RecordKind::TxCheck {
                     tx.checks += 1;
                     tx.next_check_ms = rec.store_timestamp + interval_ms(tx.checks);
+                    self.note_due(tx);
                     return;
                 }
                 match rec.data.body.as_slice() {
                     ROLLBACK => {
                         tx.state = TxState::RolledBack;
                         tx.resolved_ms = Some(rec.store_timestamp);
+                        tx.resolved_at = Some(rec.position);
                     }
                     UNRESOLVED => {
                         tx.state = TxState::Unresolved;
                         tx.resolved_ms = Some(rec.store_timestamp);
+                        tx.resolved_at = Some(rec.position);
                     }
                     RECHECK => {
                         tx.state = TxState::Prepared;
                         tx.checks = 0;
                         tx.resolved_ms = None;
+                        tx.resolved_at = None;
                         tx.next_check_ms = rec.store_timestamp;
+                        self.note_due(tx);
                     }
                     _ => {}
                 }
@@ -248,6 +302,7 @@ impl Transactions {
                 {
                     e.tx.state = TxState::Committed;
                     e.tx.resolved_ms = Some(rec.store_timestamp);
+                    e.tx.resolved_at = Some(rec.position);
                 }
             }
         }
@@ -352,6 +407,7 @@ impl Broker {
             Resolution::Rollback => TxState::RolledBack,
         };
         entry.tx.resolved_ms = Some(now);
+        entry.tx.resolved_at = Some(rec.position);
         drop(table);
         drop(gate);
         if resolution == Resolution::Commit {
@@ -409,6 +465,7 @@ impl Broker {
             if tx.state == TxState::Prepared {
                 tx.state = TxState::Unresolved;
                 tx.resolved_ms = Some(at[0].store_timestamp);
+                tx.resolved_at = Some(at[0].position);
             }
         });
         tracing::warn!(
@@ -458,6 +515,7 @@ impl Broker {
             tx.state = TxState::Prepared;
             tx.checks = 0;
             tx.resolved_ms = None;
+            tx.resolved_at = None;
             tx.next_check_ms = at[0].store_timestamp;
         });
         Ok(())
@@ -499,6 +557,7 @@ mod tests {
             checks: 0,
             state,
             resolved_ms,
+            resolved_at: resolved_ms.map(|ms| ms as u64),
         }
     }
 
@@ -523,5 +582,30 @@ mod tests {
         let mut left: Vec<String> = t.list(&all).into_iter().map(|x| x.id).collect();
         left.sort();
         assert_eq!(left, vec!["newer-commit", "open", "unresolved"]);
+    }
+
+    #[test]
+    fn a_split_keeps_every_open_transaction_and_only_the_newer_decisions() {
+        let t = Transactions::default();
+        let mut legacy = tx("legacy", TxState::RolledBack, Some(1));
+        legacy.resolved_at = None;
+        t.restore(vec![
+            tx("before", TxState::Committed, Some(10)),
+            tx("at", TxState::Committed, Some(20)),
+            tx("after", TxState::RolledBack, Some(30)),
+            tx("unresolved", TxState::Unresolved, Some(5)),
+            tx("open", TxState::Prepared, None),
+            legacy,
+        ]);
+        let ids = |txs: Vec<Tx>| {
+            let mut ids: Vec<String> = txs.into_iter().map(|x| x.id).collect();
+            ids.sort();
+            ids
+        };
+        let (open, decided) = t.copy().split(20);
+        assert_eq!(ids(open), vec!["open", "unresolved"]);
+        assert_eq!(ids(decided), vec!["after", "at"]);
+        let (_, decided) = t.copy().split(0);
+        assert_eq!(ids(decided), vec!["after", "at", "before", "legacy"]);
     }
 }
