@@ -591,3 +591,44 @@ async fn decisions_are_written_once_survive_restarts_and_expire_with_their_files
     assert_eq!(err.code, Code::InvalidTransactionId);
     assert_eq!(drain(&b, "g", "pay").await, Vec::<String>::new());
 }
+
+#[tokio::test]
+async fn delivery_attempts_count_across_restarts_and_still_end_in_the_dead_letter_topic() {
+    let dir = tempfile::tempdir().unwrap();
+    let nack_once = |b: Arc<Broker>, expected: u32| async move {
+        let got = b.receive(&receive("g", "t", 30_000)).await.unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].attempt, expected);
+        b.change_invisible("g", "t", &got[0].handle, 0).unwrap();
+    };
+    {
+        let b = open(dir.path());
+        b.metadata().put_group("g", 3, false, Vec::new()).unwrap();
+        b.send(vec![msg("t", "poison", SendType::Normal)])
+            .await
+            .unwrap();
+        nack_once(b.clone(), 1).await;
+        nack_once(b.clone(), 2).await;
+        // Dropped without a snapshot: the restart replays the log.
+    }
+    {
+        let b = open(dir.path());
+        nack_once(b.clone(), 3).await;
+        b.shutdown().await.unwrap();
+    }
+    // Restarted from the snapshot: three deliveries were made, the group allows three.
+    let b = open(dir.path());
+    assert!(
+        b.receive(&receive("g", "t", 30_000))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(b.group_stats("g").dead_lettered, 1);
+    let dead = b
+        .receive(&receive("dlq-reader", "%DLQ%g", 30_000))
+        .await
+        .unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].record.data.message_id, "poison");
+}

@@ -5,7 +5,10 @@
 //! done) and the acknowledged offsets above it; both are rebuilt from the log, where every
 //! acknowledgement is a `DeliveryState` record written before the ack is answered. What was
 //! handed out but not acknowledged is kept in memory only, so after a restart every
-//! unacknowledged message is delivered again and no acknowledged one is.
+//! unacknowledged message is delivered again and no acknowledged one is. The number of
+//! deliveries is durable from the second delivery on (an `attempt` record before the
+//! message goes out again); only a restart while a message is out for the first time gives
+//! it one delivery more than its group's max attempts.
 //!
 //! A delivered message is invisible to the group until its invisible time runs out; then it
 //! is delivered again with `delivery_attempt + 1`, and past the group's max attempts it is
@@ -93,6 +96,9 @@ pub struct QueueProgress {
     pub acked: BTreeSet<u64>,
     /// Messages dead-lettered so far.
     pub dead: u64,
+    /// Deliveries made so far of messages delivered more than once and not yet done.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub attempts: BTreeMap<u64, u32>,
 }
 
 #[derive(Debug, Default)]
@@ -106,6 +112,7 @@ struct QueueState {
 impl QueueState {
     fn ack(&mut self, offset: u64) {
         self.pending.remove(&offset);
+        self.progress.attempts.remove(&offset);
         if offset < self.progress.ack_floor {
             return;
         }
@@ -115,6 +122,25 @@ impl QueueState {
         }
         self.next = self.next.max(self.progress.ack_floor);
     }
+
+    /// Records that message `offset` was delivered `n` times, unless it is done.
+    fn note_attempt(&mut self, offset: u64, n: u32) {
+        if offset >= self.progress.ack_floor && !self.progress.acked.contains(&offset) {
+            let at = self.progress.attempts.entry(offset).or_insert(0);
+            *at = (*at).max(n);
+        }
+    }
+}
+
+/// The body of the record saying message `offset` of a group's queue was delivered `n` times.
+fn attempt_record(group: &str, topic: &str, queue: u32, offset: u64, n: u32) -> RecordData {
+    let body = format!("attempt {} {n}", origin(group, topic, queue, offset));
+    RecordData::new(
+        RecordKind::DeliveryState,
+        DELIVERY_TOPIC,
+        0,
+        body.into_bytes(),
+    )
 }
 
 type QueueKey = (String, u32);
@@ -187,16 +213,32 @@ impl Delivery {
 
     /// Applies a record read back from the log: acknowledgements and dead-lettered copies.
     pub(crate) fn apply(&self, rec: &Record) {
-        let origin =
-            if rec.data.kind == RecordKind::DeliveryState && rec.data.topic == DELIVERY_TOPIC {
-                std::str::from_utf8(&rec.data.body)
-                    .ok()
-                    .and_then(|s| s.strip_prefix("ack "))
-            } else if rec.data.topic.starts_with(DLQ_PREFIX) {
-                sys(&rec.data, prop::DLQ_ORIGIN)
-            } else {
-                None
-            };
+        let state = (rec.data.kind == RecordKind::DeliveryState
+            && rec.data.topic == DELIVERY_TOPIC)
+            .then(|| std::str::from_utf8(&rec.data.body).ok())
+            .flatten();
+        if let Some(attempt) = state.and_then(|s| s.strip_prefix("attempt ")) {
+            if let Some((origin, n)) = attempt.rsplit_once(' ')
+                && let Some((group, topic, queue, offset)) = parse_origin(origin)
+                && let Ok(n) = n.parse::<u32>()
+            {
+                let mut groups = self.lock();
+                let q = groups
+                    .entry(group)
+                    .or_default()
+                    .entry((topic, queue))
+                    .or_default();
+                q.note_attempt(offset, n);
+            }
+            return;
+        }
+        let origin = if let Some(state) = state {
+            state.strip_prefix("ack ")
+        } else if rec.data.topic.starts_with(DLQ_PREFIX) {
+            sys(&rec.data, prop::DLQ_ORIGIN)
+        } else {
+            None
+        };
         let Some((group, topic, queue, offset)) = origin.and_then(parse_origin) else {
             return;
         };
@@ -335,6 +377,7 @@ impl Broker {
                     )?;
                     delivered = more.0;
                 }
+                self.record_attempts(&req.group, &delivered).await;
                 (delivered, dead_count, wake_ms)
             };
             let _ = dead;
@@ -402,6 +445,7 @@ impl Broker {
                 // Retention removed what the group never consumed.
                 st.progress.ack_floor = range.start;
                 st.progress.acked.retain(|&o| o >= range.start);
+                st.progress.attempts.retain(|&o, _| o >= range.start);
                 st.pending.retain(|&o, _| o >= range.start);
                 st.next = st.next.max(range.start);
             }
@@ -476,9 +520,21 @@ impl Broker {
                     continue;
                 }
                 let message_group = sys(&rec.data, prop::MESSAGE_GROUP).map(str::to_string);
+                // Deliveries made before a restart still count.
+                let attempt = st.progress.attempts.get(&offset).copied().unwrap_or(0);
+                if attempt >= max_attempts {
+                    dead.push(DeadLetter {
+                        record: rec,
+                        attempts: attempt,
+                    });
+                    if let Some(g) = message_group {
+                        busy.insert(g);
+                    }
+                    continue;
+                }
                 let held = Pending {
                     visible_at: 0,
-                    attempt: 0,
+                    attempt,
                     epoch: 0,
                     delivered: false,
                     message_group: message_group.clone(),
@@ -507,6 +563,32 @@ impl Broker {
             }
         }
         Ok((out, dead, wake))
+    }
+
+    /// Makes the delivery counts of messages going out again durable before they go.
+    async fn record_attempts(&self, group: &str, delivered: &[Delivered]) {
+        let records: Vec<RecordData> = delivered
+            .iter()
+            .filter(|d| d.attempt > 1)
+            .map(|d| {
+                let r = &d.record;
+                attempt_record(
+                    group,
+                    &r.data.topic,
+                    r.data.queue_id,
+                    r.queue_offset,
+                    d.attempt,
+                )
+            })
+            .collect();
+        if records.is_empty() {
+            return;
+        }
+        if let Err(e) = self.store.append(records).await {
+            // The messages go out anyway; after a restart they would count from the last
+            // recorded delivery.
+            tracing::warn!(group, error = %e, "cannot record delivery attempts");
+        }
     }
 
     fn read_offset(&self, topic: &str, queue: u32, offset: u64) -> BrokerResult<Record> {
@@ -843,6 +925,9 @@ fn hand_out(
         topic: rec.data.topic.clone(),
     };
     let attempt = p.attempt;
+    if attempt > 1 {
+        st.progress.attempts.insert(offset, attempt);
+    }
     st.pending.insert(offset, p);
     Delivered {
         record: rec,
