@@ -213,33 +213,36 @@ impl Delivery {
 
     /// Applies a record read back from the log: acknowledgements and dead-lettered copies.
     pub(crate) fn apply(&self, rec: &Record) {
-        let state = (rec.data.kind == RecordKind::DeliveryState
-            && rec.data.topic == DELIVERY_TOPIC)
-            .then(|| std::str::from_utf8(&rec.data.body).ok())
-            .flatten();
-        if let Some(attempt) = state.and_then(|s| s.strip_prefix("attempt ")) {
-            if let Some((origin, n)) = attempt.rsplit_once(' ')
-                && let Some((group, topic, queue, offset)) = parse_origin(origin)
-                && let Ok(n) = n.parse::<u32>()
-            {
-                let mut groups = self.lock();
-                let q = groups
-                    .entry(group)
-                    .or_default()
-                    .entry((topic, queue))
-                    .or_default();
-                q.note_attempt(offset, n);
-            }
-            return;
+        enum Effect {
+            Attempt(u32),
+            Ack,
+            DeadLettered,
         }
-        let origin = if let Some(state) = state {
-            state.strip_prefix("ack ")
-        } else if rec.data.topic.starts_with(DLQ_PREFIX) {
-            sys(&rec.data, prop::DLQ_ORIGIN)
-        } else {
-            None
-        };
-        let Some((group, topic, queue, offset)) = origin.and_then(parse_origin) else {
+        let (origin, effect) =
+            if rec.data.kind == RecordKind::DeliveryState && rec.data.topic == DELIVERY_TOPIC {
+                let Ok(body) = std::str::from_utf8(&rec.data.body) else {
+                    return;
+                };
+                if let Some(rest) = body.strip_prefix("attempt ") {
+                    let Some((origin, n)) = rest.rsplit_once(' ') else {
+                        return;
+                    };
+                    let Ok(n) = n.parse() else { return };
+                    (origin, Effect::Attempt(n))
+                } else if let Some(origin) = body.strip_prefix("ack ") {
+                    (origin, Effect::Ack)
+                } else {
+                    return;
+                }
+            } else if rec.data.topic.starts_with(DLQ_PREFIX) {
+                let Some(origin) = sys(&rec.data, prop::DLQ_ORIGIN) else {
+                    return;
+                };
+                (origin, Effect::DeadLettered)
+            } else {
+                return;
+            };
+        let Some((group, topic, queue, offset)) = parse_origin(origin) else {
             return;
         };
         let mut groups = self.lock();
@@ -248,10 +251,14 @@ impl Delivery {
             .or_default()
             .entry((topic, queue))
             .or_default();
-        if rec.data.topic.starts_with(DLQ_PREFIX) {
-            q.progress.dead += 1;
+        match effect {
+            Effect::Attempt(n) => q.note_attempt(offset, n),
+            Effect::Ack => q.ack(offset),
+            Effect::DeadLettered => {
+                q.progress.dead += 1;
+                q.ack(offset);
+            }
         }
-        q.ack(offset);
     }
 
     /// Statistics of a group, given each queue's end offset.

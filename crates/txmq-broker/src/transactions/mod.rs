@@ -96,11 +96,6 @@ pub struct Transactions {
 pub struct TxTableCopy(imbl::HashMap<String, Entry>);
 
 impl TxTableCopy {
-    /// The transactions of the copy.
-    pub fn into_vec(self) -> Vec<Tx> {
-        self.0.into_iter().map(|(_, e)| e.tx).collect()
-    }
-
     /// Splits the copy into the transactions still open (prepared or unresolved) and the
     /// decisions (committed, rolled back) stored by records at or after log position `from`;
     /// decisions stored before it are left out. A decision of unknown position (loaded from

@@ -20,9 +20,9 @@
 //! and dropped at the end (also when the run fails after creating it).
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use serde::Serialize;
@@ -33,6 +33,7 @@ use txmq_client::db::{self, DbChecker};
 use txmq_client::{ClientConfig, Message, Producer, TransactionalProducer};
 
 use super::latency::{Latencies, LatencySummary, bench_body, round3};
+use super::produce::run_timed;
 use crate::cli::BenchDbSendArgs;
 
 /// Pairs of rounds (unsafe then safe) measured.
@@ -42,12 +43,9 @@ const EXTRA_CONNECTIONS: u32 = 4;
 /// Operations each task does in each mode before the clock starts: creates the topics,
 /// opens the pool's connections and warms both paths.
 const WARM_UP_OPS: u64 = 2;
-/// The longest one operation may take before it counts as an error; it also bounds how
-/// far a round can overrun its deadline.
+/// The longest one warm-up operation may take (timed rounds use
+/// [`run_timed`]'s limit).
 const OP_TIMEOUT: Duration = Duration::from_secs(5);
-/// Pause after a failed operation, so that a dead server does not turn a round into a busy
-/// loop.
-const ERROR_BACKOFF: Duration = Duration::from_millis(20);
 /// How long to wait for PostgreSQL to accept a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -542,76 +540,25 @@ async fn drive(
     args: &BenchDbSendArgs,
     mode_latencies: Arc<Latencies>,
 ) -> anyhow::Result<Round> {
-    let latencies = Arc::new(Latencies::new(
-        usize::try_from(args.concurrency).unwrap_or(usize::MAX),
-    )?);
-    let first_error = Arc::new(Mutex::new(None::<String>));
-    let start = Instant::now();
-    let deadline = start + Duration::from_secs(args.seconds);
-    let mut tasks = JoinSet::new();
-    for task in 0..args.concurrency {
+    let ops = ops.clone();
+    let op = move |_task, _n| {
         let ops = ops.clone();
-        let latencies = latencies.clone();
-        let mode_latencies = mode_latencies.clone();
-        let first_error = first_error.clone();
-        tasks.spawn(async move {
-            let (mut done, mut errors, mut max) = (0u64, 0u64, Duration::ZERO);
-            while Instant::now() < deadline {
-                let started = Instant::now();
-                let outcome = tokio::time::timeout(OP_TIMEOUT, ops.run(mode))
-                    .await
-                    .unwrap_or_else(|_| Err(format!("no answer within {OP_TIMEOUT:?}")));
-                match outcome {
-                    Ok(()) => {
-                        let latency = started.elapsed();
-                        latencies.record(task, latency);
-                        mode_latencies.record(task, latency);
-                        max = max.max(latency);
-                        done += 1;
-                    }
-                    Err(e) => {
-                        errors += 1;
-                        first_error
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .get_or_insert(e);
-                        tokio::time::sleep_until(
-                            (Instant::now() + ERROR_BACKOFF).min(deadline).into(),
-                        )
-                        .await;
-                    }
-                }
-            }
-            (done, errors, max)
-        });
-    }
-    let (mut done, mut errors, mut max) = (0, 0, Duration::ZERO);
-    while let Some(joined) = tasks.join_next().await {
-        let (d, e, m) = joined.context("a benchmark task panicked")?;
-        done += d;
-        errors += e;
-        max = max.max(m);
-    }
-    let elapsed = start.elapsed();
-    let secs = elapsed.as_secs_f64().max(f64::MIN_POSITIVE);
-    let latency = if done > 0 {
-        latencies.summary(max)?
-    } else {
-        LatencySummary::default()
+        async move { ops.run(mode).await }
     };
-    let first_error = first_error.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let (m, max) = run_timed(args.concurrency, args.seconds, Some(mode_latencies), op).await?;
+    let secs = m.elapsed.as_secs_f64().max(f64::MIN_POSITIVE);
     Ok(Round {
         report: RoundReport {
             round: number,
             mode,
-            ops: done,
+            ops: m.msgs,
             elapsed_secs: round3(secs),
-            ops_per_sec: round3(done as f64 / secs),
-            latency,
-            errors,
-            first_error,
+            ops_per_sec: round3(m.msgs as f64 / secs),
+            latency: m.latency,
+            errors: m.errors,
+            first_error: m.first_error,
         },
-        elapsed,
+        elapsed: m.elapsed,
         max,
     })
 }

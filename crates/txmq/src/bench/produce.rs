@@ -230,38 +230,66 @@ pub fn run(args: &BenchProduceArgs) -> anyhow::Result<()> {
 }
 
 /// Starts `concurrency` tasks that publish through `publisher` until the time is up, and
-/// returns what they did. Every task stops at the deadline; a send in flight then may run
-/// for up to [`SEND_TIMEOUT`] more.
+/// returns what they did (see [`run_timed`]).
 ///
 /// # Errors
 /// If a task panicked.
 pub async fn drive<P: Publisher>(publisher: Arc<P>, w: &Workload) -> anyhow::Result<Measured> {
+    let publish = move |task, n| {
+        let publisher = publisher.clone();
+        async move { publisher.publish(task, n).await }
+    };
+    Ok(run_timed(w.concurrency, w.seconds, None, publish).await?.0)
+}
+
+/// Starts `concurrency` tasks, each doing `op(task, n)` for n = 0, 1, ... and waiting for it,
+/// until `seconds` have passed, and returns what they did and the longest latency. Each
+/// latency is also recorded in `also`, when given. Every task stops at the deadline; an
+/// operation in flight then may run for up to [`SEND_TIMEOUT`] more, and counts as an error
+/// past it. After an error a task pauses [`ERROR_BACKOFF`].
+///
+/// # Errors
+/// If a task panicked.
+pub async fn run_timed<F, Fut>(
+    concurrency: u64,
+    seconds: u64,
+    also: Option<Arc<Latencies>>,
+    op: F,
+) -> anyhow::Result<(Measured, Duration)>
+where
+    F: Fn(u64, u64) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = Result<(), String>> + Send + 'static,
+{
     let latencies = Arc::new(Latencies::new(
-        usize::try_from(w.concurrency).unwrap_or(usize::MAX),
+        usize::try_from(concurrency).unwrap_or(usize::MAX),
     )?);
     let first_error = Arc::new(Mutex::new(None::<String>));
     let start = Instant::now();
-    let deadline = start + Duration::from_secs(w.seconds);
+    let deadline = start + Duration::from_secs(seconds);
     let mut tasks = JoinSet::new();
-    for task in 0..w.concurrency {
-        let publisher = publisher.clone();
+    for task in 0..concurrency {
+        let op = op.clone();
         let latencies = latencies.clone();
+        let also = also.clone();
         let first_error = first_error.clone();
         tasks.spawn(async move {
-            let (mut msgs, mut errors, mut max) = (0u64, 0u64, Duration::ZERO);
+            let (mut done, mut errors, mut max) = (0u64, 0u64, Duration::ZERO);
             let mut n = 0u64;
             while Instant::now() < deadline {
-                let sent = Instant::now();
-                let outcome = tokio::time::timeout(SEND_TIMEOUT, publisher.publish(task, n))
+                let started = Instant::now();
+                let outcome = tokio::time::timeout(SEND_TIMEOUT, op(task, n))
                     .await
-                    .unwrap_or_else(|_| Err(format!("no acknowledgement within {SEND_TIMEOUT:?}")));
+                    .unwrap_or_else(|_| Err(format!("no answer within {SEND_TIMEOUT:?}")));
                 n += 1;
                 match outcome {
                     Ok(()) => {
-                        let latency = sent.elapsed();
+                        let latency = started.elapsed();
                         latencies.record(task, latency);
+                        if let Some(also) = &also {
+                            also.record(task, latency);
+                        }
                         max = max.max(latency);
-                        msgs += 1;
+                        done += 1;
                     }
                     Err(e) => {
                         errors += 1;
@@ -276,13 +304,13 @@ pub async fn drive<P: Publisher>(publisher: Arc<P>, w: &Workload) -> anyhow::Res
                     }
                 }
             }
-            (msgs, errors, max)
+            (done, errors, max)
         });
     }
     let (mut msgs, mut errors, mut max) = (0, 0, Duration::ZERO);
     while let Some(joined) = tasks.join_next().await {
-        let (m, e, x) = joined.context("a sending task panicked")?;
-        msgs += m;
+        let (d, e, x) = joined.context("a benchmark task panicked")?;
+        msgs += d;
         errors += e;
         max = max.max(x);
     }
@@ -293,13 +321,14 @@ pub async fn drive<P: Publisher>(publisher: Arc<P>, w: &Workload) -> anyhow::Res
         LatencySummary::default()
     };
     let first_error = first_error.lock().unwrap_or_else(|e| e.into_inner()).take();
-    Ok(Measured {
+    let measured = Measured {
         msgs,
         errors,
         first_error,
         elapsed,
         latency,
-    })
+    };
+    Ok((measured, max))
 }
 
 /// One connection's client of txmq.
