@@ -183,12 +183,15 @@ impl Broker {
         }
         let mut records = Vec::with_capacity(messages.len());
         let mut receipts = Vec::with_capacity(messages.len());
+        // The messages of a request share a queue, taken in turn (a FIFO message goes to its
+        // group's): one index write per request, as a RocketMQ batch goes to one queue.
+        let shared_queue = self.next_round() % topic.queues;
         for m in messages {
             let queue = match &m.message_group {
                 Some(g) if m.send_type == SendType::Fifo => {
                     crc32c::crc32c(g.as_bytes()) % topic.queues
                 }
-                _ => self.next_round() % topic.queues,
+                _ => shared_queue,
             };
             let (record, tx_id) = match m.send_type {
                 SendType::Transaction => {

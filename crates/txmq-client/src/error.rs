@@ -216,7 +216,7 @@ pub enum ConnectError {
 /// }
 /// # }
 /// ```
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum SendError {
     /// The message was rejected before sending: nothing was sent.

@@ -44,7 +44,7 @@ mod retry;
 mod session;
 mod transaction;
 
-pub use config::{ClientConfig, Credentials, Tls};
+pub use config::{Batching, ClientConfig, Credentials, Tls};
 pub use consumer::{Filter, PushConsumer, PushConsumerBuilder, SimpleConsumer, Subscription};
 pub use error::{
     AckError, CallError, ConnectError, EndTransactionError, Error, ReceiveError, SendError,

@@ -8,8 +8,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use common::{client, group, start, topic, within};
 use txmq_broker::metadata::TopicType;
+use txmq_client::proto::Code;
 use txmq_client::{
-    AckError, ConnectError, Message, Producer, PushConsumer, ReceiveError, SendError,
+    AckError, Batching, ConnectError, Message, Producer, PushConsumer, ReceiveError, SendError,
     SimpleConsumer, Subscription,
 };
 
@@ -333,4 +334,88 @@ async fn receive_never_outlasts_long_polling_plus_request_timeout() {
     })
     .await;
     server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_sends_share_requests_and_each_gets_its_own_outcome() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    topic(&server, "bulk", TopicType::Normal);
+    within(60, async {
+        // One request in flight at a time: the sends that arrive meanwhile wait and join.
+        let config = client(&server).with_batching(Some(Batching {
+            max_in_flight: 1,
+            max_messages: 64,
+            ..Batching::default()
+        }));
+        let producer = Producer::connect(config, ["bulk"]).await.unwrap();
+        const N: usize = 300;
+        const BAD: usize = 150;
+        let before = server.broker.store().stats();
+        let sends: Vec<_> = (0..N)
+            .map(|i| {
+                let producer = producer.clone();
+                // A control character in a tag passes the client's checks; the server refuses
+                // it, and with it the whole request it arrives in.
+                let tag = if i == BAD { "bad\ttag" } else { "ok" };
+                tokio::spawn(async move {
+                    producer
+                        .send(Message::new("bulk", format!("m{i}")).with_tag(tag))
+                        .await
+                })
+            })
+            .collect();
+        let mut outcomes = Vec::with_capacity(N);
+        for send in sends {
+            outcomes.push(send.await.expect("send task"));
+        }
+        let after = server.broker.store().stats();
+
+        let mut sent = HashMap::new();
+        for (i, outcome) in outcomes.into_iter().enumerate() {
+            match outcome {
+                Ok(receipt) => {
+                    assert_ne!(i, BAD, "the bad message was stored");
+                    assert!(sent.insert(receipt.message_id, format!("m{i}")).is_none());
+                }
+                Err(e) => {
+                    assert_eq!(i, BAD, "message {i} failed: {e}");
+                    assert_eq!(e.code(), Some(Code::IllegalMessageTag), "{e}");
+                    assert!(e.is_definite());
+                }
+            }
+        }
+        assert_eq!(sent.len(), N - 1);
+        let stored = after.records - before.records;
+        let requests = after.group_commits - before.group_commits;
+        assert_eq!(stored, (N - 1) as u64);
+        // Alone, each send is a request and a group commit of its own. Joined, they take a
+        // few requests, plus one per message of the refused request sent again alone.
+        assert!(
+            requests < (N / 2) as u64,
+            "{requests} group commits for {stored} messages"
+        );
+
+        let consumer =
+            SimpleConsumer::connect(client(&server), "bulk-readers", [Subscription::all("bulk")])
+                .await
+                .unwrap();
+        let mut delivered = HashMap::new();
+        while delivered.len() < N - 1 {
+            for m in consumer.receive(32, Duration::from_secs(30)).await.unwrap() {
+                let body = String::from_utf8(m.body().to_vec()).unwrap();
+                assert_eq!(sent.get(m.message_id()), Some(&body));
+                assert!(delivered.insert(m.message_id().to_string(), body).is_none());
+                consumer.ack(&m).await.unwrap();
+            }
+        }
+        assert!(
+            consumer
+                .receive(32, Duration::from_secs(30))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    })
+    .await;
 }

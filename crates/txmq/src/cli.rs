@@ -287,6 +287,11 @@ pub struct BenchProduceArgs {
     /// pair counts as one send).
     #[arg(long)]
     pub transactional: bool,
+    /// txmq only: requests each producer keeps in flight before joining further sends of
+    /// normal messages into one request (the client's batching); 0 sends every message in a
+    /// request of its own.
+    #[arg(long, default_value_t = 4, value_name = "N")]
+    pub max_in_flight: usize,
     /// Print one JSON object on stdout (the table goes to stderr).
     #[arg(long)]
     pub json: bool,

@@ -2,11 +2,13 @@
 //!
 //! Appenders send requests over a channel to the **writer** thread
 //! ([`writer`]), which takes every request waiting, assigns positions and queue offsets,
-//! encodes them into one buffer and writes it with one `pwrite`. It hands each written group
-//! to the **syncer** thread ([`syncer`]), which makes everything written so far durable with
-//! one `fdatasync` (in sync mode), writes the queue-index entries, publishes the new end to
-//! readers, and only then answers the appenders. While the syncer waits for the disk, the
-//! writer already writes the next group, and the next fdatasync covers all of it.
+//! encodes them into one buffer, writes it with one `pwrite` and writes the group's
+//! queue-index entries (not yet visible: readers stop at a queue's published next offset).
+//! It hands each written group to the **syncer** thread ([`syncer`]), which makes
+//! everything written so far durable with one `fdatasync` (in sync mode), publishes the new
+//! end and next offsets to readers, and only then answers the appenders. While the syncer
+//! waits for the disk, the writer already writes the next group, and the next fdatasync
+//! covers all of it.
 //!
 //! A request is all-or-nothing: it is answered `Ok` only if every one of its records was
 //! written (and synced, in sync mode); an error leaves no record of it visible.
@@ -34,7 +36,7 @@ use crate::Appended;
 use crate::checkpoint::Checkpoint;
 use crate::commit_log::Segment;
 use crate::error::AppendError;
-use crate::queue_index::{IndexEntry, IndexFile, QueueIndex};
+use crate::queue_index::{IndexFile, QueueIndex};
 
 /// A request to the writer.
 pub(crate) enum Command {
@@ -78,7 +80,13 @@ pub(crate) struct Group {
     pub end: u64,
     pub bytes: u64,
     pub pending: Vec<Pending>,
-    /// Index entries per queue: the queue, its first offset in this group, the entries.
-    pub entries: Vec<(Arc<QueueIndex>, u64, Vec<IndexEntry>)>,
+    /// The queues the group's records went to, each with its next offset after the group.
+    /// Their index entries are written (by the writer) but not yet published.
+    pub entries: Vec<(Arc<QueueIndex>, u64)>,
+    /// Index files the group's entries were written to, to sync before a checkpoint.
+    pub dirty: Vec<Arc<IndexFile>>,
+    /// Why writing the group's index entries failed, if it did: the records are in the log
+    /// (and acknowledged once durable), and the store is poisoned once they are.
+    pub index_error: Option<String>,
     pub new_dirs: Vec<PathBuf>,
 }

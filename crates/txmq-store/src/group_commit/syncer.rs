@@ -142,13 +142,19 @@ impl Syncer {
             }
         }
         for g in groups {
-            self.index(&g);
+            for f in g.dirty {
+                self.dirty.entry(f.path.clone()).or_insert(f);
+            }
             self.new_dirs.extend(g.new_dirs);
             self.published = g.end;
             self.shared.committed.store(g.end, Ordering::Release);
-            for (q, first, entries) in &g.entries {
-                q.next_offset
-                    .store(first + entries.len() as u64, Ordering::Release);
+            for (q, next) in &g.entries {
+                q.next_offset.store(*next, Ordering::Release);
+            }
+            if let Some(reason) = g.index_error {
+                // The records are in the log (and synced, in sync mode), so they are
+                // acknowledged; the index is rebuilt from the log on the next open.
+                self.shared.poison(reason);
             }
             for p in g.pending {
                 Counters::add(&self.shared.counters.records, p.results.len() as u64);
@@ -159,27 +165,6 @@ impl Syncer {
             && self.unsynced_bytes >= max_unsynced
         {
             let _ = self.sync_async();
-        }
-    }
-
-    /// Writes a group's index entries.
-    fn index(&mut self, g: &Group) {
-        for (q, first, entries) in &g.entries {
-            match q.write(*first, entries) {
-                Ok(files) => {
-                    for f in files {
-                        self.dirty.entry(f.path.clone()).or_insert(f);
-                    }
-                }
-                Err(e) => {
-                    // The records are in the log (and synced, in sync mode), so they are
-                    // acknowledged; the index is rebuilt from the log on the next open.
-                    self.shared.poison(format!(
-                        "queue index write for {}/{} failed: {e}",
-                        q.topic, q.queue_id
-                    ));
-                }
-            }
         }
     }
 

@@ -11,7 +11,7 @@ use super::{Command, Group, Handoff, Pending, Prewriter};
 use crate::commit_log::{SEGMENT_HEADER_LEN, Segment};
 use crate::error::AppendError;
 use crate::io::is_disk_full;
-use crate::queue_index::{IndexEntry, QueueIndex, QueueKey};
+use crate::queue_index::{IndexEntry, IndexFile, QueueIndex, QueueKey};
 use crate::record::{self, Assigned, RecordData};
 use crate::{Appended, Counters, Shared};
 
@@ -249,12 +249,44 @@ impl Writer {
             });
             per_queue[i].2.push(entry);
         }
+        // The index entries are written here, while the syncer may still be waiting for the
+        // previous group's fdatasync, rather than after this group's. Readers cannot see
+        // them yet: they read a queue only below its next offset, which the syncer
+        // publishes once the group is durable. After a crash, entries of records that never
+        // became durable lie beyond the recovered next offset and are overwritten before
+        // that offset passes them.
+        let mut dirty: Vec<Arc<IndexFile>> = Vec::new();
+        let mut index_error = None;
+        for (q, first, entries) in &per_queue {
+            match q.write(*first, entries) {
+                Ok(files) => {
+                    for f in files {
+                        if !dirty.iter().any(|d| Arc::ptr_eq(d, &f)) {
+                            dirty.push(f);
+                        }
+                    }
+                }
+                Err(e) => {
+                    index_error.get_or_insert_with(|| {
+                        format!(
+                            "queue index write for {}/{} failed: {e}",
+                            q.topic, q.queue_id
+                        )
+                    });
+                }
+            }
+        }
         let group = Group {
             segment: self.active.clone(),
             end: self.write_pos,
             bytes,
             pending,
-            entries: per_queue,
+            entries: per_queue
+                .into_iter()
+                .map(|(q, first, entries)| (q, first + entries.len() as u64))
+                .collect(),
+            dirty,
+            index_error,
             new_dirs: std::mem::take(&mut self.new_dirs).into_iter().collect(),
         };
         if let Err(mpsc::SendError(Handoff::Written(g))) = self.syncer.send(Handoff::Written(group))

@@ -22,8 +22,8 @@ use anyhow::{Context, bail};
 use serde::Serialize;
 use tokio::task::JoinSet;
 use txmq_client::{
-    ClientConfig, Message, MessageView, Producer, TransactionChecker, TransactionResolution,
-    TransactionalProducer,
+    Batching, ClientConfig, Message, MessageView, Producer, TransactionChecker,
+    TransactionResolution, TransactionalProducer,
 };
 
 use super::latency::{Latencies, LatencySummary, bench_body, round3};
@@ -140,6 +140,9 @@ struct Report {
     seconds: u64,
     connections: usize,
     transactional: bool,
+    /// txmq's client batching: requests per producer in flight before further sends of
+    /// normal messages are joined (0: off, every message in a request of its own).
+    max_in_flight: usize,
     results: Vec<TargetReport>,
     /// txmq's msgs/s divided by each peer's, when both ran.
     ratios: BTreeMap<&'static str, f64>,
@@ -204,6 +207,7 @@ pub fn run(args: &BenchProduceArgs) -> anyhow::Result<()> {
         seconds: args.seconds,
         connections: workload.connections,
         transactional: args.transactional,
+        max_in_flight: args.max_in_flight,
         results,
         ratios,
     };
@@ -391,7 +395,11 @@ pub fn server_uri(server: &str) -> String {
 }
 
 async fn run_txmq(args: &BenchProduceArgs, w: &Workload) -> anyhow::Result<TargetReport> {
-    let config = ClientConfig::new(&args.server);
+    let batching = (args.max_in_flight > 0).then(|| Batching {
+        max_in_flight: args.max_in_flight,
+        ..Batching::default()
+    });
+    let config = ClientConfig::new(&args.server).with_batching(batching);
     let topics = [args.topic.as_str()];
     let mut clients = Vec::with_capacity(w.connections.max(1));
     for _ in 0..w.connections.max(1) {
@@ -441,7 +449,7 @@ async fn run_txmq(args: &BenchProduceArgs, w: &Workload) -> anyhow::Result<Targe
 /// acknowledgement guarantees.
 fn table(r: &Report) -> String {
     let mut out = format!(
-        "txmq bench produce: {} B bodies, {} tasks, {} connections, {} s per target{}\n",
+        "txmq bench produce: {} B bodies, {} tasks, {} connections, {} s per target{}\n  {}\n",
         r.size,
         r.concurrency,
         r.connections,
@@ -450,6 +458,13 @@ fn table(r: &Report) -> String {
             " (txmq: transactional sends, half message + commit counted as one)"
         } else {
             ""
+        },
+        match r.max_in_flight {
+            0 => "txmq client batching: off, one message per request".to_string(),
+            n => format!(
+                "txmq client batching: sends wait and are joined while a producer has {n} \
+                 request(s) in flight"
+            ),
         }
     );
     out.push_str(&format!(

@@ -1,5 +1,7 @@
 //! Sending: where a message is checked, given its id and type, and sent with retries.
 
+mod batch;
+
 use std::sync::Arc;
 
 use txmq_proto::v2::{self as pb, Code};
@@ -12,7 +14,9 @@ use crate::session::{Role, Session};
 /// Sends messages: normal, FIFO (with a message group), delay (with a delivery time), one
 /// by one or in batches.
 ///
-/// Cheap to clone; clones share one connection. Transient failures (connection lost,
+/// Cheap to clone; clones share one connection. Concurrent sends of normal messages are
+/// joined into one request while the producer is busy ([`ClientConfig::batching`]).
+/// Transient failures (connection lost,
 /// timeouts, throttling, server errors) are retried with the same message id, as often and
 /// with the waits the server's settings say (3 attempts by default); refusals are not.
 ///
@@ -31,6 +35,8 @@ use crate::session::{Role, Session};
 #[derive(Clone)]
 pub struct Producer {
     session: Session,
+    /// Joins concurrent sends of normal messages; `None` when batching is off.
+    batcher: Option<Arc<batch::Batcher>>,
 }
 
 impl Producer {
@@ -46,8 +52,10 @@ impl Producer {
         topics: impl IntoIterator<Item = impl Into<String>>,
     ) -> Result<Self, ConnectError> {
         let topics = topics.into_iter().map(Into::into).collect();
+        let batching = config.batching;
         let session = Session::connect(config, Role::Producer { topics }, None).await?;
-        Ok(Self { session })
+        let batcher = batching.map(|limits| Arc::new(batch::Batcher::new(session.clone(), limits)));
+        Ok(Self { session, batcher })
     }
 
     /// Sends one message and returns its receipt once the server has stored it.
@@ -61,6 +69,11 @@ impl Producer {
     /// [`SendError::MessageTypeMismatch`], or [`SendError::Failed`] with the last failure
     /// after the retries.
     pub async fn send(&self, message: Message) -> Result<SendReceipt, SendError> {
+        if let Some(batcher) = &self.batcher
+            && message.message_type() == pb::MessageType::Normal
+        {
+            return batcher.send(message).await;
+        }
         let mut receipts = send(&self.session, vec![message], false).await?;
         receipts.pop().ok_or_else(|| SendError::Failed {
             attempts: 1,
@@ -107,6 +120,24 @@ pub(crate) async fn send(
     messages: Vec<Message>,
     transactional: bool,
 ) -> Result<Vec<SendReceipt>, SendError> {
+    let prepared = prepare(session, messages, transactional)?;
+    deliver(session, prepared, transactional).await
+}
+
+/// Messages of one topic and one type, checked and in their wire form.
+pub(crate) struct Prepared {
+    pub(crate) topic: String,
+    pub(crate) message_type: pb::MessageType,
+    pub(crate) wire: Vec<pb::Message>,
+}
+
+/// Checks `messages` (one topic, one type) and turns them into what goes on the wire, each
+/// with a new message id. Nothing is sent.
+pub(crate) fn prepare(
+    session: &Session,
+    messages: Vec<Message>,
+    transactional: bool,
+) -> Result<Prepared, SendError> {
     let invalid = |reason: &str| SendError::InvalidMessage {
         reason: reason.to_string(),
     };
@@ -140,11 +171,30 @@ pub(crate) async fn send(
     }
     session.announce_topic(&topic);
     let config = session.config();
-    let host = session.hostname().to_string();
-    let mut wire: Vec<pb::Message> = messages
+    let host = session.hostname();
+    let wire = messages
         .into_iter()
-        .map(|m| m.into_proto(&config.namespace, message_type, &host))
+        .map(|m| m.into_proto(&config.namespace, message_type, host))
         .collect();
+    Ok(Prepared {
+        topic,
+        message_type,
+        wire,
+    })
+}
+
+/// Sends prepared messages in one request, retrying transient failures with the same
+/// message ids; a half message (`transactional`) is sent once.
+pub(crate) async fn deliver(
+    session: &Session,
+    prepared: Prepared,
+    transactional: bool,
+) -> Result<Vec<SendReceipt>, SendError> {
+    let Prepared {
+        topic,
+        message_type,
+        mut wire,
+    } = prepared;
     let policy = session.retry_policy();
     // A half message is sent once, as the Java client does: a second copy would be a
     // second transaction.
