@@ -153,7 +153,8 @@ impl Broker {
     }
 
     /// Stores a batch of messages for one topic, all or nothing, durably before it returns.
-    /// A transactional message is stored as a half message, invisible until committed.
+    /// A transactional message is stored as a half message, invisible until committed; each
+    /// half message of a batch opens a transaction of its own.
     ///
     /// # Errors
     /// The first invalid message's error (nothing is stored then): unknown topic, a message
@@ -166,15 +167,6 @@ impl Broker {
         if messages.iter().any(|m| m.topic != first.topic) {
             return Err(BrokerError::bad_request(
                 "all messages of a batch must have the same topic",
-            ));
-        }
-        if messages.len() > 1
-            && messages
-                .iter()
-                .any(|m| m.send_type == SendType::Transaction)
-        {
-            return Err(BrokerError::bad_request(
-                "transactional messages are sent one at a time",
             ));
         }
         let topic = self.topic_for_send(first)?;
@@ -230,13 +222,13 @@ impl Broker {
         } else {
             None
         };
-        // Only a half message is needed again, to open its transaction.
-        let half_data = if half { records.first().cloned() } else { None };
+        // Only half messages are needed again, each to open its own transaction.
+        let half_data = if half { records.clone() } else { Vec::new() };
         let appended = self.store.append(records).await?;
         for (r, at) in receipts.iter_mut().zip(&appended) {
             r.offset = at.queue_offset;
         }
-        if let (Some(data), Some(at)) = (half_data, appended.first()) {
+        for (data, at) in half_data.into_iter().zip(&appended) {
             let rec = txmq_store::Record {
                 position: at.position,
                 queue_offset: at.queue_offset,

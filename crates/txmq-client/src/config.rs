@@ -105,7 +105,8 @@ impl ClientConfig {
 }
 
 /// How a [`Producer`](crate::Producer) joins concurrent sends of normal messages (no
-/// message group, no delivery time) into one `SendMessage` request.
+/// message group, no delivery time), and a transactional producer its half messages, into
+/// one `SendMessage` request.
 ///
 /// Nothing is held back to wait for company: a send goes out at once while the producer
 /// has fewer than `max_in_flight` requests in flight. Only when that many are already out
@@ -116,8 +117,10 @@ impl ClientConfig {
 ///
 /// Each send still gets its own receipt once the server has stored its message, and its
 /// own error: a request the server refuses as a whole (it stores all of a request or
-/// none) is sent again message by message, so that only the message at fault fails. FIFO
-/// and delay messages, and transactional half messages, always go alone.
+/// none) is sent again message by message, so that only the message at fault fails. A
+/// [`TransactionalProducer`](crate::TransactionalProducer) joins its half messages the same
+/// way, each still a transaction of its own; their commits and rollbacks go one per request,
+/// as the protocol has no batch of them. FIFO and delay messages always go alone.
 ///
 /// # Example
 /// ```
@@ -126,7 +129,7 @@ impl ClientConfig {
 /// let config = ClientConfig::new("127.0.0.1:8081");
 /// assert_eq!(config.batching, Some(Batching::default()));
 /// let busy = config.clone().with_batching(Some(Batching {
-///     max_in_flight: 2,
+///     max_in_flight: 1,
 ///     ..Batching::default()
 /// }));
 /// let one_by_one = config.with_batching(None);
@@ -135,7 +138,7 @@ impl ClientConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Batching {
     /// Requests a producer has in flight before further sends wait to be joined
-    /// (default 4, at least 1).
+    /// (default 2, at least 1).
     pub max_in_flight: usize,
     /// Messages in one request at most (default 64).
     pub max_messages: usize,
@@ -147,7 +150,7 @@ pub struct Batching {
 impl Default for Batching {
     fn default() -> Self {
         Self {
-            max_in_flight: 4,
+            max_in_flight: 2,
             max_messages: 64,
             max_bytes: 1 << 20,
         }

@@ -9,7 +9,7 @@ use txmq_proto::v2 as pb;
 use crate::config::ClientConfig;
 use crate::error::{CallError, ConnectError, EndTransactionError, SendError};
 use crate::message::{Message, MessageView, SendReceipt};
-use crate::producer;
+use crate::producer::{self, batch::Batcher};
 use crate::session::{BoxFuture, CheckFn, Role, Session};
 
 /// The outcome of a local transaction, as a [`TransactionChecker`] reports it.
@@ -104,6 +104,8 @@ fn erase<C: TransactionChecker>(checker: C) -> CheckFn {
 #[derive(Clone)]
 pub struct TransactionalProducer {
     session: Session,
+    /// Joins concurrent half messages into shared requests; `None` when batching is off.
+    batcher: Option<Arc<Batcher>>,
 }
 
 impl TransactionalProducer {
@@ -121,9 +123,11 @@ impl TransactionalProducer {
         checker: C,
     ) -> Result<Self, ConnectError> {
         let topics = topics.into_iter().map(Into::into).collect();
+        let batching = config.batching;
         let session =
             Session::connect(config, Role::Producer { topics }, Some(erase(checker))).await?;
-        Ok(Self { session })
+        let batcher = batching.map(|limits| Arc::new(Batcher::new(session.clone(), true, limits)));
+        Ok(Self { session, batcher })
     }
 
     /// Sends `message` as a half message (sent once, never retried) and returns the open
@@ -138,16 +142,19 @@ impl TransactionalProducer {
     /// an [`SendError::InvalidMessage`].
     pub async fn begin(&self, message: Message) -> Result<Transaction, SendError> {
         let topic = message.topic().to_string();
-        let receipt = producer::send(&self.session, vec![message], true)
-            .await?
-            .pop()
-            .ok_or_else(|| SendError::Failed {
-                attempts: 1,
-                source: CallError::Malformed {
-                    rpc: "SendMessage",
-                    reason: "no result entry".into(),
-                },
-            })?;
+        let receipt = match &self.batcher {
+            Some(batcher) => batcher.send(message).await?,
+            None => producer::send(&self.session, vec![message], true)
+                .await?
+                .pop()
+                .ok_or_else(|| SendError::Failed {
+                    attempts: 1,
+                    source: CallError::Malformed {
+                        rpc: "SendMessage",
+                        reason: "no result entry".into(),
+                    },
+                })?,
+        };
         Ok(Transaction {
             session: self.session.clone(),
             topic,

@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::{client, start, topic, within};
 use txmq_broker::metadata::TopicType;
 use txmq_client::{
-    Message, MessageView, SendError, SimpleConsumer, Subscription, TransactionChecker,
+    Batching, Message, MessageView, SendError, SimpleConsumer, Subscription, TransactionChecker,
     TransactionResolution, TransactionalProducer,
 };
 
@@ -198,6 +198,78 @@ async fn unknown_answer_leaves_the_transaction_open_for_the_next_check() {
             got = consumer.receive(32, Duration::from_secs(30)).await.unwrap();
         }
         assert_eq!(got[0].message_id(), id);
+    })
+    .await;
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_half_messages_share_requests_and_each_is_a_transaction_of_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    topic(&server, "payments", TopicType::Transaction);
+    within(60, async {
+        let config = client(&server).with_batching(Some(Batching {
+            max_in_flight: 1,
+            ..Batching::default()
+        }));
+        let producer = TransactionalProducer::connect(config, ["payments"], ByKey::default())
+            .await
+            .unwrap();
+        const N: usize = 200;
+        let before = server.broker.store().stats();
+        let begins: Vec<_> = (0..N)
+            .map(|i| {
+                let producer = producer.clone();
+                tokio::spawn(async move {
+                    producer
+                        .begin(Message::new("payments", format!("p{i}")).with_key("client"))
+                        .await
+                })
+            })
+            .collect();
+        let mut transactions = Vec::with_capacity(N);
+        for begin in begins {
+            transactions.push(begin.await.expect("begin task").expect("begin"));
+        }
+        let after = server.broker.store().stats();
+        assert_eq!(after.records - before.records, N as u64);
+        let requests = after.group_commits - before.group_commits;
+        assert!(
+            requests < (N / 4) as u64,
+            "{requests} group commits for {N} half messages"
+        );
+        let mut ids: Vec<&str> = transactions.iter().map(|t| t.transaction_id()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(
+            ids.len(),
+            N,
+            "every half message has a transaction of its own"
+        );
+
+        // Commit the even ones, roll back the odd ones: each decides only its own.
+        let mut committed = Vec::new();
+        for (i, tx) in transactions.into_iter().enumerate() {
+            if i % 2 == 0 {
+                committed.push(tx.message_id().to_string());
+                tx.commit().await.unwrap();
+            } else {
+                tx.rollback().await.unwrap();
+            }
+        }
+        let consumer =
+            SimpleConsumer::connect(client(&server), "ledger", [Subscription::all("payments")])
+                .await
+                .unwrap();
+        let mut got: Vec<String> = drain(&consumer, Duration::from_secs(3))
+            .await
+            .iter()
+            .map(|m| m.message_id().to_string())
+            .collect();
+        got.sort_unstable();
+        committed.sort_unstable();
+        assert_eq!(got, committed);
     })
     .await;
     server.stop().await.unwrap();

@@ -280,17 +280,17 @@ pub struct BenchProduceArgs {
     /// How long to send to each target.
     #[arg(long, default_value_t = 10, value_name = "SECONDS", value_parser = at_least_one)]
     pub seconds: u64,
-    /// Connections to each broker, shared by the tasks.
-    #[arg(long, default_value_t = 4, value_name = "N", value_parser = at_least_one)]
+    /// Connections to each broker, shared by the tasks (one client per connection).
+    #[arg(long, default_value_t = 1, value_name = "N", value_parser = at_least_one)]
     pub connections: u64,
     /// txmq only: send transactional half messages, each committed by EndTransaction (the
     /// pair counts as one send).
     #[arg(long)]
     pub transactional: bool,
-    /// txmq only: requests each producer keeps in flight before joining further sends of
-    /// normal messages into one request (the client's batching); 0 sends every message in a
-    /// request of its own.
-    #[arg(long, default_value_t = 4, value_name = "N")]
+    /// txmq only: requests each producer keeps in flight before joining further sends (or
+    /// half messages) into one request, the client's batching (default: the client's
+    /// default); 0 sends every message in a request of its own.
+    #[arg(long, default_value_t = txmq_client::Batching::default().max_in_flight, value_name = "N")]
     pub max_in_flight: usize,
     /// Print one JSON object on stdout (the table goes to stderr).
     #[arg(long)]

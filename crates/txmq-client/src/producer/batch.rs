@@ -1,5 +1,6 @@
 //! Joining concurrent sends: while a producer has its limit of requests in flight, further
-//! normal messages wait and go out together in the next request.
+//! normal messages (or half messages, for a transactional producer) wait and go out together
+//! in the next request.
 //!
 //! Nothing waits on purpose: a send that finds a request slot free goes out at once, alone.
 //! Only under load, when requests are already in flight, do the messages that arrive
@@ -7,6 +8,7 @@
 //! Each caller still gets its own receipt, after the server has stored its message.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::oneshot;
@@ -21,7 +23,13 @@ use crate::session::Session;
 /// The sends of one producer, and the requests it has in flight.
 pub(crate) struct Batcher {
     session: Session,
+    /// Half messages (each opening a transaction of its own), or normal messages.
+    transactional: bool,
     limits: Batching,
+    /// Cleared once the server turned down a request of several messages that it then took
+    /// one by one: it does not take such requests (a RocketMQ proxy may refuse batches of
+    /// half messages), and from then on every message goes alone.
+    joining: AtomicBool,
     queue: Mutex<Queue>,
 }
 
@@ -42,7 +50,7 @@ struct Waiting {
 }
 
 impl Batcher {
-    pub(crate) fn new(session: Session, limits: Batching) -> Self {
+    pub(crate) fn new(session: Session, transactional: bool, limits: Batching) -> Self {
         let limits = Batching {
             max_in_flight: limits.max_in_flight.max(1),
             max_messages: limits.max_messages.max(1),
@@ -50,15 +58,17 @@ impl Batcher {
         };
         Self {
             session,
+            transactional,
             limits,
+            joining: AtomicBool::new(true),
             queue: Mutex::new(Queue::default()),
         }
     }
 
-    /// Sends one normal message: at once and alone when a request slot is free, otherwise
-    /// with the others waiting for the next free slot.
+    /// Sends one message (a half message if transactional): at once and alone when a
+    /// request slot is free, otherwise with the others waiting for the next free slot.
     pub(crate) async fn send(self: &Arc<Self>, message: Message) -> Result<SendReceipt, SendError> {
-        let mut prepared = prepare(&self.session, vec![message], false)?;
+        let mut prepared = prepare(&self.session, vec![message], self.transactional)?;
         let outcome = {
             let mut queue = self.lock();
             if queue.in_flight < self.limits.max_in_flight {
@@ -82,7 +92,7 @@ impl Batcher {
             // caller cancels nothing else. The slot passes on when the send ends.
             None => {
                 let _slot = Slot(Arc::clone(self));
-                deliver(&self.session, prepared, false)
+                deliver(&self.session, prepared, self.transactional)
                     .await
                     .and_then(|mut r| r.pop().ok_or_else(no_entry))
             }
@@ -104,6 +114,26 @@ impl Batcher {
         self.queue.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    fn message_type(&self) -> pb::MessageType {
+        if self.transactional {
+            pb::MessageType::Transaction
+        } else {
+            pb::MessageType::Normal
+        }
+    }
+
+    /// The limits of the next request: one message once joining was turned down.
+    fn batch_limits(&self) -> Batching {
+        if self.joining.load(Ordering::Relaxed) {
+            self.limits
+        } else {
+            Batching {
+                max_messages: 1,
+                ..self.limits
+            }
+        }
+    }
+
     /// Sends one batch and answers each of its callers. A batch the server refuses as a
     /// whole (it stores all of a request or none) is sent again message by message, so
     /// that only the message at fault fails.
@@ -115,10 +145,10 @@ impl Batcher {
         let copy = if alone { Vec::new() } else { wire.clone() };
         let prepared = Prepared {
             topic: topic.clone(),
-            message_type: pb::MessageType::Normal,
+            message_type: self.message_type(),
             wire,
         };
-        match deliver(&self.session, prepared, false).await {
+        match deliver(&self.session, prepared, self.transactional).await {
             Ok(receipts) => {
                 for (reply, receipt) in replies.into_iter().zip(receipts) {
                     let _ = reply.send(Ok(receipt));
@@ -132,16 +162,24 @@ impl Batcher {
             Err(e) => {
                 tracing::debug!(%topic, error = %e, messages = replies.len(),
                     "batch refused; sending its messages one by one");
+                // Nothing of the refused request was stored, so sending its messages again
+                // is no retry, for half messages neither.
+                let mut all_taken = true;
                 for (reply, wire) in replies.into_iter().zip(copy) {
                     let prepared = Prepared {
                         topic: topic.clone(),
-                        message_type: pb::MessageType::Normal,
+                        message_type: self.message_type(),
                         wire: vec![wire],
                     };
-                    let outcome = deliver(&self.session, prepared, false)
+                    let outcome = deliver(&self.session, prepared, self.transactional)
                         .await
                         .and_then(|mut r| r.pop().ok_or_else(no_entry));
+                    all_taken &= outcome.is_ok();
                     let _ = reply.send(outcome);
+                }
+                if all_taken && self.joining.swap(false, Ordering::Relaxed) {
+                    tracing::info!(%topic, error = %e,
+                        "the server refuses requests of several messages; sending one by one");
                 }
             }
         }
@@ -157,7 +195,7 @@ impl Drop for Slot {
         let batcher = &self.0;
         let batch = {
             let mut queue = batcher.lock();
-            let batch = queue.take_batch(&batcher.limits);
+            let batch = queue.take_batch(&batcher.batch_limits());
             if batch.is_empty() {
                 queue.in_flight -= 1;
                 return;

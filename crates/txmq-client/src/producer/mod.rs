@@ -1,6 +1,6 @@
 //! Sending: where a message is checked, given its id and type, and sent with retries.
 
-mod batch;
+pub(crate) mod batch;
 
 use std::sync::Arc;
 
@@ -54,7 +54,8 @@ impl Producer {
         let topics = topics.into_iter().map(Into::into).collect();
         let batching = config.batching;
         let session = Session::connect(config, Role::Producer { topics }, None).await?;
-        let batcher = batching.map(|limits| Arc::new(batch::Batcher::new(session.clone(), limits)));
+        let batcher =
+            batching.map(|limits| Arc::new(batch::Batcher::new(session.clone(), false, limits)));
         Ok(Self { session, batcher })
     }
 
