@@ -7,7 +7,7 @@ use std::sync::Arc;
 use txmq_proto::v2 as pb;
 
 use crate::config::ClientConfig;
-use crate::error::{CallError, ConnectError, EndTransactionError, SendError};
+use crate::error::{ConnectError, EndTransactionError, SendError};
 use crate::message::{Message, MessageView, SendReceipt};
 use crate::producer::{self, batch::Batcher};
 use crate::session::{BoxFuture, CheckFn, Role, Session};
@@ -144,16 +144,7 @@ impl TransactionalProducer {
         let topic = message.topic().to_string();
         let receipt = match &self.batcher {
             Some(batcher) => batcher.send(message).await?,
-            None => producer::send(&self.session, vec![message], true)
-                .await?
-                .pop()
-                .ok_or_else(|| SendError::Failed {
-                    attempts: 1,
-                    source: CallError::Malformed {
-                        rpc: "SendMessage",
-                        reason: "no result entry".into(),
-                    },
-                })?,
+            None => producer::send_one(&self.session, message, true).await?,
         };
         Ok(Transaction {
             session: self.session.clone(),
@@ -192,16 +183,7 @@ impl TransactionalProducer {
     /// # Errors
     /// As [`Producer::send`](crate::Producer::send).
     pub async fn send(&self, message: Message) -> Result<SendReceipt, SendError> {
-        producer::send(&self.session, vec![message], false)
-            .await?
-            .pop()
-            .ok_or_else(|| SendError::Failed {
-                attempts: 1,
-                source: CallError::Malformed {
-                    rpc: "SendMessage",
-                    reason: "no result entry".into(),
-                },
-            })
+        producer::send_one(&self.session, message, false).await
     }
 
     /// The client id this producer sends as `x-mq-client-id`.

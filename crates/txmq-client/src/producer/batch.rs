@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use tokio::sync::oneshot;
 use txmq_proto::v2 as pb;
 
-use super::{Prepared, deliver, prepare};
+use super::{Prepared, deliver, no_entry, prepare};
 use crate::config::Batching;
 use crate::error::{CallError, SendError};
 use crate::message::{Message, SendReceipt};
@@ -96,13 +96,16 @@ impl Batcher {
                     .await
                     .and_then(|mut r| r.pop().ok_or_else(no_entry))
             }
+            // The task of the request ended without an answer: the runtime is shutting
+            // down, and the request may or may not have reached the server.
             Some(outcome) => outcome.await.unwrap_or_else(|_| {
                 Err(SendError::Failed {
-                    attempts: 0,
-                    source: CallError::Malformed {
+                    attempts: 1,
+                    source: CallError::Transport {
                         rpc: "SendMessage",
-                        reason: "the request's task ended without an outcome \
-                                 (runtime shutting down)"
+                        code: tonic::Code::Cancelled,
+                        message: "the request's task ended without an answer \
+                                  (runtime shutting down)"
                             .into(),
                     },
                 })
@@ -255,16 +258,6 @@ impl Queue {
 fn refused_for_a_message(e: &SendError) -> bool {
     matches!(e, SendError::Failed { source: source @ CallError::Refused { .. }, .. }
         if !source.is_transient())
-}
-
-fn no_entry() -> SendError {
-    SendError::Failed {
-        attempts: 1,
-        source: CallError::Malformed {
-            rpc: "SendMessage",
-            reason: "no result entry".into(),
-        },
-    }
 }
 
 #[cfg(test)]

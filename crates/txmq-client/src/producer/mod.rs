@@ -75,14 +75,7 @@ impl Producer {
         {
             return batcher.send(message).await;
         }
-        let mut receipts = send(&self.session, vec![message], false).await?;
-        receipts.pop().ok_or_else(|| SendError::Failed {
-            attempts: 1,
-            source: CallError::Malformed {
-                rpc: "SendMessage",
-                reason: "no result entry".into(),
-            },
-        })
+        send_one(&self.session, message, false).await
     }
 
     /// Sends messages of one topic and one type in one request; returns their receipts in
@@ -112,6 +105,29 @@ impl Producer {
         if let Err(e) = self.session.notify_termination().await {
             tracing::debug!(error = %e, "NotifyClientTermination failed");
         }
+    }
+}
+
+/// Sends one message in a request of its own; `transactional` makes it a half message.
+pub(crate) async fn send_one(
+    session: &Session,
+    message: Message,
+    transactional: bool,
+) -> Result<SendReceipt, SendError> {
+    send(session, vec![message], transactional)
+        .await?
+        .pop()
+        .ok_or_else(no_entry)
+}
+
+/// The error of an answer that lacks the result entry of a message.
+pub(crate) fn no_entry() -> SendError {
+    SendError::Failed {
+        attempts: 1,
+        source: CallError::Malformed {
+            rpc: "SendMessage",
+            reason: "no result entry".into(),
+        },
     }
 }
 
