@@ -1,7 +1,8 @@
 //! `txmq serve` killed with SIGKILL under a mixed load and restarted on the same data
 //! directory, twice, then stopped with SIGTERM and restarted once more.
 //!
-//! The load: producers of normal messages; transactional producers that commit even sequence
+//! The load: producers of normal messages, 1 to 4 to a request; transactional producers of 1
+//! to 3 half messages to a request (each a transaction of its own) that commit even sequence
 //! numbers and roll back odd ones, leaving every fifth open to be answered after the restart;
 //! consumers of group `g` that acknowledge what they receive. The test keeps a ledger of the
 //! broker's answers and, after each restart, checks the broker against it:
@@ -72,12 +73,20 @@ fn body_of(id: &str) -> Vec<u8> {
 /// Whether transaction message `id` (`...-<seq>`) is to be committed (even `seq`) or rolled
 /// back (odd).
 fn commits(id: &str) -> bool {
-    let seq: u64 = id
-        .rsplit('-')
+    sequence(id).is_multiple_of(2)
+}
+
+/// Whether transaction message `id` is left open for the check after the restart (every
+/// fifth).
+fn commits_left_open(id: &str) -> bool {
+    sequence(id).is_multiple_of(5)
+}
+
+fn sequence(id: &str) -> u64 {
+    id.rsplit('-')
         .next()
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("message id {id:?} does not end with a sequence number"));
-    seq.is_multiple_of(2)
+        .unwrap_or_else(|| panic!("message id {id:?} does not end with a sequence number"))
 }
 
 /// Up to `max` milliseconds, from the clock: where in its window a kill lands.
@@ -352,24 +361,40 @@ fn message(topic: &str, id: &str, kind: MessageType) -> pb::Message {
     }
 }
 
+/// One SendMessage with a message per id, all of one topic and type.
 async fn send(
     c: &mut Client,
     client_id: &str,
     topic: &str,
-    id: &str,
+    ids: &[String],
     kind: MessageType,
 ) -> Option<pb::SendMessageResponse> {
     let r = pb::SendMessageRequest {
-        messages: vec![message(topic, id, kind)],
+        messages: ids.iter().map(|id| message(topic, id, kind)).collect(),
     };
     answer(c.send_message(req(client_id, r))).await
 }
 
-/// The transaction id of a SendMessage answered OK for its one message.
-fn accepted(r: &pb::SendMessageResponse) -> Option<String> {
-    let entry = r.entries.first()?;
-    (code(r.status.as_ref()) == Code::Ok && code(entry.status.as_ref()) == Code::Ok)
-        .then(|| entry.transaction_id.clone())
+/// The transaction ids (empty for normal messages) of a SendMessage answered OK for each of
+/// its `n` messages.
+fn accepted(r: &pb::SendMessageResponse, n: usize) -> Option<Vec<String>> {
+    let ok = code(r.status.as_ref()) == Code::Ok
+        && r.entries.len() == n
+        && r.entries
+            .iter()
+            .all(|e| code(e.status.as_ref()) == Code::Ok);
+    ok.then(|| r.entries.iter().map(|e| e.transaction_id.clone()).collect())
+}
+
+/// The ids of the next request of `name`: 1 to `most` messages, by request number, each with
+/// the next sequence number.
+fn next_ids(name: &str, request: u64, most: u64, seq: &mut u64) -> Vec<String> {
+    (0..1 + request % most)
+        .map(|_| {
+            *seq += 1;
+            format!("{name}-{seq}")
+        })
+        .collect()
 }
 
 async fn end_transaction(
@@ -741,20 +766,17 @@ async fn normal_producer(
     stop: Arc<AtomicBool>,
 ) {
     let mut c = connect(addr).await;
-    let mut seq = 0u64;
+    let (mut seq, mut request) = (0u64, 0u64);
     while !stop.load(Ordering::Relaxed) {
-        seq += 1;
-        let id = format!("{name}-{seq}");
-        let answer = send(&mut c, &name, NORMAL_TOPIC, &id, MessageType::Normal).await;
+        request += 1;
+        // Requests of 1 to 4 messages: a request is stored whole or not at all.
+        let ids = next_ids(&name, request, 4, &mut seq);
+        let answer = send(&mut c, &name, NORMAL_TOPIC, &ids, MessageType::Normal).await;
         let gone = answer.is_none();
         note(&ledger, |l| match answer {
-            None => {
-                l.sent_in_doubt.insert(id);
-            }
-            Some(r) if accepted(&r).is_some() => {
-                l.sent.insert(id);
-            }
-            Some(r) => l.errors.push(format!("SendMessage {id}: {r:?}")),
+            None => l.sent_in_doubt.extend(ids),
+            Some(r) if accepted(&r, ids.len()).is_some() => l.sent.extend(ids),
+            Some(r) => l.errors.push(format!("SendMessage {ids:?}: {r:?}")),
         });
         if gone {
             break;
@@ -769,55 +791,59 @@ async fn tx_producer(
     stop: Arc<AtomicBool>,
 ) {
     let mut c = connect(addr).await;
-    let mut seq = 0u64;
-    while !stop.load(Ordering::Relaxed) {
-        seq += 1;
-        let id = format!("{name}-{seq}");
-        let tx_id = match send(&mut c, &name, TX_TOPIC, &id, MessageType::Transaction).await {
+    let (mut seq, mut request) = (0u64, 0u64);
+    'requests: while !stop.load(Ordering::Relaxed) {
+        request += 1;
+        // Requests of 1 to 3 half messages, each a transaction of its own.
+        let ids = next_ids(&name, request, 3, &mut seq);
+        let answer = send(&mut c, &name, TX_TOPIC, &ids, MessageType::Transaction).await;
+        let tx_ids = match answer {
             None => {
-                note(&ledger, |l| {
-                    l.halves_in_doubt.insert(id);
-                });
+                note(&ledger, |l| l.halves_in_doubt.extend(ids));
                 break;
             }
-            Some(r) => match accepted(&r).filter(|t| !t.is_empty()) {
-                Some(tx_id) => tx_id,
+            Some(r) => match accepted(&r, ids.len()).filter(|t| t.iter().all(|t| !t.is_empty())) {
+                Some(tx_ids) => tx_ids,
                 None => {
                     note(&ledger, |l| {
-                        l.errors.push(format!("SendMessage (half) {id}: {r:?}"));
+                        l.errors.push(format!("SendMessage (half) {ids:?}: {r:?}"));
                     });
                     continue;
                 }
             },
         };
+        // Every half message of the request is stored before any is ended.
         note(&ledger, |l| {
-            l.halves.insert(id.clone(), tx_id.clone());
+            l.halves
+                .extend(ids.iter().cloned().zip(tx_ids.iter().cloned()));
         });
-        if seq.is_multiple_of(5) {
-            note(&ledger, |l| {
-                l.left_open.insert(id);
+        for (id, tx_id) in ids.into_iter().zip(tx_ids) {
+            if commits_left_open(&id) {
+                note(&ledger, |l| {
+                    l.left_open.insert(id);
+                });
+                continue;
+            }
+            let commit = commits(&id);
+            let answer = end_transaction(&mut c, &name, &id, &tx_id, commit).await;
+            let gone = answer.is_none();
+            note(&ledger, |l| match answer {
+                None => {
+                    l.ends_in_doubt.insert(id);
+                }
+                Some(Code::Ok) if commit => {
+                    l.committed.insert(id);
+                }
+                Some(Code::Ok) => {
+                    l.rolled_back.insert(id);
+                }
+                Some(other) => l
+                    .errors
+                    .push(format!("EndTransaction {id} commit={commit}: {other:?}")),
             });
-            continue;
-        }
-        let commit = commits(&id);
-        let answer = end_transaction(&mut c, &name, &id, &tx_id, commit).await;
-        let gone = answer.is_none();
-        note(&ledger, |l| match answer {
-            None => {
-                l.ends_in_doubt.insert(id);
+            if gone {
+                break 'requests;
             }
-            Some(Code::Ok) if commit => {
-                l.committed.insert(id);
-            }
-            Some(Code::Ok) => {
-                l.rolled_back.insert(id);
-            }
-            Some(other) => l
-                .errors
-                .push(format!("EndTransaction {id} commit={commit}: {other:?}")),
-        });
-        if gone {
-            break;
         }
     }
 }
@@ -1131,13 +1157,27 @@ async fn acknowledgements_and_open_transactions_survive_a_kill() {
     create_topics(server.http).await;
     let mut c = connect(server.grpc).await;
     for id in ["n-1", "n-2"] {
-        let r = send(&mut c, "p", NORMAL_TOPIC, id, MessageType::Normal).await;
-        assert!(r.as_ref().and_then(accepted).is_some(), "send {id}: {r:?}");
+        let r = send(&mut c, "p", NORMAL_TOPIC, &[id.into()], MessageType::Normal).await;
+        assert!(
+            r.as_ref().and_then(|r| accepted(r, 1)).is_some(),
+            "send {id}: {r:?}"
+        );
     }
     let mut tx_ids = BTreeMap::new();
     for id in ["t-2", "t-3", "t-4"] {
-        let r = send(&mut c, "p", TX_TOPIC, id, MessageType::Transaction).await;
-        let tx_id = r.as_ref().and_then(accepted).filter(|t| !t.is_empty());
+        let r = send(
+            &mut c,
+            "p",
+            TX_TOPIC,
+            &[id.into()],
+            MessageType::Transaction,
+        )
+        .await;
+        let tx_id = r
+            .as_ref()
+            .and_then(|r| accepted(r, 1))
+            .and_then(|mut t| t.pop())
+            .filter(|t| !t.is_empty());
         tx_ids.insert(id, tx_id.unwrap_or_else(|| panic!("half {id}: {r:?}")));
     }
     for (id, commit) in [("t-2", true), ("t-3", false)] {
