@@ -251,6 +251,67 @@ async fn changed_invisible_duration_returns_a_working_handle() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ack_all_answers_each_message_across_topics() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    topic(&server, "jobs", TopicType::Normal);
+    topic(&server, "mail", TopicType::Normal);
+    within(30, async {
+        let producer = Producer::connect(client(&server), ["jobs", "mail"])
+            .await
+            .unwrap();
+        for i in 0..3 {
+            for t in ["jobs", "mail"] {
+                producer
+                    .send(Message::new(t, format!("{t} {i}")))
+                    .await
+                    .unwrap();
+            }
+        }
+        let consumer = SimpleConsumer::connect(
+            client(&server),
+            "workers",
+            [Subscription::all("jobs"), Subscription::all("mail")],
+        )
+        .await
+        .unwrap();
+        // Each receive takes the next subscription in turn.
+        let got = receive_n(&consumer, 6, Duration::from_secs(30)).await;
+        assert_eq!(got.len(), 6);
+        // The first message's handle is replaced: in the batch, its old handle fails alone.
+        let renewed = consumer
+            .change_invisible_duration(&got[0], Duration::from_secs(30))
+            .await
+            .unwrap();
+        let outcomes = consumer.ack_all(&got).await;
+        assert_eq!(outcomes.len(), 6);
+        assert!(
+            matches!(&outcomes[0], Err(AckError::InvalidReceiptHandle { message_id, .. })
+                if message_id == got[0].message_id()),
+            "{:?}",
+            outcomes[0]
+        );
+        for (m, outcome) in got.iter().zip(&outcomes).skip(1) {
+            assert!(outcome.is_ok(), "{}: {outcome:?}", m.message_id());
+        }
+        assert!(consumer.ack_all(&[renewed]).await[0].is_ok());
+        // Nothing comes again from either topic: every message is acknowledged.
+        for _ in 0..2 {
+            assert!(
+                consumer
+                    .receive(32, Duration::from_secs(30))
+                    .await
+                    .unwrap()
+                    .is_empty()
+            );
+        }
+        assert!(consumer.ack_all(&[]).await.is_empty());
+    })
+    .await;
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_topic_is_a_typed_error_when_auto_creation_is_off() {
     let dir = tempfile::tempdir().unwrap();
     let server = txmq_broker::server::Server::start(txmq_broker::BrokerConfig {

@@ -172,6 +172,77 @@ impl SimpleConsumer {
             .map_err(|e| ack_error(message.message_id(), e))
     }
 
+    /// Acknowledges received messages, one call per topic among them; returns the outcome
+    /// of each, in order.
+    ///
+    /// # Cancel safety
+    /// Not cancel safe, like [`ack`](Self::ack).
+    ///
+    /// # Errors
+    /// Per message, as [`ack`](Self::ack); a failed call fails each message of its topic.
+    ///
+    /// # Example
+    /// ```no_run
+    /// # async fn f(consumer: txmq_client::SimpleConsumer) -> Result<(), txmq_client::Error> {
+    /// let messages = consumer.receive(32, std::time::Duration::from_secs(30)).await?;
+    /// // ... handle them ...
+    /// for (m, acked) in messages.iter().zip(consumer.ack_all(&messages).await) {
+    ///     if let Err(e) = acked {
+    ///         eprintln!("{} comes again: {e}", m.message_id());
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn ack_all(&self, messages: &[MessageView]) -> Vec<Result<(), AckError>> {
+        let mut outcomes: Vec<Option<Result<(), AckError>>> = Vec::with_capacity(messages.len());
+        // Per topic, in order of first appearance.
+        let mut topics: Vec<TopicAcks<'_>> = Vec::new();
+        for (i, m) in messages.iter().enumerate() {
+            match handle(m) {
+                Err(e) => outcomes.push(Some(Err(e))),
+                Ok(h) => {
+                    outcomes.push(None);
+                    let at = match topics.iter().position(|t| t.topic == m.topic()) {
+                        Some(at) => at,
+                        None => {
+                            topics.push(TopicAcks {
+                                topic: m.topic(),
+                                places: Vec::new(),
+                                entries: Vec::new(),
+                            });
+                            topics.len() - 1
+                        }
+                    };
+                    topics[at].places.push(i);
+                    topics[at].entries.push((m.message_id(), h));
+                }
+            }
+        }
+        for TopicAcks {
+            topic,
+            places,
+            entries,
+        } in topics
+        {
+            match self.session.ack_many(&self.group, topic, &entries).await {
+                Ok(results) => {
+                    for ((i, (id, _)), r) in places.into_iter().zip(&entries).zip(results) {
+                        outcomes[i] = Some(r.map_err(|e| ack_error(id, e)));
+                    }
+                }
+                Err(e) => {
+                    for (i, (id, _)) in places.into_iter().zip(&entries) {
+                        outcomes[i] = Some(Err(ack_error(id, e.clone())));
+                    }
+                }
+            }
+        }
+        outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or_else(|| unreachable!("every message has an outcome")))
+            .collect()
+    }
+
     /// Makes a received message invisible for `invisible` from now (zero: visible again at
     /// once) and returns it with its new receipt handle, which the next
     /// [`ack`](Self::ack) must use: the old one is no longer valid.
@@ -222,6 +293,14 @@ impl SimpleConsumer {
             tracing::debug!(error = %e, "NotifyClientTermination failed");
         }
     }
+}
+
+/// The messages of one topic in an [`SimpleConsumer::ack_all`]: their places in the
+/// argument, and their (message id, receipt handle) entries.
+struct TopicAcks<'a> {
+    topic: &'a str,
+    places: Vec<usize>,
+    entries: Vec<(&'a str, &'a str)>,
 }
 
 fn handle(message: &MessageView) -> Result<&str, AckError> {

@@ -380,15 +380,37 @@ impl Session {
         message_id: &str,
         receipt_handle: &str,
     ) -> Result<(), CallError> {
+        self.ack_many(group, topic, &[(message_id, receipt_handle)])
+            .await?
+            .pop()
+            .unwrap_or_else(|| {
+                Err(CallError::Malformed {
+                    rpc: "AckMessage",
+                    reason: "no result entry".into(),
+                })
+            })
+    }
+
+    /// Acknowledges messages of one topic (message id, receipt handle) in one call: the
+    /// outcome of each, in order, or the failure of the call.
+    pub(crate) async fn ack_many(
+        &self,
+        group: &str,
+        topic: &str,
+        entries: &[(&str, &str)],
+    ) -> Result<Vec<Result<(), CallError>>, CallError> {
         const RPC: &str = "AckMessage";
         let request = pb::AckMessageRequest {
             group: Some(self.resource(group)),
             topic: Some(self.resource(topic)),
-            entries: vec![pb::AckMessageEntry {
-                message_id: message_id.to_string(),
-                receipt_handle: receipt_handle.to_string(),
-                lite_topic: None,
-            }],
+            entries: entries
+                .iter()
+                .map(|(message_id, receipt_handle)| pb::AckMessageEntry {
+                    message_id: message_id.to_string(),
+                    receipt_handle: receipt_handle.to_string(),
+                    lite_topic: None,
+                })
+                .collect(),
         };
         let response = self
             .unary(
@@ -397,10 +419,28 @@ impl Session {
                 |mut s, r| async move { s.ack_message(r).await },
             )
             .await?;
-        for e in &response.entries {
-            check(RPC, e.status.as_ref())?;
-        }
-        check(RPC, response.status.as_ref())
+        // OK or MULTIPLE_RESULTS: each entry has its own status. Any other status is a
+        // failure of the call, which no entry's OK overrides.
+        let call = match response.status.as_ref().map(|s| s.code) {
+            Some(c) if c == Code::MultipleResults as i32 => Ok(()),
+            _ => check(RPC, response.status.as_ref()),
+        };
+        // Each result entry names the receipt handle it answers.
+        let results: HashMap<&str, Option<&pb::Status>> = response
+            .entries
+            .iter()
+            .map(|e| (e.receipt_handle.as_str(), e.status.as_ref()))
+            .collect();
+        Ok(entries
+            .iter()
+            .map(|(_, handle)| match results.get(handle) {
+                Some(status) => check(RPC, *status).and(call.clone()),
+                None => call.clone().and(Err(CallError::Malformed {
+                    rpc: RPC,
+                    reason: format!("no result entry for receipt handle {handle}"),
+                })),
+            })
+            .collect())
     }
 
     /// Changes how long a delivery stays invisible; returns the new receipt handle.

@@ -438,7 +438,7 @@ async fn send(s: Arc<Sending>, task: u64) {
 }
 
 /// One consuming task: long-polls ReceiveMessage for up to [`BATCH_SIZE`] messages, records
-/// each message's latency, acks the batch (one AckMessage per message, all at once), until
+/// each message's latency, acks the batch (one AckMessage for all of it), until
 /// told to stop (a receive in progress is then abandoned).
 async fn consume(c: Arc<Consuming>, task: u64, mut stop: watch::Receiver<bool>) {
     let consumer = &c.consumers[usize::try_from(task).unwrap_or(usize::MAX) % c.consumers.len()];
@@ -471,8 +471,7 @@ async fn consume(c: Arc<Consuming>, task: u64, mut stop: watch::Receiver<bool>) 
         for message in &batch {
             record(&c, task, message, at);
         }
-        let acks = batch.iter().map(|m| consumer.ack(m));
-        for acked in futures::future::join_all(acks).await {
+        for acked in consumer.ack_all(&batch).await {
             if let Err(e) = acked {
                 c.ack_errors.note(e.to_string());
             }
