@@ -6,11 +6,11 @@ mod common;
 use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime};
 
-use common::{client, group, start, topic, within};
+use common::{client, group, joining_client, start, topic, within};
 use txmq_broker::metadata::TopicType;
 use txmq_client::proto::Code;
 use txmq_client::{
-    AckError, Batching, ConnectError, Message, Producer, PushConsumer, ReceiveError, SendError,
+    AckError, ConnectError, Message, Producer, PushConsumer, ReceiveError, SendError,
     SimpleConsumer, Subscription,
 };
 
@@ -403,13 +403,11 @@ async fn concurrent_sends_share_requests_and_each_gets_its_own_outcome() {
     let server = start(dir.path()).await;
     topic(&server, "bulk", TopicType::Normal);
     within(60, async {
-        // One request in flight at a time: the sends that arrive meanwhile wait and join.
-        let config = client(&server).with_batching(Some(Batching {
-            max_in_flight: 1,
-            max_messages: 64,
-            ..Batching::default()
-        }));
-        let producer = Producer::connect(config, ["bulk"]).await.unwrap();
+        // One request in flight at a time: the sends that arrive meanwhile wait and join
+        // (64 to a request at most).
+        let producer = Producer::connect(joining_client(&server), ["bulk"])
+            .await
+            .unwrap();
         const N: usize = 300;
         const BAD: usize = 150;
         let before = server.broker.store().stats();
@@ -479,4 +477,5 @@ async fn concurrent_sends_share_requests_and_each_gets_its_own_outcome() {
         );
     })
     .await;
+    server.stop().await.unwrap();
 }

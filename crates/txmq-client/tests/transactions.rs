@@ -6,10 +6,10 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{client, start, topic, within};
+use common::{client, joining_client, start, topic, within};
 use txmq_broker::metadata::TopicType;
 use txmq_client::{
-    Batching, Message, MessageView, SendError, SimpleConsumer, Subscription, TransactionChecker,
+    Message, MessageView, SendError, SimpleConsumer, Subscription, TransactionChecker,
     TransactionResolution, TransactionalProducer,
 };
 
@@ -209,13 +209,10 @@ async fn concurrent_half_messages_share_requests_and_each_is_a_transaction_of_it
     let server = start(dir.path()).await;
     topic(&server, "payments", TopicType::Transaction);
     within(60, async {
-        let config = client(&server).with_batching(Some(Batching {
-            max_in_flight: 1,
-            ..Batching::default()
-        }));
-        let producer = TransactionalProducer::connect(config, ["payments"], ByKey::default())
-            .await
-            .unwrap();
+        let producer =
+            TransactionalProducer::connect(joining_client(&server), ["payments"], ByKey::default())
+                .await
+                .unwrap();
         const N: usize = 200;
         let before = server.broker.store().stats();
         let begins: Vec<_> = (0..N)

@@ -9,7 +9,7 @@ use std::time::Duration;
 use txmq_broker::BrokerConfig;
 use txmq_broker::metadata::TopicType;
 use txmq_broker::server::Server;
-use txmq_client::ClientConfig;
+use txmq_client::{Batching, ClientConfig};
 
 /// Broker settings for tests: quick check-backs, small segments.
 pub fn broker_config(dir: &Path) -> BrokerConfig {
@@ -35,6 +35,15 @@ pub async fn start(dir: &Path) -> Server {
 pub fn client(server: &Server) -> ClientConfig {
     ClientConfig::new(server.grpc_addr.to_string())
         .with_long_polling_timeout(Duration::from_secs(1))
+}
+
+/// Client settings for `server` whose producers keep one request in flight, so that sends
+/// made meanwhile wait and are joined.
+pub fn joining_client(server: &Server) -> ClientConfig {
+    client(server).with_batching(Some(Batching {
+        max_in_flight: 1,
+        ..Batching::default()
+    }))
 }
 
 pub fn topic(server: &Server, name: &str, kind: TopicType) {
