@@ -113,7 +113,9 @@ impl ClientConfig {
 /// do further sends wait, and the next free slot takes the waiting messages of one topic
 /// together, oldest first, up to `max_messages` and `max_bytes` of bodies. So a lone
 /// sender sees no added latency, and under load one request, one append and one fdatasync
-/// on the server serve many sends.
+/// on the server serve many sends. A producer carries at most `max_in_flight` ×
+/// `max_messages` sends per round trip: with hundreds of concurrent senders over a slow
+/// link, raise `max_in_flight`.
 ///
 /// Each send still gets its own receipt once the server has stored its message, and its
 /// own error: a request the server refuses as a whole (it stores all of a request or

@@ -419,11 +419,16 @@ impl Session {
                 |mut s, r| async move { s.ack_message(r).await },
             )
             .await?;
-        // OK or MULTIPLE_RESULTS: each entry has its own status. Any other status is a
-        // failure of the call, which no entry's OK overrides.
-        let call = match response.status.as_ref().map(|s| s.code) {
-            Some(c) if c == Code::MultipleResults as i32 => Ok(()),
-            _ => check(RPC, response.status.as_ref()),
+        // MULTIPLE_RESULTS: each entry has its own status. Otherwise the call's status holds
+        // for every entry without one, and no entry's OK overrides a failed call.
+        let multiple = response
+            .status
+            .as_ref()
+            .is_some_and(|s| s.code == Code::MultipleResults as i32);
+        let call = if multiple {
+            Ok(())
+        } else {
+            check(RPC, response.status.as_ref())
         };
         // Each result entry names the receipt handle it answers.
         let results: HashMap<&str, Option<&pb::Status>> = response
@@ -435,10 +440,11 @@ impl Session {
             .iter()
             .map(|(_, handle)| match results.get(handle) {
                 Some(status) => check(RPC, *status).and(call.clone()),
-                None => call.clone().and(Err(CallError::Malformed {
+                None if multiple => Err(CallError::Malformed {
                     rpc: RPC,
                     reason: format!("no result entry for receipt handle {handle}"),
-                })),
+                }),
+                None => call.clone(),
             })
             .collect())
     }
