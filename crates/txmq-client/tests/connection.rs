@@ -1,13 +1,14 @@
-//! The connection: reconnect after a broker restart, the settings deadline, TLS (trust any
-//! certificate, or a given CA), and signed requests.
+//! The connection: reconnect after a broker restart (also with joined sends in flight), the
+//! settings deadline, TLS (trust any certificate, or a given CA), and signed requests.
 
 mod common;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{broker_config, client, start, topic, within};
+use common::{broker_config, client, joining_client, start, topic, within};
 use txmq_broker::BrokerConfig;
 use txmq_broker::metadata::TopicType;
 use txmq_broker::server::Server;
@@ -91,6 +92,94 @@ async fn client_keeps_working_after_a_broker_restart() {
         }
         bodies.sort();
         assert_eq!(bodies, ["after", "before"]);
+    })
+    .await;
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joined_sends_across_a_broker_restart_each_end_and_none_acknowledged_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    topic(&server, "orders", TopicType::Normal);
+    let port = server.grpc_addr.port();
+    // One request in flight: the other senders' messages wait and are joined, also while
+    // the broker is gone.
+    let producer = within(10, Producer::connect(joining_client(&server), ["orders"]))
+        .await
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    // Message id -> body of every send answered OK; count of sends that failed.
+    let acked = Arc::new(Mutex::new(HashMap::new()));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let senders: Vec<_> = (0..8)
+        .map(|task| {
+            let (producer, stop, acked, failed) = (
+                producer.clone(),
+                stop.clone(),
+                acked.clone(),
+                failed.clone(),
+            );
+            tokio::spawn(async move {
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let body = format!("t{task}-{n}");
+                    match producer.send(Message::new("orders", body.clone())).await {
+                        Ok(r) => {
+                            acked.lock().unwrap().insert(r.message_id, body);
+                        }
+                        Err(_) => {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.stop().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let server = Server::start(BrokerConfig {
+        listen: format!("127.0.0.1:{port}"),
+        ..broker_config(dir.path())
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    // Every send ends, with a receipt or an error: none hangs on a request slot.
+    within(30, async {
+        for s in senders {
+            s.await.unwrap();
+        }
+    })
+    .await;
+    let acked = std::mem::take(&mut *acked.lock().unwrap());
+    assert!(!acked.is_empty());
+    eprintln!(
+        "{} sends acknowledged, {} failed",
+        acked.len(),
+        failed.load(Ordering::Relaxed)
+    );
+
+    // Every acknowledged message is delivered, with its body.
+    within(60, async {
+        let consumer =
+            SimpleConsumer::connect(client(&server), "audit", [Subscription::all("orders")])
+                .await
+                .unwrap();
+        let mut seen = std::collections::HashSet::new();
+        while !acked.keys().all(|id| seen.contains(id)) {
+            let batch = consumer.receive(32, Duration::from_secs(30)).await.unwrap();
+            for (m, outcome) in batch.iter().zip(consumer.ack_all(&batch).await) {
+                outcome.unwrap();
+                if let Some(body) = acked.get(m.message_id()) {
+                    assert_eq!(m.body(), body.as_bytes());
+                }
+                seen.insert(m.message_id().to_string());
+            }
+        }
     })
     .await;
     server.stop().await.unwrap();
