@@ -16,9 +16,9 @@ use crate::session::{Role, Session};
 ///
 /// Cheap to clone; clones share one connection. Concurrent sends of normal messages are
 /// joined into one request while the producer is busy ([`ClientConfig::batching`]).
-/// Transient failures (connection lost,
-/// timeouts, throttling, server errors) are retried with the same message id, as often and
-/// with the waits the server's settings say (3 attempts by default); refusals are not.
+/// Transient failures (connection lost, timeouts, throttling, server errors) are retried
+/// with the same message id, as often and with the waits the server's settings say (3
+/// attempts by default); refusals are not.
 ///
 /// # Example
 /// ```no_run
@@ -63,7 +63,8 @@ impl Producer {
     ///
     /// # Cancel safety
     /// Not cancel safe: cancelled after the request went out, the message may or may not
-    /// have been stored.
+    /// have been stored. Cancelled while it waits to be joined into a request, it is not
+    /// sent.
     ///
     /// # Errors
     /// [`SendError::InvalidMessage`] (nothing sent), [`SendError::TopicNotFound`],
