@@ -29,7 +29,7 @@ use txmq_client::{
 };
 
 use super::latency::{Latencies, LatencySummary, bench_body, round3};
-use super::produce::server_uri;
+use super::produce::{cannot_connect, server_uri};
 use crate::cli::BenchE2eArgs;
 
 /// User property naming the run a message belongs to.
@@ -237,24 +237,14 @@ async fn measure(args: &BenchE2eArgs) -> anyhow::Result<Report> {
             [Subscription::all(&args.topic)],
         )
         .await
-        .with_context(|| {
-            format!(
-                "cannot connect to the txmq server at {}",
-                server_uri(&args.server)
-            )
-        })?;
+        .with_context(|| cannot_connect(&args.server))?;
         consumers.push(consumer);
     }
     let mut producers = Vec::new();
     for _ in 0..connections(args.senders) {
         let producer = Producer::connect(config.clone(), [args.topic.as_str()])
             .await
-            .with_context(|| {
-                format!(
-                    "cannot connect to the txmq server at {}",
-                    server_uri(&args.server)
-                )
-            })?;
+            .with_context(|| cannot_connect(&args.server))?;
         producers.push(producer);
     }
     let server = server_uri(&args.server);

@@ -385,6 +385,14 @@ impl Publisher for Txmq {
     }
 }
 
+/// The error context of a failed connection to the txmq server at `server`.
+pub fn cannot_connect(server: &str) -> String {
+    format!(
+        "cannot connect to the txmq server at {}",
+        server_uri(server)
+    )
+}
+
 /// `server` as a URI for the report: `http://` is added when no scheme is given.
 pub fn server_uri(server: &str) -> String {
     if server.contains("://") {
@@ -412,12 +420,7 @@ async fn run_txmq(args: &BenchProduceArgs, w: &Workload) -> anyhow::Result<Targe
                 .await
                 .map(TxmqClient::Plain)
         };
-        clients.push(client.with_context(|| {
-            format!(
-                "cannot connect to the txmq server at {}",
-                server_uri(&args.server)
-            )
-        })?);
+        clients.push(client.with_context(|| cannot_connect(&args.server))?);
     }
     let publisher = Arc::new(Txmq {
         clients,
