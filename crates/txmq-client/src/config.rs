@@ -111,9 +111,11 @@ impl ClientConfig {
 /// Nothing is held back to wait for company: a send goes out at once while the producer
 /// has fewer than `max_in_flight` requests in flight. Only when that many are already out
 /// do further sends wait, and the next free slot takes the waiting messages of one topic
-/// together, oldest first, up to `max_messages` and `max_bytes` of bodies. So a lone
-/// sender sees no added latency, and under load one request, one append and one fdatasync
-/// on the server serve many sends. A producer carries at most `max_in_flight` ×
+/// together, oldest first, up to `max_messages` and `max_bytes` of bodies. A slot freed by
+/// an answer is passed on after one yield of the runtime, so that the senders that answer
+/// woke, sending again at once, join the next request together. So a lone sender sees no
+/// added latency, and under load one request, one append and one fdatasync on the server
+/// serve many sends. A producer carries at most `max_in_flight` ×
 /// `max_messages` sends per round trip: with hundreds of concurrent senders over a slow
 /// link, raise `max_in_flight`.
 ///

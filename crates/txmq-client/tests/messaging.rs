@@ -479,3 +479,59 @@ async fn concurrent_sends_share_requests_and_each_gets_its_own_outcome() {
     .await;
     server.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn senders_answered_together_send_again_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    topic(&server, "rounds", TopicType::Normal);
+    const TASKS: usize = 16;
+    const ROUNDS: usize = 25;
+    let before = server.broker.store().stats();
+    // The senders run on a runtime of their own with one thread, as an application's
+    // might: which task runs when is then up to the client alone.
+    let config = joining_client(&server);
+    let senders = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(within(60, async move {
+            // One request in flight at a time, and tasks that each send again as soon as
+            // they are answered: all the senders of one answer should share the next
+            // request, not leave the first of them to take the free slot alone.
+            let producer = Producer::connect(config, ["rounds"]).await.unwrap();
+            let tasks: Vec<_> = (0..TASKS)
+                .map(|t| {
+                    let producer = producer.clone();
+                    tokio::spawn(async move {
+                        for r in 0..ROUNDS {
+                            producer
+                                .send(Message::new("rounds", format!("t{t} r{r}")))
+                                .await
+                                .unwrap();
+                        }
+                    })
+                })
+                .collect();
+            for task in tasks {
+                task.await.expect("send task");
+            }
+        }));
+    });
+    tokio::task::spawn_blocking(move || senders.join())
+        .await
+        .unwrap()
+        .expect("senders");
+    let after = server.broker.store().stats();
+    let stored = after.records - before.records;
+    let requests = after.group_commits - before.group_commits;
+    assert_eq!(stored, (TASKS * ROUNDS) as u64);
+    // About one request per round. A sender going alone after each answer would make it
+    // about two.
+    assert!(
+        requests <= (ROUNDS + ROUNDS / 2) as u64,
+        "{requests} requests for {ROUNDS} rounds of {TASKS} senders"
+    );
+    server.stop().await.unwrap();
+}

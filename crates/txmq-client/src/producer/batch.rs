@@ -5,6 +5,8 @@
 //! Nothing waits on purpose: a send that finds a request slot free goes out at once, alone.
 //! Only under load, when requests are already in flight, do the messages that arrive
 //! meanwhile share one `SendMessage`, one fdatasync'd append on the server and one answer.
+//! A slot freed by an answer goes to the waiting messages after one yield, so that the
+//! senders of that answer, if they send again at once, are among them ([`pass_on`]).
 //! Each caller still gets its own receipt, after the server has stored its message.
 
 use std::collections::VecDeque;
@@ -190,38 +192,67 @@ impl Batcher {
 }
 
 /// A request slot in use. Dropped (the request done, failed, cancelled or panicked), it
-/// goes to the messages waiting, in a task of its own, or is freed when none wait.
+/// passes on in a task of its own ([`pass_on`]).
 struct Slot(Arc<Batcher>);
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let batcher = &self.0;
+        let handoff = Handoff(Some(Arc::clone(&self.0)));
+        // With no runtime any more, the handoff is dropped here: see its `Drop`.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(pass_on(handoff));
+        }
+    }
+}
+
+/// A request slot between two requests.
+struct Handoff(Option<Arc<Batcher>>);
+
+impl Handoff {
+    /// The next batch and the slot to send it in; `None`, the slot freed, when no message
+    /// waits.
+    fn next(mut self) -> Option<(Slot, Vec<Waiting>)> {
+        let batcher = self.0.take()?;
         let batch = {
             let mut queue = batcher.lock();
             let batch = queue.take_batch(&batcher.batch_limits());
             if batch.is_empty() {
                 queue.in_flight -= 1;
-                return;
             }
             batch
         };
-        let slot = Slot(Arc::clone(batcher));
-        match tokio::runtime::Handle::try_current() {
-            // A task of its own, so that no caller's cancellation cancels the request of
-            // the others in it.
-            Ok(runtime) => {
-                runtime.spawn(run(slot, batch));
-            }
-            // No runtime any more: the waiting callers are answered with an error (their
-            // reply channels close) and the next waiting batch gets the same.
-            Err(_) => drop((batch, slot)),
+        (!batch.is_empty()).then(|| (Slot(batcher), batch))
+    }
+}
+
+impl Drop for Handoff {
+    /// Not handed on: the runtime is gone or shutting down, and nothing more will be sent.
+    /// The messages waiting are answered with an error (their channels close) and the slot
+    /// is freed.
+    fn drop(&mut self) {
+        if let Some(batcher) = self.0.take() {
+            let gone = {
+                let mut queue = batcher.lock();
+                queue.in_flight -= 1;
+                std::mem::take(&mut queue.waiting)
+            };
+            drop(gone);
         }
     }
 }
 
-/// Sends one batch in the slot it holds; the slot then passes on.
-async fn run(slot: Slot, batch: Vec<Waiting>) {
-    slot.0.send_batch(batch).await;
+/// Passes a slot on to the messages waiting, in a task of its own so that no caller's
+/// cancellation cancels the request of the others in it.
+///
+/// The answer that freed the slot has just woken its senders, and under load they send
+/// again at once. Taking the waiting messages right away would leave them out: the first
+/// would find a free slot and go alone, and the rest would wait for a slot behind it. So
+/// the slot is held while they run, and they join the next request instead.
+async fn pass_on(handoff: Handoff) {
+    tokio::task::yield_now().await;
+    if let Some((slot, batch)) = handoff.next() {
+        slot.0.send_batch(batch).await;
+    }
 }
 
 impl Queue {
