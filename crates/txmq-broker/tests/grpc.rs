@@ -245,6 +245,35 @@ async fn bad_requests_get_rocketmq_status_codes_and_garbage_does_not_disturb_oth
         .unwrap()
         .into_inner();
     assert_eq!(code(&sent.status), Code::MessagePropertyConflictWithType);
+    // A body that does not match its digest (changed on its way) is refused, and with it
+    // the whole request: nothing of it is stored.
+    let stored = server.broker.store().stats().records;
+    let mut good = message("plain", "good", MessageType::Normal, b"pay 100".to_vec());
+    let mut changed = message("plain", "changed", MessageType::Normal, b"pay 900".to_vec());
+    for (m, digest_of) in [
+        (&mut good, &b"pay 100"[..]),
+        (&mut changed, &b"pay 100"[..]),
+    ] {
+        m.system_properties.as_mut().unwrap().body_digest =
+            Some(txmq_proto::digest::crc32(digest_of));
+    }
+    let sent = c
+        .send_message(req(
+            "c1",
+            pb::SendMessageRequest {
+                messages: vec![good, changed],
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(code(&sent.status), Code::MessageCorrupted);
+    assert!(
+        sent.status.as_ref().unwrap().message.contains("changed"),
+        "{:?}",
+        sent.status
+    );
+    assert_eq!(server.broker.store().stats().records, stored);
     let hb = c
         .heartbeat(req(
             "stranger",

@@ -189,10 +189,6 @@ impl Message {
         message_type: pb::MessageType,
         born_host: &str,
     ) -> pb::Message {
-        let digest = {
-            use md5::Digest as _;
-            hex_upper(&md5::Md5::digest(&self.body))
-        };
         pb::Message {
             topic: Some(pb::Resource {
                 resource_namespace: namespace.to_string(),
@@ -203,10 +199,7 @@ impl Message {
                 tag: self.tag,
                 keys: self.keys,
                 message_id: new_message_id(),
-                body_digest: Some(pb::Digest {
-                    r#type: pb::DigestType::Md5 as i32,
-                    checksum: digest,
-                }),
+                body_digest: Some(txmq_proto::digest::crc32(&self.body)),
                 body_encoding: pb::Encoding::Identity as i32,
                 message_type: message_type as i32,
                 born_timestamp: Some(timestamp(SystemTime::now())),
@@ -315,7 +308,7 @@ impl MessageView {
     pub(crate) fn from_proto(m: pb::Message) -> Self {
         let sp = m.system_properties.unwrap_or_default();
         let mut corrupted = match &sp.body_digest {
-            Some(d) => !digest_matches(d, &m.body),
+            Some(d) => !txmq_proto::digest::matches(d, &m.body),
             None => false,
         };
         let body = match pb::Encoding::try_from(sp.body_encoding) {
@@ -457,26 +450,6 @@ impl MessageView {
     }
 }
 
-/// True when `body` has the digest `d`; unknown digest types are not checked.
-fn digest_matches(d: &pb::Digest, body: &[u8]) -> bool {
-    let expected = d.checksum.trim();
-    match pb::DigestType::try_from(d.r#type) {
-        Ok(pb::DigestType::Crc32) => {
-            // Clients differ on leading zeros: compare the numbers.
-            u32::from_str_radix(expected, 16).is_ok_and(|v| v == crc32fast::hash(body))
-        }
-        Ok(pb::DigestType::Md5) => {
-            use md5::Digest as _;
-            expected.eq_ignore_ascii_case(&hex_upper(&md5::Md5::digest(body)))
-        }
-        Ok(pb::DigestType::Sha1) => {
-            use sha1::Digest as _;
-            expected.eq_ignore_ascii_case(&hex_upper(&sha1::Sha1::digest(body)))
-        }
-        _ => true,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -533,7 +506,7 @@ mod tests {
         let zipped = enc.finish().unwrap();
         let d = digest(
             pb::DigestType::Crc32,
-            &format!("{:X}", crc32fast::hash(&zipped)),
+            &txmq_proto::digest::crc32(&zipped).checksum,
         );
         let v = MessageView::from_proto(wire(&zipped, d, pb::Encoding::Gzip));
         assert!(!v.corrupted());

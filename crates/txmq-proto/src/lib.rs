@@ -29,6 +29,8 @@
 //!   plus their well-known imports, e.g. for gRPC server reflection.
 
 /// Generated code for protobuf package `apache.rocketmq.v2`.
+pub mod digest;
+
 pub mod v2 {
     #![allow(
         missing_docs,

@@ -75,7 +75,8 @@ pub fn duration(ms: i64) -> Duration {
 ///
 /// # Errors
 /// `BAD_REQUEST` without a topic or system properties, `ILLEGAL_MESSAGE_ID` without an id,
-/// `UNSUPPORTED` for message types txmq does not have (lite, priority).
+/// `MESSAGE_CORRUPTED` for a body that does not match its digest, `UNSUPPORTED` for message
+/// types txmq does not have (lite, priority).
 pub fn new_message(m: pb::Message, born_host: &str) -> Result<NewMessage, BrokerError> {
     let topic = m
         .topic
@@ -107,6 +108,19 @@ pub fn new_message(m: pb::Message, born_host: &str) -> Result<NewMessage, Broker
             ));
         }
     };
+    if let Some(d) = &sp.body_digest
+        && !txmq_proto::digest::matches(d, &m.body)
+    {
+        return Err(BrokerError::new(
+            Code::MessageCorrupted,
+            format!(
+                "the body of message {} does not match its {} digest {:?}",
+                sp.message_id,
+                DigestType::try_from(d.r#type).map_or("unknown", |t| t.as_str_name()),
+                d.checksum
+            ),
+        ));
+    }
     if sp.lite_topic.is_some() {
         return Err(BrokerError::new(
             Code::Unsupported,
@@ -153,17 +167,11 @@ fn message_type(s: Option<&str>) -> MessageType {
     }
 }
 
-/// The body's MD5, in upper-case hex: the digest every official client checks the same way
-/// (CRC32 is formatted without leading zeros by the Java client and with them by the Python
-/// client, so no one CRC32 string satisfies both).
+/// The digest a delivered message carries: the body's MD5, which every official client
+/// checks the same way (CRC32 is formatted without leading zeros by the Java client and with
+/// them by the Python client, so no one CRC32 string satisfies both).
 fn body_digest(body: &[u8]) -> Digest {
-    use md5::Digest as _;
-    let sum = md5::Md5::digest(body);
-    let checksum = sum.iter().map(|b| format!("{b:02X}")).collect();
-    Digest {
-        r#type: DigestType::Md5 as i32,
-        checksum,
-    }
+    txmq_proto::digest::md5(body)
 }
 
 /// The wire form of a stored message, as `topic`.
@@ -256,5 +264,41 @@ mod tests {
             "D41D8CD98F00B204E9800998ECF8427E"
         );
         assert_eq!(body_digest(b"").r#type, DigestType::Md5 as i32);
+    }
+
+    fn wire(body: &[u8], digest: Option<Digest>) -> pb::Message {
+        pb::Message {
+            topic: Some(resource("t")),
+            user_properties: HashMap::new(),
+            system_properties: Some(SystemProperties {
+                message_id: "m1".into(),
+                body_digest: digest,
+                ..Default::default()
+            }),
+            body: body.to_vec(),
+        }
+    }
+
+    #[test]
+    fn a_body_that_does_not_match_its_digest_is_refused_as_corrupted() {
+        let sent = txmq_proto::digest::crc32(b"pay 100");
+        let e = new_message(wire(b"pay 900", Some(sent.clone())), "h").unwrap_err();
+        assert_eq!(e.code, Code::MessageCorrupted);
+        assert!(e.message.contains("CRC32"), "{}", e.message);
+        let md5 = txmq_proto::digest::md5(b"pay 100");
+        let e = new_message(wire(b"pay 900", Some(md5)), "h").unwrap_err();
+        assert_eq!(e.code, Code::MessageCorrupted);
+
+        assert_eq!(
+            new_message(wire(b"pay 100", Some(sent)), "h").unwrap().body,
+            b"pay 100"
+        );
+        // No digest, or one of a type not known: nothing to check.
+        assert!(new_message(wire(b"pay 900", None), "h").is_ok());
+        let unknown = Digest {
+            r#type: 99,
+            checksum: "?".into(),
+        };
+        assert!(new_message(wire(b"pay 900", Some(unknown)), "h").is_ok());
     }
 }
