@@ -35,6 +35,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
+        // Message bodies as `Bytes`: cloning a message (to send it again) shares its body,
+        // and a received body is a slice of the buffer it arrived in.
+        .bytes(".apache.rocketmq.v2.Message.body")
         .compile_fds(fds)?;
 
     Ok(())

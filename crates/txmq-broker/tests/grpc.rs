@@ -58,7 +58,7 @@ fn message(topic: &str, id: &str, kind: MessageType, body: Vec<u8>) -> pb::Messa
             tag: Some("tag".into()),
             ..Default::default()
         }),
-        body,
+        body: body.into(),
     }
 }
 
@@ -164,7 +164,7 @@ async fn send_receive_and_ack_over_grpc() {
     let (st, msgs) = receive(&mut c, "g", "orders").await;
     assert_eq!(st, Code::Ok);
     assert_eq!(msgs.len(), 1);
-    assert_eq!(msgs[0].body, b"hello");
+    assert_eq!(msgs[0].body, &b"hello"[..]);
     let sp = msgs[0].system_properties.clone().unwrap();
     assert_eq!(sp.delivery_attempt, Some(1));
     // MD5 of "hello", upper-case hex, as the official clients check it.
@@ -405,7 +405,7 @@ async fn an_open_transaction_is_checked_back_on_the_telemetry_stream_and_the_ans
     assert_eq!(code(&end.status), Code::Ok);
     let (_, msgs) = receive(&mut c, "g", "pay").await;
     assert_eq!(msgs.len(), 1);
-    assert_eq!(msgs[0].body, b"paid");
+    assert_eq!(msgs[0].body, &b"paid"[..]);
     drop(tx);
     server.stop().await.unwrap();
 }

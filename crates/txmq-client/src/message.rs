@@ -208,7 +208,7 @@ impl Message {
                 message_group: self.message_group,
                 ..Default::default()
             }),
-            body: self.body,
+            body: self.body.into(),
         }
     }
 }
@@ -318,11 +318,11 @@ impl MessageView {
                     Ok(_) => out,
                     Err(_) => {
                         corrupted = true;
-                        m.body
+                        m.body.into()
                     }
                 }
             }
-            _ => m.body,
+            _ => m.body.into(),
         };
         Self {
             message_id: sp.message_id,
@@ -467,7 +467,7 @@ mod tests {
                 body_encoding: encoding as i32,
                 ..Default::default()
             }),
-            body: body.to_vec(),
+            body: body.to_vec().into(),
         }
     }
 

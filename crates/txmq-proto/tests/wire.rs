@@ -165,7 +165,7 @@ fn transactional_message() -> Message {
             }),
             ..Default::default()
         }),
-        body: b"{\"order\":1}".to_vec(),
+        body: b"{\"order\":1}".to_vec().into(),
     }
 }
 

@@ -357,7 +357,7 @@ fn message(topic: &str, id: &str, kind: MessageType) -> pb::Message {
             tag: Some("kill".into()),
             ..Default::default()
         }),
-        body: body_of(id),
+        body: body_of(id).into(),
     }
 }
 
@@ -532,7 +532,7 @@ impl Delivery {
         Self {
             topic: m.topic.as_ref().map(|t| t.name.clone()).unwrap_or_default(),
             id: sp.message_id,
-            body: m.body.clone(),
+            body: m.body.to_vec(),
             handle: sp.receipt_handle.unwrap_or_default(),
         }
     }

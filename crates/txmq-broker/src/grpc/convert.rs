@@ -143,7 +143,7 @@ pub fn new_message(m: pb::Message, born_host: &str) -> Result<NewMessage, Broker
         delivery_timestamp: sp.delivery_timestamp.as_ref().map(millis),
         orphaned_recovery_ms,
         user_properties,
-        body: m.body,
+        body: m.body.into(),
         gzip,
         born_timestamp: sp
             .born_timestamp
@@ -213,7 +213,7 @@ fn base_message(rec: &Record, topic: &str) -> pb::Message {
         topic: Some(resource(topic)),
         user_properties,
         system_properties: Some(sp),
-        body: d.body.clone(),
+        body: d.body.clone().into(),
     }
 }
 
@@ -275,7 +275,7 @@ mod tests {
                 body_digest: digest,
                 ..Default::default()
             }),
-            body: body.to_vec(),
+            body: body.to_vec().into(),
         }
     }
 

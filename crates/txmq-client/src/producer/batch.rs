@@ -301,7 +301,7 @@ mod tests {
     ) -> (Waiting, oneshot::Receiver<Result<SendReceipt, SendError>>) {
         let (reply, rx) = oneshot::channel();
         let wire = pb::Message {
-            body: vec![0; size],
+            body: vec![0; size].into(),
             ..Default::default()
         };
         (
