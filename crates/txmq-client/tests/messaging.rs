@@ -6,7 +6,7 @@ mod common;
 use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime};
 
-use common::{client, group, joining_client, start, topic, within};
+use common::{assert_nothing_comes, client, group, joining_client, start, topic, within};
 use txmq_broker::metadata::TopicType;
 use txmq_client::proto::Code;
 use txmq_client::{
@@ -82,13 +82,7 @@ async fn sent_message_arrives_with_every_field() {
         consumer.ack(m).await.unwrap();
         // Acknowledged: it does not come back once its invisible time is over.
         tokio::time::sleep(Duration::from_secs(2)).await;
-        assert!(
-            consumer
-                .receive(32, Duration::from_secs(2))
-                .await
-                .unwrap()
-                .is_empty()
-        );
+        assert_nothing_comes(&consumer, Duration::from_secs(2)).await;
     })
     .await;
     server.stop().await.unwrap();
@@ -297,13 +291,7 @@ async fn ack_all_answers_each_message_across_topics() {
         assert!(consumer.ack_all(&[renewed]).await[0].is_ok());
         // Nothing comes again from either topic: every message is acknowledged.
         for _ in 0..2 {
-            assert!(
-                consumer
-                    .receive(32, Duration::from_secs(30))
-                    .await
-                    .unwrap()
-                    .is_empty()
-            );
+            assert_nothing_comes(&consumer, Duration::from_secs(30)).await;
         }
         assert!(consumer.ack_all(&[]).await.is_empty());
     })
@@ -468,13 +456,7 @@ async fn concurrent_sends_share_requests_and_each_gets_its_own_outcome() {
                 consumer.ack(&m).await.unwrap();
             }
         }
-        assert!(
-            consumer
-                .receive(32, Duration::from_secs(30))
-                .await
-                .unwrap()
-                .is_empty()
-        );
+        assert_nothing_comes(&consumer, Duration::from_secs(30)).await;
     })
     .await;
     server.stop().await.unwrap();

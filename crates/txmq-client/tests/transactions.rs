@@ -6,7 +6,7 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{client, joining_client, start, topic, within};
+use common::{assert_nothing_comes, client, joining_client, start, topic, within};
 use txmq_broker::metadata::TopicType;
 use txmq_client::{
     Message, MessageView, SendError, SimpleConsumer, Subscription, TransactionChecker,
@@ -68,13 +68,7 @@ async fn committed_transaction_is_delivered_and_rolled_back_one_never_is() {
         let kept_id = kept.message_id().to_string();
         assert!(!kept.transaction_id().is_empty());
         // Half messages are not delivered.
-        assert!(
-            consumer
-                .receive(32, Duration::from_secs(30))
-                .await
-                .unwrap()
-                .is_empty()
-        );
+        assert_nothing_comes(&consumer, Duration::from_secs(30)).await;
         kept.commit().await.unwrap();
         let dropped = producer
             .begin(Message::new("payments", "dropped").with_key("client"))
@@ -180,13 +174,7 @@ async fn unknown_answer_leaves_the_transaction_open_for_the_next_check() {
         while checker.asked.lock().unwrap().len() < 2 {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        assert!(
-            consumer
-                .receive(32, Duration::from_secs(30))
-                .await
-                .unwrap()
-                .is_empty()
-        );
+        assert_nothing_comes(&consumer, Duration::from_secs(30)).await;
         // A process that recorded the ids can still settle it.
         producer
             .resume(topic, id.clone(), tx_id)

@@ -9,7 +9,7 @@ use std::time::Duration;
 use txmq_broker::BrokerConfig;
 use txmq_broker::metadata::TopicType;
 use txmq_broker::server::Server;
-use txmq_client::{Batching, ClientConfig};
+use txmq_client::{Batching, ClientConfig, SimpleConsumer};
 
 /// Broker settings for tests: quick check-backs, small segments.
 pub fn broker_config(dir: &Path) -> BrokerConfig {
@@ -67,4 +67,12 @@ pub async fn within<T>(secs: u64, body: impl Future<Output = T>) -> T {
     tokio::time::timeout(Duration::from_secs(secs), body)
         .await
         .expect("the test finished in time")
+}
+
+/// Asserts that one receive (a long poll) brings nothing: every message was acknowledged,
+/// or is not deliverable, or is still invisible. Whatever does come stays invisible for
+/// `invisible`.
+pub async fn assert_nothing_comes(consumer: &SimpleConsumer, invisible: Duration) {
+    let got = consumer.receive(32, invisible).await.expect("receive");
+    assert!(got.is_empty(), "{} message(s) came", got.len());
 }
