@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use txmq_proto::v2 as pb;
 
 use crate::retry::to_duration;
-use crate::session::transport::hex_upper;
+use txmq_proto::digest::hex_upper;
 
 /// A message to send, built with `with_*` calls.
 ///

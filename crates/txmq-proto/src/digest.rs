@@ -50,7 +50,10 @@ pub fn matches(d: &Digest, body: &[u8]) -> bool {
     }
 }
 
-fn hex_upper(bytes: &[u8]) -> String {
+/// `bytes` as upper-case hex, two digits each: the form of the protocol's checksums (and of
+/// the official clients' message ids and request signatures).
+#[must_use]
+pub fn hex_upper(bytes: &[u8]) -> String {
     use std::fmt::Write as _;
     let mut s = String::with_capacity(bytes.len() * 2);
     for b in bytes {

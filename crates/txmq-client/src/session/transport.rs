@@ -16,6 +16,7 @@ use rustls::{DigitallySignedStruct, SignatureScheme};
 use tokio::net::TcpStream;
 use tonic::metadata::{AsciiMetadataValue, MetadataMap};
 use tonic::service::Interceptor;
+use txmq_proto::digest::hex_upper;
 use txmq_proto::v2 as pb;
 
 use super::BoxFuture;
@@ -398,14 +399,6 @@ pub(crate) fn authorization(c: &Credentials, date_time: &str) -> String {
         "MQv2-HMAC-SHA1 Credential={}, SignedHeaders=x-mq-date-time, Signature={signature}",
         c.access_key()
     )
-}
-
-pub(crate) fn hex_upper(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes.iter().fold(String::new(), |mut s, b| {
-        let _ = write!(s, "{b:02X}");
-        s
-    })
 }
 
 /// `yyyyMMddTHHmmssZ` in UTC, the format of the official clients' `x-mq-date-time`.
