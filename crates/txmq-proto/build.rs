@@ -12,6 +12,7 @@ const PROTOS: &[&str] = &[
     "apache/rocketmq/v2/definition.proto",
     "apache/rocketmq/v2/service.proto",
     "apache/rocketmq/v2/admin.proto",
+    "txmq/v1/transactions.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -60,8 +60,7 @@ impl Server {
             })?;
         let (stop, stopped) = watch::channel(false);
         let background = tokio::spawn(broker.clone().run_background(stopped.clone()));
-        let routes =
-            tonic::service::Routes::new(Messaging::new(broker.clone(), grpc_addr).into_server());
+        let routes = Messaging::new(broker.clone(), grpc_addr).into_routes();
         let grpc_stop = wait(stopped.clone());
         let grpc_task = tokio::spawn(serve_grpc(
             grpc,

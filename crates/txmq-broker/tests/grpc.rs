@@ -541,3 +541,136 @@ async fn stopping_the_server_ends_telemetry_streams_and_long_polls_promptly() {
         .unwrap();
     drop(tx);
 }
+
+/// An `EndTransactions` entry.
+fn end(
+    topic: &str,
+    message_id: &str,
+    tx_id: &str,
+    resolution: pb::TransactionResolution,
+) -> pb::EndTransactionRequest {
+    pb::EndTransactionRequest {
+        topic: resource(topic),
+        message_id: message_id.into(),
+        transaction_id: tx_id.into(),
+        resolution: resolution as i32,
+        source: pb::TransactionSource::SourceClient as i32,
+        trace_context: String::new(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn end_transactions_decides_each_entry_on_its_own_in_one_call() {
+    use pb::TransactionResolution::{Commit, Rollback};
+    use txmq_proto::txmq::v1::{self as txmq_pb, transactions_client::TransactionsClient};
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(config(dir.path())).await.unwrap();
+    server
+        .broker
+        .metadata()
+        .create_topic("pay", txmq_broker::metadata::TopicType::Transaction, 2)
+        .unwrap();
+    let mut c = client(&server).await;
+    let ends = TransactionsClient::new(
+        Channel::from_shared(format!("http://{}", server.grpc_addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    );
+    let sent = c
+        .send_message(req(
+            "p1",
+            pb::SendMessageRequest {
+                messages: ["t1", "t2", "t3"]
+                    .map(|id| message("pay", id, MessageType::Transaction, id.as_bytes().to_vec()))
+                    .to_vec(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(code(&sent.status), Code::Ok);
+    let ids: Vec<String> = sent
+        .entries
+        .iter()
+        .map(|e| e.transaction_id.clone())
+        .collect();
+    let call = |entries: Vec<pb::EndTransactionRequest>| {
+        let mut ends = ends.clone();
+        async move {
+            ends.end_transactions(req("p1", txmq_pb::EndTransactionsRequest { entries }))
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+
+    // Refused as a whole, with nothing decided: no entry, or too many.
+    let none = call(Vec::new()).await;
+    assert_eq!(
+        (code(&none.status), none.entries.len()),
+        (Code::BadRequest, 0)
+    );
+    let too_many = call(vec![
+        end("pay", "t1", &ids[0], Commit);
+        txmq_pb::MAX_END_TRANSACTIONS + 1
+    ])
+    .await;
+    assert_eq!(
+        (code(&too_many.status), too_many.entries.len()),
+        (Code::BadRequest, 0)
+    );
+    let (_, msgs) = receive(&mut c, "g", "pay").await;
+    assert!(msgs.is_empty(), "nothing was committed by a refused call");
+
+    // t1 committed twice in one call, t2 rolled back, an unknown id, and t3 named with the
+    // wrong message: each entry gets its own status.
+    let answer = call(vec![
+        end("pay", "t1", &ids[0], Commit),
+        end("pay", "t2", &ids[1], Rollback),
+        end("pay", "t1", &ids[0], Commit),
+        end("pay", "t9", "no-such-transaction", Commit),
+        end("pay", "t2", &ids[2], Commit),
+    ])
+    .await;
+    assert_eq!(code(&answer.status), Code::MultipleResults);
+    let codes: Vec<Code> = answer
+        .entries
+        .iter()
+        .map(|s| code(&Some(s.clone())))
+        .collect();
+    assert_eq!(
+        codes,
+        [
+            Code::Ok,
+            Code::Ok,
+            Code::Ok,
+            Code::InvalidTransactionId,
+            Code::InvalidTransactionId
+        ]
+    );
+
+    // The opposite decision afterwards is refused; the same one again is answered OK.
+    let again = call(vec![
+        end("pay", "t1", &ids[0], Rollback),
+        end("pay", "t2", &ids[1], Commit),
+    ])
+    .await;
+    assert_eq!(code(&again.status), Code::PreconditionFailed);
+    let same = call(vec![
+        end("pay", "t1", &ids[0], Commit),
+        end("pay", "t2", &ids[1], Rollback),
+    ])
+    .await;
+    assert_eq!(code(&same.status), Code::Ok);
+
+    // Only t1 is delivered, once; t3 is still open.
+    let (_, msgs) = receive(&mut c, "g", "pay").await;
+    let bodies: Vec<&[u8]> = msgs.iter().map(|m| &m.body[..]).collect();
+    assert_eq!(bodies, [&b"t1"[..]]);
+    let open = server.broker.transactions().get(&ids[2]).unwrap();
+    assert_eq!(open.state, txmq_broker::transactions::TxState::Prepared);
+    server.stop().await.unwrap();
+}

@@ -38,6 +38,7 @@ mod consumer;
 #[cfg(feature = "db")]
 pub mod db;
 mod error;
+mod join;
 mod message;
 mod producer;
 mod retry;

@@ -3,11 +3,14 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
+use txmq_proto::txmq::v1::MAX_END_TRANSACTIONS;
 use txmq_proto::v2 as pb;
 
-use crate::config::ClientConfig;
-use crate::error::{ConnectError, EndTransactionError, SendError};
+use crate::config::{Batching, ClientConfig};
+use crate::error::{CallError, ConnectError, EndTransactionError, SendError};
+use crate::join::{Join, Joiner, Pending};
 use crate::message::{Message, MessageView, SendReceipt};
 use crate::producer::{self, batch::Batcher};
 use crate::session::{BoxFuture, CheckFn, Role, Session};
@@ -105,7 +108,10 @@ fn erase<C: TransactionChecker>(checker: C) -> CheckFn {
 pub struct TransactionalProducer {
     session: Session,
     /// Joins concurrent half messages into shared requests; `None` when batching is off.
-    batcher: Option<Arc<Batcher>>,
+    batcher: Option<Batcher>,
+    /// Joins concurrent commits and rollbacks into shared requests; `None` when batching
+    /// is off.
+    ends: Option<Arc<Joiner<Ends>>>,
 }
 
 impl TransactionalProducer {
@@ -126,8 +132,13 @@ impl TransactionalProducer {
         let batching = config.batching;
         let session =
             Session::connect(config, Role::Producer { topics }, Some(erase(checker))).await?;
-        let batcher = batching.map(|limits| Arc::new(Batcher::new(session.clone(), true, limits)));
-        Ok(Self { session, batcher })
+        let batcher = batching.map(|limits| Batcher::new(session.clone(), true, limits));
+        let ends = batching.map(|limits| Arc::new(Ends::joiner(session.clone(), limits)));
+        Ok(Self {
+            session,
+            batcher,
+            ends,
+        })
     }
 
     /// Sends `message` as a half message (sent once, never retried) and returns the open
@@ -148,6 +159,7 @@ impl TransactionalProducer {
         };
         Ok(Transaction {
             session: self.session.clone(),
+            ends: self.ends.clone(),
             topic,
             receipt,
         })
@@ -163,6 +175,7 @@ impl TransactionalProducer {
     ) -> Transaction {
         Transaction {
             session: self.session.clone(),
+            ends: self.ends.clone(),
             topic: topic.into(),
             receipt: SendReceipt {
                 message_id: message_id.into(),
@@ -218,6 +231,7 @@ impl TransactionalProducer {
 #[must_use = "a transaction neither committed nor rolled back waits for the server's check-back"]
 pub struct Transaction {
     session: Session,
+    ends: Option<Arc<Joiner<Ends>>>,
     topic: String,
     receipt: SendReceipt,
 }
@@ -267,21 +281,22 @@ impl Transaction {
     }
 
     async fn end(self, resolution: pb::TransactionResolution) -> Result<(), EndTransactionError> {
+        let request = self.session.end_request(
+            &self.topic,
+            &self.receipt.message_id,
+            &self.receipt.transaction_id,
+            resolution,
+            pb::TransactionSource::SourceClient,
+        );
         let policy = self.session.retry_policy();
         // Resolving twice is harmless: retry transient failures like a send.
         let mut attempt = 1;
         loop {
-            match self
-                .session
-                .end_transaction(
-                    &self.topic,
-                    &self.receipt.message_id,
-                    &self.receipt.transaction_id,
-                    resolution,
-                    pb::TransactionSource::SourceClient,
-                )
-                .await
-            {
+            let outcome = match &self.ends {
+                Some(ends) => ends.submit(request.clone()).await,
+                None => self.session.end_transaction(request.clone()).await,
+            };
+            match outcome {
                 Ok(()) => return Ok(()),
                 Err(e) if e.is_transient() && attempt < policy.max_attempts => {
                     tokio::time::sleep(policy.delay(attempt)).await;
@@ -290,6 +305,98 @@ impl Transaction {
                 Err(e) => return Err(e.into()),
             }
         }
+    }
+}
+
+/// Commits and rollbacks of one producer, joined ([`crate::join`]) into calls of txmq's
+/// own `txmq.v1.Transactions.EndTransactions`, whose decisions share one durable write on
+/// the server. A server without it (a RocketMQ proxy answers `UNIMPLEMENTED`) gets
+/// `EndTransaction` calls, one per transaction, from then on.
+pub(crate) struct Ends {
+    session: Session,
+    /// Cleared once the server turned down `EndTransactions`.
+    joining: AtomicBool,
+}
+
+impl Ends {
+    fn joiner(session: Session, limits: Batching) -> Joiner<Self> {
+        let limits = Batching {
+            max_messages: limits.max_messages.min(MAX_END_TRANSACTIONS),
+            ..limits
+        };
+        let ends = Self {
+            session,
+            joining: AtomicBool::new(true),
+        };
+        Joiner::new(ends, limits)
+    }
+}
+
+impl Join for Ends {
+    type Item = pb::EndTransactionRequest;
+    type Output = Result<(), CallError>;
+
+    async fn one(&self, item: Self::Item) -> Self::Output {
+        self.session.end_transaction(item).await
+    }
+
+    async fn many(&self, batch: Vec<Pending<Self>>) {
+        let (requests, replies): (Vec<_>, Vec<_>) =
+            batch.into_iter().map(|p| (p.item, p.reply)).unzip();
+        if requests.len() == 1 {
+            for (request, reply) in requests.into_iter().zip(replies) {
+                let _ = reply.send(self.one(request).await);
+            }
+            return;
+        }
+        match self.session.end_transactions(requests.clone()).await {
+            Ok(outcomes) => {
+                for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                    let _ = reply.send(outcome);
+                }
+            }
+            Err(CallError::Transport {
+                code: tonic::Code::Unimplemented,
+                message,
+                ..
+            }) => {
+                if self.joining.swap(false, Ordering::Relaxed) {
+                    tracing::info!(%message, "the server does not serve EndTransactions; \
+                        ending transactions one by one");
+                }
+                // Nothing was decided by the refused call.
+                for (request, reply) in requests.into_iter().zip(replies) {
+                    let _ = reply.send(self.one(request).await);
+                }
+            }
+            Err(e) => {
+                for reply in replies {
+                    let _ = reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+
+    /// Transactions of any topics share a call.
+    fn goes_with(_: &Self::Item, _: &Self::Item) -> bool {
+        true
+    }
+
+    /// A decision carries no body: only the count of entries limits a call.
+    fn size(_: &Self::Item) -> usize {
+        0
+    }
+
+    fn joining(&self) -> bool {
+        self.joining.load(Ordering::Relaxed)
+    }
+
+    fn abandoned() -> Self::Output {
+        Err(CallError::Transport {
+            rpc: "EndTransactions",
+            code: tonic::Code::Cancelled,
+            message: "the request's task ended without an answer (runtime shutting down)".into(),
+        })
     }
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::{assert_nothing_comes, client, joining_client, start, topic, within};
 use txmq_broker::metadata::TopicType;
 use txmq_client::{
-    Message, MessageView, SendError, SimpleConsumer, Subscription, TransactionChecker,
+    Message, MessageView, SendError, SimpleConsumer, Subscription, Transaction, TransactionChecker,
     TransactionResolution, TransactionalProducer,
 };
 
@@ -44,6 +44,25 @@ async fn drain(consumer: &SimpleConsumer, wait: Duration) -> Vec<MessageView> {
         }
     }
     out
+}
+
+/// Commits the even transactions and rolls back the odd ones, all at once; the message
+/// ids of the committed ones.
+async fn end_all(transactions: Vec<Transaction>) -> Vec<String> {
+    let mut committed = Vec::new();
+    let mut ends = tokio::task::JoinSet::new();
+    for (i, tx) in transactions.into_iter().enumerate() {
+        if i % 2 == 0 {
+            committed.push(tx.message_id().to_string());
+            ends.spawn(tx.commit());
+        } else {
+            ends.spawn(tx.rollback());
+        }
+    }
+    while let Some(ended) = ends.join_next().await {
+        ended.expect("end task").expect("commit or rollback");
+    }
+    committed
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -192,7 +211,7 @@ async fn unknown_answer_leaves_the_transaction_open_for_the_next_check() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_half_messages_share_requests_and_each_is_a_transaction_of_its_own() {
+async fn concurrent_transactions_share_requests_both_ways_and_each_is_one_of_its_own() {
     let dir = tempfile::tempdir().unwrap();
     let server = start(dir.path()).await;
     topic(&server, "payments", TopicType::Transaction);
@@ -233,16 +252,17 @@ async fn concurrent_half_messages_share_requests_and_each_is_a_transaction_of_it
             "every half message has a transaction of its own"
         );
 
-        // Commit the even ones, roll back the odd ones: each decides only its own.
-        let mut committed = Vec::new();
-        for (i, tx) in transactions.into_iter().enumerate() {
-            if i % 2 == 0 {
-                committed.push(tx.message_id().to_string());
-                tx.commit().await.unwrap();
-            } else {
-                tx.rollback().await.unwrap();
-            }
-        }
+        // Commit the even ones, roll back the odd ones, all at once: the decisions share
+        // calls too, and each decides only its own transaction.
+        let before = server.broker.store().stats();
+        let mut committed = end_all(transactions).await;
+        let after = server.broker.store().stats();
+        assert_eq!(after.records - before.records, N as u64);
+        let requests = after.group_commits - before.group_commits;
+        assert!(
+            requests < (N / 4) as u64,
+            "{requests} group commits for {N} decisions"
+        );
         let consumer =
             SimpleConsumer::connect(client(&server), "ledger", [Subscription::all("payments")])
                 .await
@@ -258,4 +278,92 @@ async fn concurrent_half_messages_share_requests_and_each_is_a_transaction_of_it
     })
     .await;
     server.stop().await.unwrap();
+}
+
+/// A broker on `dir` serving `apache.rocketmq.v2.MessagingService` only, as a RocketMQ
+/// proxy does: none of txmq's additions. Returns where it listens, and what stops it.
+async fn start_without_additions(
+    dir: &std::path::Path,
+) -> (
+    std::net::SocketAddr,
+    Arc<txmq_broker::Broker>,
+    impl AsyncFnOnce(),
+) {
+    let broker = txmq_broker::Broker::open(common::broker_config(dir)).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let background = tokio::spawn(broker.clone().run_background(stopped.clone()));
+    let routes = tonic::service::Routes::new(
+        txmq_broker::grpc::Messaging::new(broker.clone(), addr).into_server(),
+    );
+    let mut until = stopped;
+    let serving = tokio::spawn(txmq_broker::net::serve_grpc(
+        listener,
+        routes,
+        None,
+        txmq_broker::net::ServeOptions::default(),
+        async move {
+            let _ = until.wait_for(|s| *s).await;
+        },
+    ));
+    let b = broker.clone();
+    let shutdown = async move || {
+        b.begin_shutdown();
+        stop.send_replace(true);
+        serving.await.unwrap();
+        background.await.unwrap();
+        b.shutdown().await.unwrap();
+    };
+    (addr, broker, shutdown)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decisions_go_one_by_one_to_a_server_without_end_transactions() {
+    let dir = tempfile::tempdir().unwrap();
+    let (addr, broker, shutdown) = start_without_additions(dir.path()).await;
+    broker
+        .metadata()
+        .create_topic("payments", TopicType::Transaction, 4)
+        .unwrap();
+    within(60, async {
+        let config = txmq_client::ClientConfig::new(addr.to_string())
+            .with_long_polling_timeout(Duration::from_secs(1))
+            .with_batching(Some(txmq_client::Batching {
+                max_in_flight: 1,
+                ..txmq_client::Batching::default()
+            }));
+        let producer =
+            TransactionalProducer::connect(config.clone(), ["payments"], ByKey::default())
+                .await
+                .unwrap();
+        const N: usize = 60;
+        let mut transactions = Vec::with_capacity(N);
+        for i in 0..N {
+            let begin =
+                producer.begin(Message::new("payments", format!("p{i}")).with_key("client"));
+            transactions.push(begin.await.expect("begin"));
+        }
+        // The first joined call is answered UNIMPLEMENTED; its decisions and all later
+        // ones go as EndTransaction calls, and none is lost.
+        let mut committed = end_all(transactions).await;
+        let consumer = SimpleConsumer::connect(config, "ledger", [Subscription::all("payments")])
+            .await
+            .unwrap();
+        let mut got: Vec<String> = drain(&consumer, Duration::from_secs(3))
+            .await
+            .iter()
+            .map(|m| m.message_id().to_string())
+            .collect();
+        got.sort_unstable();
+        committed.sort_unstable();
+        assert_eq!(got, committed);
+        let open = broker.transactions().list(&[
+            txmq_broker::transactions::TxState::Prepared,
+            txmq_broker::transactions::TxState::Unresolved,
+        ]);
+        assert!(open.is_empty(), "{} transactions left open", open.len());
+    })
+    .await;
+    shutdown().await;
 }

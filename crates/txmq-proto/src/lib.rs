@@ -25,12 +25,15 @@
 //! * [`v2`] holds the prost message/enum types, the server side
 //!   (`v2::messaging_service_server`, `v2::admin_server`) and the client side
 //!   (`v2::messaging_service_client`, `v2::admin_client`).
-//! * [`FILE_DESCRIPTOR_SET`] is the encoded descriptor set of all three files
+//! * [`txmq::v1`] holds txmq's own additions (`proto/txmq/v1/`), which reuse the
+//!   RocketMQ types: `Transactions.EndTransactions` ends several transactions in one
+//!   call. Official clients never call them.
+//! * [`FILE_DESCRIPTOR_SET`] is the encoded descriptor set of all four files
 //!   plus their well-known imports, e.g. for gRPC server reflection.
 
-/// Generated code for protobuf package `apache.rocketmq.v2`.
 pub mod digest;
 
+/// Generated code for protobuf package `apache.rocketmq.v2`.
 pub mod v2 {
     #![allow(
         missing_docs,
@@ -43,9 +46,37 @@ pub mod v2 {
     tonic::include_proto!("apache.rocketmq.v2");
 }
 
+/// Generated code for protobuf package `txmq.v1`: txmq's own additions to the protocol
+/// (`proto/txmq/v1/`), which only the txmq client calls.
+pub mod txmq {
+    /// The `txmq.v1` package.
+    pub mod v1 {
+        #![allow(
+            missing_docs,
+            clippy::all,
+            clippy::pedantic,
+            clippy::nursery,
+            rustdoc::all
+        )]
+
+        tonic::include_proto!("txmq.v1");
+
+        /// The most entries an `EndTransactions` call may carry; a server refuses more
+        /// with `BAD_REQUEST`.
+        pub const MAX_END_TRANSACTIONS: usize = 1024;
+    }
+}
+
+/// The generated code of `txmq.v1` names the RocketMQ types by their package path.
+mod apache {
+    pub mod rocketmq {
+        pub use crate::v2;
+    }
+}
+
 /// Encoded `google.protobuf.FileDescriptorSet` covering
-/// `apache/rocketmq/v2/{definition,service,admin}.proto` and the well-known
-/// types they import.
+/// `apache/rocketmq/v2/{definition,service,admin}.proto`, `txmq/v1/transactions.proto`
+/// and the well-known types they import.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/txmq_proto_descriptor.bin"));
 

@@ -9,6 +9,8 @@ use std::time::Duration;
 use futures::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
+use txmq_proto::txmq::v1 as txmq_pb;
+use txmq_proto::txmq::v1::transactions_server::{Transactions, TransactionsServer};
 use txmq_proto::v2::messaging_service_server::MessagingService;
 use txmq_proto::v2::{
     self as pb, Code, MessageType, Permission, TransactionResolution, receive_message_response,
@@ -43,6 +45,79 @@ impl Messaging {
         pb::messaging_service_server::MessagingServiceServer::new(self)
             .max_decoding_message_size(96 << 20)
             .max_encoding_message_size(96 << 20)
+    }
+
+    /// The tonic server for txmq's own `txmq.v1.Transactions` service over this broker.
+    pub fn into_transactions_server(self) -> TransactionsServer<Self> {
+        TransactionsServer::new(self)
+    }
+
+    /// Both services, as served on the gRPC port.
+    pub fn into_routes(self) -> tonic::service::Routes {
+        tonic::service::Routes::new(self.clone().into_server())
+            .add_service(self.into_transactions_server())
+    }
+}
+
+impl Messaging {
+    /// Commits or rolls back one transaction; the status of the outcome.
+    async fn end_one(&self, req: pb::EndTransactionRequest) -> pb::Status {
+        let resolution = match TransactionResolution::try_from(req.resolution) {
+            Ok(TransactionResolution::Commit) => Resolution::Commit,
+            Ok(TransactionResolution::Rollback) => Resolution::Rollback,
+            // "Unknown": nothing changes; the check-back goes on.
+            _ => return ok(),
+        };
+        match self
+            .broker
+            .end_transaction(
+                &name(&req.topic),
+                &req.message_id,
+                &req.transaction_id,
+                resolution,
+            )
+            .await
+        {
+            Ok(_) => ok(),
+            Err(e) => error_status(&e),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Transactions for Messaging {
+    /// Each entry as `EndTransaction`, all at once: their records join one durable write.
+    async fn end_transactions(
+        &self,
+        request: Request<txmq_pb::EndTransactionsRequest>,
+    ) -> Result<Response<txmq_pb::EndTransactionsResponse>, Status> {
+        let req = request.into_inner();
+        let refused = |reason: String| {
+            Ok(Response::new(txmq_pb::EndTransactionsResponse {
+                status: Some(status(Code::BadRequest, reason)),
+                entries: Vec::new(),
+            }))
+        };
+        if req.entries.is_empty() {
+            return refused("no transaction to end".into());
+        }
+        if req.entries.len() > txmq_pb::MAX_END_TRANSACTIONS {
+            return refused(format!(
+                "{} transactions in one call; at most {}",
+                req.entries.len(),
+                txmq_pb::MAX_END_TRANSACTIONS
+            ));
+        }
+        let entries =
+            futures::future::join_all(req.entries.into_iter().map(|e| self.end_one(e))).await;
+        let st = match entries.split_first() {
+            Some((first, rest)) if rest.iter().all(|s| s.code == first.code) => first.clone(),
+            _ => status(Code::MultipleResults, "some transactions were not ended"),
+        };
+        Ok(Response::new(txmq_pb::EndTransactionsResponse {
+            status: Some(st),
+            entries,
+        }))
     }
 }
 
@@ -552,30 +627,7 @@ impl MessagingService for Messaging {
         &self,
         request: Request<pb::EndTransactionRequest>,
     ) -> Result<Response<pb::EndTransactionResponse>, Status> {
-        let req = request.into_inner();
-        let resolution = match TransactionResolution::try_from(req.resolution) {
-            Ok(TransactionResolution::Commit) => Resolution::Commit,
-            Ok(TransactionResolution::Rollback) => Resolution::Rollback,
-            // "Unknown": nothing changes; the check-back goes on.
-            _ => {
-                return Ok(Response::new(pb::EndTransactionResponse {
-                    status: Some(ok()),
-                }));
-            }
-        };
-        let st = match self
-            .broker
-            .end_transaction(
-                &name(&req.topic),
-                &req.message_id,
-                &req.transaction_id,
-                resolution,
-            )
-            .await
-        {
-            Ok(_) => ok(),
-            Err(e) => error_status(&e),
-        };
+        let st = self.end_one(request.into_inner()).await;
         Ok(Response::new(pb::EndTransactionResponse {
             status: Some(st),
         }))

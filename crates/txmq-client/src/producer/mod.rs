@@ -36,7 +36,7 @@ use crate::session::{Role, Session};
 pub struct Producer {
     session: Session,
     /// Joins concurrent sends of normal messages; `None` when batching is off.
-    batcher: Option<Arc<batch::Batcher>>,
+    batcher: Option<batch::Batcher>,
 }
 
 impl Producer {
@@ -54,8 +54,7 @@ impl Producer {
         let topics = topics.into_iter().map(Into::into).collect();
         let batching = config.batching;
         let session = Session::connect(config, Role::Producer { topics }, None).await?;
-        let batcher =
-            batching.map(|limits| Arc::new(batch::Batcher::new(session.clone(), false, limits)));
+        let batcher = batching.map(|limits| batch::Batcher::new(session.clone(), false, limits));
         Ok(Self { session, batcher })
     }
 

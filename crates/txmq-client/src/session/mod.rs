@@ -18,6 +18,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tonic::service::interceptor::InterceptedService;
+use txmq_proto::txmq::v1::{self as txmq_pb, transactions_client::TransactionsClient};
 use txmq_proto::v2::messaging_service_client::MessagingServiceClient;
 use txmq_proto::v2::{self as pb, Code, receive_message_response, settings::PubSub};
 
@@ -31,6 +32,9 @@ use transport::{Connection, Headers, Target};
 
 /// The generated stub with the `x-mq-*` headers added to every request.
 pub(crate) type Stub = MessagingServiceClient<InterceptedService<Connection, Headers>>;
+
+/// The stub of txmq's own `txmq.v1.Transactions`, on the same connection.
+type TransactionsStub = TransactionsClient<InterceptedService<Connection, Headers>>;
 
 /// A boxed, sendable future.
 pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -84,6 +88,7 @@ pub(crate) struct Shared {
     client_id: String,
     hostname: String,
     stub: Stub,
+    transactions: TransactionsStub,
     role: Mutex<Role>,
     /// The server's last settings reply.
     server_settings: watch::Sender<Option<pb::Settings>>,
@@ -148,18 +153,18 @@ impl Session {
         );
         let headers = Headers::new(&client_id, &config)?;
         let connection = Connection::new(&config, &target)?;
-        let stub = MessagingServiceClient::with_origin(
-            InterceptedService::new(connection, headers),
-            transport::origin(&target),
-        )
-        .max_decoding_message_size(256 << 20)
-        .max_encoding_message_size(256 << 20);
+        let channel = InterceptedService::new(connection, headers);
+        let stub = MessagingServiceClient::with_origin(channel.clone(), transport::origin(&target))
+            .max_decoding_message_size(256 << 20)
+            .max_encoding_message_size(256 << 20);
+        let transactions = TransactionsClient::with_origin(channel, transport::origin(&target));
         let shared = Arc::new(Shared {
             config,
             target,
             client_id,
             hostname,
             stub,
+            transactions,
             role: Mutex::new(role),
             server_settings: watch::Sender::new(None),
             telemetry_out: Mutex::new(None),
@@ -316,18 +321,61 @@ impl Session {
         Ok(response.entries)
     }
 
-    /// Commits or rolls back a half message.
-    pub(crate) async fn end_transaction(
+    /// The request that commits or rolls back a half message.
+    pub(crate) fn end_request(
         &self,
         topic: &str,
         message_id: &str,
         transaction_id: &str,
         resolution: pb::TransactionResolution,
         source: pb::TransactionSource,
-    ) -> Result<(), CallError> {
+    ) -> pb::EndTransactionRequest {
         self.shared
-            .end_transaction(topic, message_id, transaction_id, resolution, source)
-            .await
+            .end_request(topic, message_id, transaction_id, resolution, source)
+    }
+
+    /// Commits or rolls back a half message.
+    pub(crate) async fn end_transaction(
+        &self,
+        request: pb::EndTransactionRequest,
+    ) -> Result<(), CallError> {
+        self.shared.end_transaction(request).await
+    }
+
+    /// Commits or rolls back several half messages in one call of txmq's own
+    /// `txmq.v1.Transactions.EndTransactions`: the outcome of each, in order. A server
+    /// without it (a RocketMQ proxy) fails the whole call with gRPC status `UNIMPLEMENTED`.
+    pub(crate) async fn end_transactions(
+        &self,
+        requests: Vec<pb::EndTransactionRequest>,
+    ) -> Result<Vec<Result<(), CallError>>, CallError> {
+        const RPC: &str = "EndTransactions";
+        let n = requests.len();
+        let response = self
+            .shared
+            .unary_on(
+                self.shared.transactions.clone(),
+                RPC,
+                txmq_pb::EndTransactionsRequest { entries: requests },
+                |mut s, r| async move { s.end_transactions(r).await },
+            )
+            .await?;
+        if response.entries.len() != n {
+            // A refusal of the whole request comes without entries.
+            check(RPC, response.status.as_ref())?;
+            return Err(CallError::Malformed {
+                rpc: RPC,
+                reason: format!(
+                    "{} result entries for {n} transactions",
+                    response.entries.len()
+                ),
+            });
+        }
+        Ok(response
+            .entries
+            .iter()
+            .map(|status| check(RPC, Some(status)))
+            .collect())
     }
 
     /// One long-polling receive: the messages of the stream (none on `MESSAGE_NOT_FOUND`),
@@ -556,6 +604,7 @@ impl Shared {
         }
     }
 
+    /// A call of `MessagingService`, bounded by the request timeout.
     async fn unary<Req, Resp, Fut>(
         &self,
         rpc: &'static str,
@@ -565,10 +614,24 @@ impl Shared {
     where
         Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
     {
+        self.unary_on(self.stub.clone(), rpc, request, call).await
+    }
+
+    /// A call on `stub`, bounded by the request timeout.
+    async fn unary_on<S, Req, Resp, Fut>(
+        &self,
+        stub: S,
+        rpc: &'static str,
+        request: Req,
+        call: impl FnOnce(S, tonic::Request<Req>) -> Fut,
+    ) -> Result<Resp, CallError>
+    where
+        Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
+    {
         let after = self.config.request_timeout;
         let mut request = tonic::Request::new(request);
         request.set_timeout(after);
-        match tokio::time::timeout(after, call(self.stub.clone(), request)).await {
+        match tokio::time::timeout(after, call(stub, request)).await {
             Err(_) => Err(CallError::TimedOut { rpc, after }),
             Ok(Err(status)) => Err(CallError::transport(rpc, status)),
             Ok(Ok(response)) => Ok(response.into_inner()),
@@ -651,23 +714,27 @@ impl Shared {
         Ok(response.message_queues)
     }
 
-    async fn end_transaction(
+    /// The request that commits or rolls back a half message.
+    fn end_request(
         &self,
         topic: &str,
         message_id: &str,
         transaction_id: &str,
         resolution: pb::TransactionResolution,
         source: pb::TransactionSource,
-    ) -> Result<(), CallError> {
-        const RPC: &str = "EndTransaction";
-        let request = pb::EndTransactionRequest {
+    ) -> pb::EndTransactionRequest {
+        pb::EndTransactionRequest {
             topic: Some(self.resource(topic)),
             message_id: message_id.to_string(),
             transaction_id: transaction_id.to_string(),
             resolution: resolution as i32,
             source: source as i32,
             trace_context: String::new(),
-        };
+        }
+    }
+
+    async fn end_transaction(&self, request: pb::EndTransactionRequest) -> Result<(), CallError> {
+        const RPC: &str = "EndTransaction";
         let response = self
             .unary(RPC, request, |mut s, r| async move {
                 s.end_transaction(r).await

@@ -169,16 +169,14 @@ fn handle(shared: &Arc<Shared>, command: Command) {
                     // The server asks again later.
                     TransactionResolution::Unknown => return,
                 };
-                if let Err(e) = shared
-                    .end_transaction(
-                        view.topic(),
-                        view.message_id(),
-                        &c.transaction_id,
-                        resolution,
-                        pb::TransactionSource::SourceServerCheck,
-                    )
-                    .await
-                {
+                let request = shared.end_request(
+                    view.topic(),
+                    view.message_id(),
+                    &c.transaction_id,
+                    resolution,
+                    pb::TransactionSource::SourceServerCheck,
+                );
+                if let Err(e) = shared.end_transaction(request).await {
                     tracing::warn!(transaction = %c.transaction_id, error = %e, "cannot answer a check-back");
                 }
             });
