@@ -626,7 +626,9 @@ async fn end_transactions_decides_each_entry_on_its_own_in_one_call() {
     assert!(msgs.is_empty(), "nothing was committed by a refused call");
 
     // t1 committed twice in one call, t2 rolled back, an unknown id, and t3 named with the
-    // wrong message: each entry gets its own status.
+    // wrong message: each entry gets its own status. The two decisions are stored in one
+    // append; the repeated commit waits for the first and writes nothing.
+    let before = server.broker.store().stats();
     let answer = call(vec![
         end("pay", "t1", &ids[0], Commit),
         end("pay", "t2", &ids[1], Rollback),
@@ -635,6 +637,11 @@ async fn end_transactions_decides_each_entry_on_its_own_in_one_call() {
         end("pay", "t2", &ids[2], Commit),
     ])
     .await;
+    let after = server.broker.store().stats();
+    assert_eq!(
+        (after.records - before.records, after.group_commits - before.group_commits),
+        (2, 1)
+    );
     assert_eq!(code(&answer.status), Code::MultipleResults);
     let codes: Vec<Code> = answer
         .entries

@@ -20,8 +20,9 @@ use super::convert::{self, error_status, ok, resource, status};
 use crate::broker::Broker;
 use crate::delivery::{Filter, RENEW_MS, ReceiveRequest};
 use crate::error::BrokerError;
+use crate::error::BrokerResult;
 use crate::metadata::TopicType;
-use crate::transactions::Resolution;
+use crate::transactions::{End, Resolution, TxState};
 
 /// The gRPC service over a broker.
 #[derive(Clone)]
@@ -59,28 +60,26 @@ impl Messaging {
     }
 }
 
-impl Messaging {
-    /// Commits or rolls back one transaction; the status of the outcome.
-    async fn end_one(&self, req: pb::EndTransactionRequest) -> pb::Status {
-        let resolution = match TransactionResolution::try_from(req.resolution) {
-            Ok(TransactionResolution::Commit) => Resolution::Commit,
-            Ok(TransactionResolution::Rollback) => Resolution::Rollback,
-            // "Unknown": nothing changes; the check-back goes on.
-            _ => return ok(),
-        };
-        match self
-            .broker
-            .end_transaction(
-                &name(&req.topic),
-                &req.message_id,
-                &req.transaction_id,
-                resolution,
-            )
-            .await
-        {
-            Ok(_) => ok(),
-            Err(e) => error_status(&e),
-        }
+/// The decision an `EndTransaction` request asks for; `None` for "unknown", which changes
+/// nothing (the check-back goes on).
+fn end_of(req: pb::EndTransactionRequest) -> Option<End> {
+    let resolution = match TransactionResolution::try_from(req.resolution) {
+        Ok(TransactionResolution::Commit) => Resolution::Commit,
+        Ok(TransactionResolution::Rollback) => Resolution::Rollback,
+        _ => return None,
+    };
+    Some(End {
+        topic: name(&req.topic),
+        message_id: req.message_id,
+        id: req.transaction_id,
+        resolution,
+    })
+}
+
+fn end_status(outcome: &BrokerResult<TxState>) -> pb::Status {
+    match outcome {
+        Ok(_) => ok(),
+        Err(e) => error_status(e),
     }
 }
 
@@ -108,8 +107,16 @@ impl Transactions for Messaging {
                 txmq_pb::MAX_END_TRANSACTIONS
             ));
         }
-        let entries =
-            futures::future::join_all(req.entries.into_iter().map(|e| self.end_one(e))).await;
+        let ends: Vec<Option<End>> = req.entries.into_iter().map(end_of).collect();
+        let asked: Vec<End> = ends.iter().flatten().cloned().collect();
+        let mut outcomes = self.broker.end_transactions(&asked).await.into_iter();
+        let entries: Vec<pb::Status> = ends
+            .iter()
+            .map(|end| match end {
+                Some(_) => outcomes.next().map_or_else(ok, |o| end_status(&o)),
+                None => ok(),
+            })
+            .collect();
         let st = match entries.split_first() {
             Some((first, rest)) if rest.iter().all(|s| s.code == first.code) => first.clone(),
             _ => status(Code::MultipleResults, "some transactions were not ended"),
@@ -627,7 +634,10 @@ impl MessagingService for Messaging {
         &self,
         request: Request<pb::EndTransactionRequest>,
     ) -> Result<Response<pb::EndTransactionResponse>, Status> {
-        let st = self.end_one(request.into_inner()).await;
+        let st = match end_of(request.into_inner()) {
+            Some(end) => end_status(&self.broker.end_transactions(&[end]).await[0]),
+            None => ok(),
+        };
         Ok(Response::new(pb::EndTransactionResponse {
             status: Some(st),
         }))

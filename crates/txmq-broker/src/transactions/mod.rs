@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use txmq_proto::v2::Code;
-use txmq_store::{Record, RecordData, RecordKind};
+use txmq_store::{Appended, Record, RecordData, RecordKind};
 
 use crate::broker::Broker;
 use crate::error::{BrokerError, BrokerResult};
@@ -311,6 +311,103 @@ fn tx_record(kind: RecordKind, id: &str, body: &[u8]) -> RecordData {
     r
 }
 
+/// One decision asked for: commit or roll back transaction `id`, named with its topic and
+/// message id (either may be empty: not checked).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct End {
+    /// The topic the producer names; empty: not checked.
+    pub topic: String,
+    /// The message id the producer names; empty: not checked.
+    pub message_id: String,
+    /// The transaction id.
+    pub id: String,
+    /// What to do.
+    pub resolution: Resolution,
+}
+
+/// What a decision asked for finds in the table.
+enum Claim {
+    /// This caller writes the decision; the entry is marked busy until it is written.
+    Mine,
+    /// Answered without writing: already decided the same way, or refused.
+    Answered(BrokerResult<TxState>),
+    /// Another decision of this transaction is being written: wait for it, then look again.
+    Wait(Arc<Notify>),
+}
+
+fn decided(resolution: Resolution) -> TxState {
+    match resolution {
+        Resolution::Commit => TxState::Committed,
+        Resolution::Rollback => TxState::RolledBack,
+    }
+}
+
+impl Transactions {
+    /// Looks at transaction `end.id` for `end`, and marks it busy when the decision is this
+    /// caller's to write.
+    fn claim(&self, end: &End) -> Claim {
+        let id = &end.id;
+        let mut table = self.lock();
+        let Some(entry) = table.get_mut(id) else {
+            return Claim::Answered(Err(BrokerError::new(
+                Code::InvalidTransactionId,
+                format!("unknown transaction {id}"),
+            )));
+        };
+        if (!end.topic.is_empty() && entry.tx.topic != end.topic)
+            || (!end.message_id.is_empty() && entry.tx.message_id != end.message_id)
+        {
+            return Claim::Answered(Err(BrokerError::new(
+                Code::InvalidTransactionId,
+                format!(
+                    "transaction {id} belongs to message {} of topic {}",
+                    entry.tx.message_id, entry.tx.topic
+                ),
+            )));
+        }
+        let refused = |message: String| {
+            Claim::Answered(Err(BrokerError::new(Code::PreconditionFailed, message)))
+        };
+        match (entry.tx.state, end.resolution) {
+            (TxState::Committed, Resolution::Commit)
+            | (TxState::RolledBack, Resolution::Rollback) => {
+                return Claim::Answered(Ok(entry.tx.state));
+            }
+            (TxState::Committed, Resolution::Rollback) => {
+                return refused(format!("transaction {id} is already committed"));
+            }
+            (TxState::RolledBack, Resolution::Commit) => {
+                return refused(format!("transaction {id} was rolled back"));
+            }
+            _ => {}
+        }
+        match &entry.busy {
+            Some(n) => Claim::Wait(n.clone()),
+            None => {
+                entry.busy = Some(Arc::new(Notify::new()));
+                Claim::Mine
+            }
+        }
+    }
+
+    /// Clears the busy mark of `id` and wakes those waiting on it; with `at`, where the
+    /// record that stored its decision went, the decision is applied.
+    fn release(&self, id: &str, resolution: Resolution, at: Option<&Appended>) {
+        let mut table = self.lock();
+        let Some(entry) = table.get_mut(id) else {
+            return;
+        };
+        if let Some(n) = entry.busy.take() {
+            n.notify_waiters();
+        }
+        if let Some(at) = at {
+            entry.tx.state = decided(resolution);
+            entry.tx.resolved_ms = Some(at.store_timestamp);
+            entry.tx.resolved_at = Some(at.position);
+        }
+    }
+}
+
 impl Broker {
     /// Commits or rolls back a transaction. Idempotent: the same decision twice is answered
     /// `Ok` without storing anything again; the opposite decision is refused.
@@ -325,103 +422,142 @@ impl Broker {
         id: &str,
         resolution: Resolution,
     ) -> BrokerResult<TxState> {
+        let end = End {
+            topic: topic.to_string(),
+            message_id: message_id.to_string(),
+            id: id.to_string(),
+            resolution,
+        };
+        self.end_one(&end).await
+    }
+
+    /// Commits or rolls back several transactions, each as [`Broker::end_transaction`]
+    /// would, on its own: the outcome of each, in order. The decisions to write are
+    /// stored in one append, so they share one durable write.
+    pub async fn end_transactions(&self, ends: &[End]) -> Vec<BrokerResult<TxState>> {
+        let mut outcomes: Vec<Option<BrokerResult<TxState>>> = vec![None; ends.len()];
+        let mut mine = Vec::new();
+        let mut waiting = Vec::new();
+        for (i, end) in ends.iter().enumerate() {
+            match self.transactions.claim(end) {
+                Claim::Mine => mine.push(i),
+                Claim::Answered(outcome) => outcomes[i] = Some(outcome),
+                // Being decided by another call, or by an earlier entry of this one: that
+                // decision is written meanwhile, so these wait alongside it.
+                Claim::Wait(_) => waiting.push(i),
+            }
+        }
+        let (written, waited) = tokio::join!(
+            self.decide(mine.iter().map(|&i| &ends[i]).collect()),
+            futures::future::join_all(waiting.iter().map(|&i| self.end_one(&ends[i]))),
+        );
+        for (i, outcome) in mine
+            .into_iter()
+            .zip(written)
+            .chain(waiting.into_iter().zip(waited))
+        {
+            outcomes[i] = Some(outcome);
+        }
+        outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or_else(|| Err(BrokerError::internal("decision without outcome"))))
+            .collect()
+    }
+
+    /// One decision: waits while another decision of the transaction is being written.
+    async fn end_one(&self, end: &End) -> BrokerResult<TxState> {
         loop {
-            let wait = {
-                let mut table = self.transactions.lock();
-                let entry = table.get_mut(id).ok_or_else(|| {
-                    BrokerError::new(
-                        Code::InvalidTransactionId,
-                        format!("unknown transaction {id}"),
-                    )
-                })?;
-                if (!topic.is_empty() && entry.tx.topic != topic)
-                    || (!message_id.is_empty() && entry.tx.message_id != message_id)
-                {
-                    return Err(BrokerError::new(
-                        Code::InvalidTransactionId,
-                        format!(
-                            "transaction {id} belongs to message {} of topic {}",
-                            entry.tx.message_id, entry.tx.topic
-                        ),
-                    ));
-                }
-                match (entry.tx.state, resolution) {
-                    (TxState::Committed, Resolution::Commit)
-                    | (TxState::RolledBack, Resolution::Rollback) => {
-                        return Ok(entry.tx.state);
-                    }
-                    (TxState::Committed, Resolution::Rollback) => {
-                        return Err(BrokerError::new(
-                            Code::PreconditionFailed,
-                            format!("transaction {id} is already committed"),
-                        ));
-                    }
-                    (TxState::RolledBack, Resolution::Commit) => {
-                        return Err(BrokerError::new(
-                            Code::PreconditionFailed,
-                            format!("transaction {id} was rolled back"),
-                        ));
-                    }
-                    _ => {}
-                }
-                match &entry.busy {
-                    Some(n) => n.clone(),
-                    None => {
-                        entry.busy = Some(Arc::new(Notify::new()));
-                        break;
-                    }
-                }
+            let wait = match self.transactions.claim(end) {
+                Claim::Mine => break,
+                Claim::Answered(outcome) => return outcome,
+                Claim::Wait(n) => n,
             };
-            // Another resolution of this transaction is being written: wait for it.
             let notified = wait.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             if self
                 .transactions
                 .lock()
-                .get(id)
+                .get(&end.id)
                 .is_some_and(|e| e.busy.is_some())
             {
                 notified.await;
             }
         }
-        // The decision and its entry in the table change together for snapshots.
-        let gate = self.gate.read().await;
-        let result = self.write_resolution(id, resolution).await;
-        let mut table = self.transactions.lock();
-        let Some(entry) = table.get_mut(id) else {
-            return Err(BrokerError::internal("transaction vanished"));
-        };
-        if let Some(n) = entry.busy.take() {
-            n.notify_waiters();
-        }
-        let rec = result?;
-        let now = rec.store_timestamp;
-        entry.tx.state = match resolution {
-            Resolution::Commit => TxState::Committed,
-            Resolution::Rollback => TxState::RolledBack,
-        };
-        entry.tx.resolved_ms = Some(now);
-        entry.tx.resolved_at = Some(rec.position);
-        drop(table);
-        drop(gate);
-        if resolution == Resolution::Commit {
-            self.arrived(topic_of(&rec));
-        }
-        tracing::debug!(transaction = id, ?resolution, "transaction resolved");
-        Ok(match resolution {
-            Resolution::Commit => TxState::Committed,
-            Resolution::Rollback => TxState::RolledBack,
-        })
+        let mut outcome = self.decide(vec![end]).await;
+        outcome
+            .pop()
+            .unwrap_or_else(|| Err(BrokerError::internal("decision without outcome")))
     }
 
-    /// Stores the decision: the committed message itself, or a rollback record.
-    async fn write_resolution(&self, id: &str, resolution: Resolution) -> BrokerResult<Record> {
+    /// Stores decisions claimed by this caller, in one append, and applies them: the
+    /// outcome of each, in order. Every busy mark is cleared, whatever the outcome.
+    async fn decide(&self, ends: Vec<&End>) -> Vec<BrokerResult<TxState>> {
+        if ends.is_empty() {
+            return Vec::new();
+        }
+        // The decisions and their entries in the table change together for snapshots.
+        let gate = self.gate.read().await;
+        let mut outcomes: Vec<BrokerResult<TxState>> = Vec::with_capacity(ends.len());
+        let mut records = Vec::new();
+        for end in &ends {
+            match self.resolution_record(&end.id, end.resolution) {
+                Ok(data) => {
+                    records.push(data);
+                    outcomes.push(Ok(decided(end.resolution)));
+                }
+                Err(e) => outcomes.push(Err(e)),
+            }
+        }
+        let topics: Vec<String> = records.iter().map(|r| r.topic.clone()).collect();
+        let appended = if records.is_empty() {
+            Ok(Vec::new())
+        } else {
+            self.store.append(records).await
+        };
+        let mut stored = match appended {
+            Ok(at) => Some(at.into_iter().zip(topics)),
+            Err(e) => {
+                let e = BrokerError::from(e);
+                for outcome in outcomes.iter_mut().filter(|o| o.is_ok()) {
+                    *outcome = Err(e.clone());
+                }
+                None
+            }
+        };
+        let mut committed = Vec::new();
+        for (end, outcome) in ends.iter().zip(&outcomes) {
+            let at = match (outcome, stored.as_mut()) {
+                (Ok(_), Some(stored)) => stored.next(),
+                _ => None,
+            };
+            self.transactions
+                .release(&end.id, end.resolution, at.as_ref().map(|(at, _)| at));
+            if let Some((_, topic)) = at {
+                tracing::debug!(transaction = %end.id, resolution = ?end.resolution,
+                    "transaction resolved");
+                if end.resolution == Resolution::Commit {
+                    committed.push(topic);
+                }
+            }
+        }
+        drop(gate);
+        committed.sort_unstable();
+        committed.dedup();
+        for topic in &committed {
+            self.arrived(topic);
+        }
+        outcomes
+    }
+
+    /// The record that stores a decision: the committed message itself, or a rollback
+    /// record.
+    fn resolution_record(&self, id: &str, resolution: Resolution) -> BrokerResult<RecordData> {
         let tx = self
             .transactions
             .get(id)
             .ok_or_else(|| BrokerError::internal("transaction vanished"))?;
-        let data = match resolution {
+        Ok(match resolution {
             Resolution::Commit => {
                 let half = self.store.read(tx.half_position)?;
                 let kind = if half.data.deliver_at > 0 {
@@ -439,14 +575,6 @@ impl Broker {
                 )
             }
             Resolution::Rollback => tx_record(RecordKind::TxResolution, id, ROLLBACK),
-        };
-        let appended = self.store.append(vec![data.clone()]).await?;
-        let at = appended[0];
-        Ok(Record {
-            position: at.position,
-            queue_offset: at.queue_offset,
-            store_timestamp: at.store_timestamp,
-            data,
         })
     }
 
@@ -530,10 +658,6 @@ impl Broker {
             .unwrap_or(self.config.transaction_timeout_ms as i64);
         rec.store_timestamp + wait
     }
-}
-
-fn topic_of(rec: &Record) -> &str {
-    &rec.data.topic
 }
 
 #[cfg(test)]
