@@ -639,7 +639,10 @@ async fn end_transactions_decides_each_entry_on_its_own_in_one_call() {
     .await;
     let after = server.broker.store().stats();
     assert_eq!(
-        (after.records - before.records, after.group_commits - before.group_commits),
+        (
+            after.records - before.records,
+            after.group_commits - before.group_commits
+        ),
         (2, 1)
     );
     assert_eq!(code(&answer.status), Code::MultipleResults);

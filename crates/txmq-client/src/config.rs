@@ -42,8 +42,9 @@ pub struct ClientConfig {
     /// proxies clamp it to 5..=20 s, txmq to at most 30 s).
     pub long_polling_timeout: Duration,
     /// How a [`Producer`](crate::Producer) joins concurrent sends of normal messages into
-    /// one request; `None` sends each in a request of its own. On by default; see
-    /// [`Batching`].
+    /// one request (and a transactional producer its half messages and decisions, a push
+    /// consumer its acknowledgements); `None` sends each in a request of its own. On by
+    /// default; see [`Batching`].
     pub batching: Option<Batching>,
 }
 
@@ -97,7 +98,8 @@ impl ClientConfig {
         self
     }
 
-    /// Sets how a producer joins concurrent sends; `None` sends each alone.
+    /// Sets how a client joins concurrent sends, decisions and acknowledgements; `None`
+    /// sends each alone.
     pub fn with_batching(mut self, batching: Option<Batching>) -> Self {
         self.batching = batching;
         self
@@ -123,8 +125,11 @@ impl ClientConfig {
 /// own error: a request the server refuses as a whole (it stores all of a request or
 /// none) is sent again message by message, so that only the message at fault fails. A
 /// [`TransactionalProducer`](crate::TransactionalProducer) joins its half messages the same
-/// way, each still a transaction of its own; their commits and rollbacks go one per request,
-/// as the protocol has no batch of them. FIFO and delay messages always go alone.
+/// way, each still a transaction of its own, and its commits and rollbacks, of any topics,
+/// into calls of txmq's own `EndTransactions` (`EndTransaction` calls, one per transaction,
+/// to a server without it). A [`PushConsumer`](crate::PushConsumer) joins its
+/// acknowledgements of one topic into one `AckMessage`. The same limits apply to each kind
+/// of request, counted apart. FIFO and delay messages always go alone.
 ///
 /// # Example
 /// ```

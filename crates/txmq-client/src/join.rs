@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use tokio::sync::oneshot;
 
 use crate::config::Batching;
+use crate::error::CallError;
 
 /// One kind of request whose items can share a call.
 pub(crate) trait Join: Send + Sync + Sized + 'static {
@@ -29,8 +30,8 @@ pub(crate) trait Join: Send + Sync + Sized + 'static {
     /// Sends `item` in a request of its own.
     fn one(&self, item: Self::Item) -> impl Future<Output = Self::Output> + Send;
 
-    /// Sends `items` (at least two, or one once joining is off) and answers each caller.
-    /// Runs in a task of its own.
+    /// Sends `items` (one or more that wait, taken together) and answers each caller. Runs
+    /// in a task of its own.
     fn many(&self, items: Vec<Pending<Self>>) -> impl Future<Output = ()> + Send;
 
     /// Whether `item` may share a request whose oldest item is `first`.
@@ -46,6 +47,16 @@ pub(crate) trait Join: Send + Sync + Sized + 'static {
     /// The outcome of a caller whose request's task ended without an answer: the runtime
     /// is shutting down, and the request may or may not have reached the server.
     fn abandoned() -> Self::Output;
+}
+
+/// The failure of a caller of `rpc` whose request's task ended without an answer: the
+/// runtime is shutting down, and the request may or may not have reached the server.
+pub(crate) fn abandoned_call(rpc: &'static str) -> CallError {
+    CallError::Transport {
+        rpc,
+        code: tonic::Code::Cancelled,
+        message: "the request's task ended without an answer (runtime shutting down)".into(),
+    }
 }
 
 /// An item waiting to go out, and where its outcome goes.

@@ -10,7 +10,7 @@ use txmq_proto::v2 as pb;
 
 use crate::config::{Batching, ClientConfig};
 use crate::error::{CallError, ConnectError, EndTransactionError, SendError};
-use crate::join::{Join, Joiner, Pending};
+use crate::join::{Join, Joiner, Pending, abandoned_call};
 use crate::message::{Message, MessageView, SendReceipt};
 use crate::producer::{self, batch::Batcher};
 use crate::session::{BoxFuture, CheckFn, Role, Session};
@@ -392,11 +392,7 @@ impl Join for Ends {
     }
 
     fn abandoned() -> Self::Output {
-        Err(CallError::Transport {
-            rpc: "EndTransactions",
-            code: tonic::Code::Cancelled,
-            message: "the request's task ended without an answer (runtime shutting down)".into(),
-        })
+        Err(abandoned_call("EndTransactions"))
     }
 }
 

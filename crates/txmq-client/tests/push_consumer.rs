@@ -203,3 +203,60 @@ async fn handlers_run_with_bounded_concurrency_and_shutdown_waits_for_them() {
     .await;
     server.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledgements_that_wait_share_calls() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    topic(&server, "parcels", TopicType::Normal);
+    group(&server, "depot", 5, false, vec![]);
+    within(60, async {
+        const N: usize = 200;
+        let producer = Producer::connect(client(&server), ["parcels"])
+            .await
+            .unwrap();
+        for chunk in 0..N / 50 {
+            let batch = (0..50)
+                .map(|i| Message::new("parcels", format!("parcel {}", chunk * 50 + i)))
+                .collect();
+            producer.send_batch(batch).await.unwrap();
+        }
+        let handled = Arc::new(AtomicUsize::new(0));
+        let h = handled.clone();
+        let before = server.broker.store().stats();
+        // One ack call in flight at a time: the acks of the other handlers wait for it.
+        let consumer = PushConsumer::builder(common::joining_client(&server), "depot")
+            .subscribe(Subscription::all("parcels"))
+            .max_concurrency(32)
+            .start(move |_| {
+                let h = h.clone();
+                async move {
+                    h.fetch_add(1, Ordering::SeqCst);
+                    Ok::<(), String>(())
+                }
+            })
+            .await
+            .unwrap();
+        while handled.load(Ordering::SeqCst) < N {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Shutting down waits for the handlers and their acks.
+        consumer.shutdown().await;
+        let after = server.broker.store().stats();
+        let stats = server.broker.group_stats("depot");
+        assert_eq!(
+            (stats.lag, stats.in_flight),
+            (0, 0),
+            "every message acknowledged"
+        );
+        // Receives and acks each write to the log. Acks one call each make 50 to 100 group
+        // commits here (the store joins some of them); joined ones, about 20.
+        let writes = after.group_commits - before.group_commits;
+        assert!(
+            writes < (N / 6) as u64,
+            "{writes} group commits to acknowledge {N} messages"
+        );
+    })
+    .await;
+    server.stop().await.unwrap();
+}

@@ -11,7 +11,7 @@ use txmq_proto::v2 as pb;
 use super::{Prepared, deliver, no_entry, prepare};
 use crate::config::Batching;
 use crate::error::{CallError, SendError};
-use crate::join::{Join, Joiner, Pending};
+use crate::join::{Join, Joiner, Pending, abandoned_call};
 use crate::message::{Message, SendReceipt};
 use crate::session::Session;
 
@@ -152,12 +152,7 @@ impl Join for Sends {
     fn abandoned() -> Self::Output {
         Err(SendError::Failed {
             attempts: 1,
-            source: CallError::Transport {
-                rpc: "SendMessage",
-                code: tonic::Code::Cancelled,
-                message: "the request's task ended without an answer (runtime shutting down)"
-                    .into(),
-            },
+            source: abandoned_call("SendMessage"),
         })
     }
 }
