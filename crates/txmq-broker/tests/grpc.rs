@@ -25,6 +25,17 @@ fn config(dir: &std::path::Path) -> BrokerConfig {
     }
 }
 
+/// A server on `dir` with the transactional topic `pay` (2 queues).
+async fn with_pay_topic(dir: &std::path::Path) -> Server {
+    let server = Server::start(config(dir)).await.unwrap();
+    server
+        .broker
+        .metadata()
+        .create_topic("pay", txmq_broker::metadata::TopicType::Transaction, 2)
+        .unwrap();
+    server
+}
+
 async fn client(server: &Server) -> MessagingServiceClient<Channel> {
     let ch = Channel::from_shared(format!("http://{}", server.grpc_addr))
         .unwrap()
@@ -315,12 +326,7 @@ async fn bad_requests_get_rocketmq_status_codes_and_garbage_does_not_disturb_oth
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_open_transaction_is_checked_back_on_the_telemetry_stream_and_the_answer_commits_it() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(config(dir.path())).await.unwrap();
-    server
-        .broker
-        .metadata()
-        .create_topic("pay", txmq_broker::metadata::TopicType::Transaction, 2)
-        .unwrap();
+    let server = with_pay_topic(dir.path()).await;
     let mut c = client(&server).await;
     // A producer declares the topic on its Telemetry stream and gets settings back.
     let (tx, rx) = tokio::sync::mpsc::channel(8);
@@ -565,12 +571,7 @@ async fn end_transactions_decides_each_entry_on_its_own_in_one_call() {
     use txmq_proto::txmq::v1::{self as txmq_pb, transactions_client::TransactionsClient};
 
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(config(dir.path())).await.unwrap();
-    server
-        .broker
-        .metadata()
-        .create_topic("pay", txmq_broker::metadata::TopicType::Transaction, 2)
-        .unwrap();
+    let server = with_pay_topic(dir.path()).await;
     let mut c = client(&server).await;
     let ends = TransactionsClient::new(
         Channel::from_shared(format!("http://{}", server.grpc_addr))

@@ -65,6 +65,22 @@ async fn end_all(transactions: Vec<Transaction>) -> Vec<String> {
     committed
 }
 
+/// Asserts that topic `payments` delivers exactly the messages `committed` (ids), to a
+/// new consumer group.
+async fn assert_delivered(config: txmq_client::ClientConfig, mut committed: Vec<String>) {
+    let consumer = SimpleConsumer::connect(config, "ledger", [Subscription::all("payments")])
+        .await
+        .unwrap();
+    let mut got: Vec<String> = drain(&consumer, Duration::from_secs(3))
+        .await
+        .iter()
+        .map(|m| m.message_id().to_string())
+        .collect();
+    got.sort_unstable();
+    committed.sort_unstable();
+    assert_eq!(got, committed);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn committed_transaction_is_delivered_and_rolled_back_one_never_is() {
     let dir = tempfile::tempdir().unwrap();
@@ -255,7 +271,7 @@ async fn concurrent_transactions_share_requests_both_ways_and_each_is_one_of_its
         // Commit the even ones, roll back the odd ones, all at once: the decisions share
         // calls too, and each decides only its own transaction.
         let before = server.broker.store().stats();
-        let mut committed = end_all(transactions).await;
+        let committed = end_all(transactions).await;
         let after = server.broker.store().stats();
         assert_eq!(after.records - before.records, N as u64);
         let requests = after.group_commits - before.group_commits;
@@ -263,18 +279,7 @@ async fn concurrent_transactions_share_requests_both_ways_and_each_is_one_of_its
             requests < (N / 4) as u64,
             "{requests} group commits for {N} decisions"
         );
-        let consumer =
-            SimpleConsumer::connect(client(&server), "ledger", [Subscription::all("payments")])
-                .await
-                .unwrap();
-        let mut got: Vec<String> = drain(&consumer, Duration::from_secs(3))
-            .await
-            .iter()
-            .map(|m| m.message_id().to_string())
-            .collect();
-        got.sort_unstable();
-        committed.sort_unstable();
-        assert_eq!(got, committed);
+        assert_delivered(client(&server), committed).await;
     })
     .await;
     server.stop().await.unwrap();
@@ -346,18 +351,8 @@ async fn decisions_go_one_by_one_to_a_server_without_end_transactions() {
         }
         // The first joined call is answered UNIMPLEMENTED; its decisions and all later
         // ones go as EndTransaction calls, and none is lost.
-        let mut committed = end_all(transactions).await;
-        let consumer = SimpleConsumer::connect(config, "ledger", [Subscription::all("payments")])
-            .await
-            .unwrap();
-        let mut got: Vec<String> = drain(&consumer, Duration::from_secs(3))
-            .await
-            .iter()
-            .map(|m| m.message_id().to_string())
-            .collect();
-        got.sort_unstable();
-        committed.sort_unstable();
-        assert_eq!(got, committed);
+        let committed = end_all(transactions).await;
+        assert_delivered(config, committed).await;
         let open = broker.transactions().list(&[
             txmq_broker::transactions::TxState::Prepared,
             txmq_broker::transactions::TxState::Unresolved,
