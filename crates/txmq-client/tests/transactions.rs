@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use common::{assert_nothing_comes, client, joining_client, start, topic, within};
 use txmq_broker::metadata::TopicType;
+use txmq_broker::server::Server;
 use txmq_client::{
     Message, MessageView, SendError, SimpleConsumer, Subscription, Transaction, TransactionChecker,
     TransactionResolution, TransactionalProducer,
@@ -63,6 +64,26 @@ async fn end_all(transactions: Vec<Transaction>) -> Vec<String> {
         ended.expect("end task").expect("commit or rollback");
     }
     committed
+}
+
+/// Runs `work`, which stores `n` records, and asserts that they took fewer than `n / 4`
+/// group commits: they were joined into few requests.
+async fn stored_in_few_writes<T>(
+    server: &Server,
+    n: usize,
+    what: &str,
+    work: impl std::future::Future<Output = T>,
+) -> T {
+    let before = server.broker.store().stats();
+    let out = work.await;
+    let after = server.broker.store().stats();
+    assert_eq!(after.records - before.records, n as u64);
+    let writes = after.group_commits - before.group_commits;
+    assert!(
+        writes < (n / 4) as u64,
+        "{writes} group commits for {n} {what}"
+    );
+    out
 }
 
 /// Asserts that topic `payments` delivers exactly the messages `committed` (ids), to a
@@ -237,28 +258,24 @@ async fn concurrent_transactions_share_requests_both_ways_and_each_is_one_of_its
                 .await
                 .unwrap();
         const N: usize = 200;
-        let before = server.broker.store().stats();
-        let begins: Vec<_> = (0..N)
-            .map(|i| {
-                let producer = producer.clone();
-                tokio::spawn(async move {
-                    producer
-                        .begin(Message::new("payments", format!("p{i}")).with_key("client"))
-                        .await
+        let transactions = stored_in_few_writes(&server, N, "half messages", async {
+            let begins: Vec<_> = (0..N)
+                .map(|i| {
+                    let producer = producer.clone();
+                    tokio::spawn(async move {
+                        producer
+                            .begin(Message::new("payments", format!("p{i}")).with_key("client"))
+                            .await
+                    })
                 })
-            })
-            .collect();
-        let mut transactions = Vec::with_capacity(N);
-        for begin in begins {
-            transactions.push(begin.await.expect("begin task").expect("begin"));
-        }
-        let after = server.broker.store().stats();
-        assert_eq!(after.records - before.records, N as u64);
-        let requests = after.group_commits - before.group_commits;
-        assert!(
-            requests < (N / 4) as u64,
-            "{requests} group commits for {N} half messages"
-        );
+                .collect();
+            let mut transactions = Vec::with_capacity(N);
+            for begin in begins {
+                transactions.push(begin.await.expect("begin task").expect("begin"));
+            }
+            transactions
+        })
+        .await;
         let mut ids: Vec<&str> = transactions.iter().map(|t| t.transaction_id()).collect();
         ids.sort_unstable();
         ids.dedup();
@@ -270,15 +287,7 @@ async fn concurrent_transactions_share_requests_both_ways_and_each_is_one_of_its
 
         // Commit the even ones, roll back the odd ones, all at once: the decisions share
         // calls too, and each decides only its own transaction.
-        let before = server.broker.store().stats();
-        let committed = end_all(transactions).await;
-        let after = server.broker.store().stats();
-        assert_eq!(after.records - before.records, N as u64);
-        let requests = after.group_commits - before.group_commits;
-        assert!(
-            requests < (N / 4) as u64,
-            "{requests} group commits for {N} decisions"
-        );
+        let committed = stored_in_few_writes(&server, N, "decisions", end_all(transactions)).await;
         assert_delivered(client(&server), committed).await;
     })
     .await;
