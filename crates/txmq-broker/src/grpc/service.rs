@@ -19,8 +19,7 @@ use txmq_proto::v2::{
 use super::convert::{self, error_status, ok, resource, status};
 use crate::broker::Broker;
 use crate::delivery::{Filter, RENEW_MS, ReceiveRequest};
-use crate::error::BrokerError;
-use crate::error::BrokerResult;
+use crate::error::{BrokerError, BrokerResult};
 use crate::metadata::TopicType;
 use crate::transactions::{End, Resolution, TxState};
 
