@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::{Notify, RwLock};
 use txmq_proto::v2::Code;
-use txmq_store::{RecordKind, Store};
+use txmq_store::{Appended, RecordData, RecordKind, Store};
 
 use crate::config::BrokerConfig;
 use crate::delivery::Delivery;
@@ -160,7 +160,14 @@ impl Broker {
     /// The first invalid message's error (nothing is stored then): unknown topic, a message
     /// type the topic does not take, a body too large or empty, a bad tag, key, message id,
     /// message group or delivery time; or a storage error.
-    pub async fn send(&self, messages: Vec<NewMessage>) -> BrokerResult<Vec<SendReceipt>> {
+    ///
+    /// # Cancel safety
+    /// Dropped once the messages went to the store, they may still be stored, as with
+    /// [`Store::append`]; half messages stored then still open their transactions.
+    pub async fn send(
+        self: &Arc<Self>,
+        messages: Vec<NewMessage>,
+    ) -> BrokerResult<Vec<SendReceipt>> {
         let Some(first) = messages.first() else {
             return Err(BrokerError::bad_request("no message to send"));
         };
@@ -216,19 +223,35 @@ impl Broker {
             records.push(record);
         }
         let half = receipts[0].transaction_id.is_some();
-        // A half message changes the transaction table: hold the gate until it is applied.
-        let _gate = if half {
-            Some(self.gate.read().await)
+        let appended = if half {
+            // Stored and entered in the transaction table in a task of its own: a caller
+            // that goes away meanwhile (a client that disconnects or times out) must not
+            // leave a stored half message out of the table, where no check-back would find
+            // it and a snapshot would forget it.
+            let broker = Arc::clone(self);
+            tokio::spawn(async move { broker.store_half_messages(records).await })
+                .await
+                .map_err(|e| {
+                    BrokerError::internal(format!("storing half messages failed: {e}"))
+                })??
         } else {
-            None
+            self.store.append(records).await?
         };
-        // Only half messages are needed again, each to open its own transaction.
-        let half_data = if half { records.clone() } else { Vec::new() };
-        let appended = self.store.append(records).await?;
         for (r, at) in receipts.iter_mut().zip(&appended) {
             r.offset = at.queue_offset;
         }
-        for (data, at) in half_data.into_iter().zip(&appended) {
+        if !half {
+            self.arrived(&topic.name);
+        }
+        Ok(receipts)
+    }
+
+    /// Stores half messages and opens their transactions.
+    async fn store_half_messages(&self, records: Vec<RecordData>) -> BrokerResult<Vec<Appended>> {
+        // A half message changes the transaction table: hold the gate until it is applied.
+        let _gate = self.gate.read().await;
+        let appended = self.store.append(records.clone()).await?;
+        for (data, at) in records.into_iter().zip(&appended) {
             let rec = txmq_store::Record {
                 position: at.position,
                 queue_offset: at.queue_offset,
@@ -241,10 +264,7 @@ impl Broker {
                 |c| self.check_interval_ms(c),
             );
         }
-        if !half {
-            self.arrived(&topic.name);
-        }
-        Ok(receipts)
+        Ok(appended)
     }
 
     fn topic_for_send(&self, m: &NewMessage) -> BrokerResult<crate::metadata::Topic> {

@@ -239,6 +239,64 @@ async fn concurrent_commits_of_one_transaction_deliver_once() {
 }
 
 #[tokio::test]
+async fn a_decision_whose_caller_goes_away_is_still_made_and_leaves_nothing_stuck() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = open(dir.path());
+    b.metadata()
+        .create_topic("pay", TopicType::Transaction, 1)
+        .unwrap();
+    let r = b
+        .send(vec![msg("pay", "tx4", SendType::Transaction)])
+        .await
+        .unwrap();
+    let id = r[0].transaction_id.clone().unwrap();
+    // Polled until it waits for the store, then dropped, as a request is when its client
+    // disconnects.
+    {
+        let commit = b.end_transaction("pay", "tx4", &id, Resolution::Commit);
+        tokio::pin!(commit);
+        assert!(futures::poll!(commit.as_mut()).is_pending());
+    }
+    // The next decision of the transaction is answered, and the first one was made.
+    let again = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        b.end_transaction("pay", "tx4", &id, Resolution::Commit),
+    )
+    .await
+    .expect("a later decision of the transaction is not held up");
+    assert_eq!(again.unwrap(), TxState::Committed);
+    assert_eq!(drain(&b, "g", "pay").await, vec!["tx4".to_string()]);
+}
+
+#[tokio::test]
+async fn a_half_message_whose_sender_goes_away_still_opens_its_transaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = open(dir.path());
+    b.metadata()
+        .create_topic("pay", TopicType::Transaction, 1)
+        .unwrap();
+    // Polled until it waits for the store, then dropped.
+    {
+        let send = b.send(vec![msg("pay", "tx5", SendType::Transaction)]);
+        tokio::pin!(send);
+        assert!(futures::poll!(send.as_mut()).is_pending());
+    }
+    // Stored, it is a transaction the check-back will find.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let open = b.transactions().list(&[TxState::Prepared]);
+        if open.iter().any(|tx| tx.message_id == "tx5") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stored half message opened no transaction"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
 async fn wrong_message_type_empty_and_oversized_bodies_are_refused_with_their_codes() {
     let dir = tempfile::tempdir().unwrap();
     let b = open(dir.path());

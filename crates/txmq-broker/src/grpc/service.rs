@@ -108,7 +108,7 @@ impl Transactions for Messaging {
         }
         let ends: Vec<Option<End>> = req.entries.into_iter().map(end_of).collect();
         let asked: Vec<End> = ends.iter().flatten().cloned().collect();
-        let mut outcomes = self.broker.end_transactions(&asked).await.into_iter();
+        let mut outcomes = self.broker.end_transactions(asked).await.into_iter();
         let entries: Vec<pb::Status> = ends
             .iter()
             .map(|end| match end {
@@ -634,7 +634,7 @@ impl MessagingService for Messaging {
         request: Request<pb::EndTransactionRequest>,
     ) -> Result<Response<pb::EndTransactionResponse>, Status> {
         let st = match end_of(request.into_inner()) {
-            Some(end) => end_status(&self.broker.end_transactions(&[end]).await[0]),
+            Some(end) => end_status(&self.broker.end_transactions(vec![end]).await[0]),
             None => ok(),
         };
         Ok(Response::new(pb::EndTransactionResponse {

@@ -416,7 +416,7 @@ impl Broker {
     /// `INVALID_TRANSACTION_ID` for an unknown id or one of another topic or message;
     /// `PRECONDITION_FAILED` for a commit after a rollback or the reverse; storage errors.
     pub async fn end_transaction(
-        &self,
+        self: &Arc<Self>,
         topic: &str,
         message_id: &str,
         id: &str,
@@ -428,13 +428,34 @@ impl Broker {
             id: id.to_string(),
             resolution,
         };
-        self.end_one(&end).await
+        self.end_transactions(vec![end])
+            .await
+            .pop()
+            .unwrap_or_else(|| Err(BrokerError::internal("decision without outcome")))
     }
 
     /// Commits or rolls back several transactions, each as [`Broker::end_transaction`]
     /// would, on its own: the outcome of each, in order. The decisions to write are
     /// stored in one append, so they share one durable write.
-    pub async fn end_transactions(&self, ends: &[End]) -> Vec<BrokerResult<TxState>> {
+    ///
+    /// # Cancel safety
+    /// Cancel safe, in that a decision is made whole or not at all: they are made in a
+    /// task of their own, which goes on when the caller goes away (a client that
+    /// disconnects). Cancelled half-way, a decision would leave its transaction marked as
+    /// being decided, and every later decision of it waiting.
+    pub async fn end_transactions(self: &Arc<Self>, ends: Vec<End>) -> Vec<BrokerResult<TxState>> {
+        let broker = Arc::clone(self);
+        let n = ends.len();
+        tokio::spawn(async move { broker.decide_all(&ends).await })
+            .await
+            .unwrap_or_else(|e| {
+                let e = BrokerError::internal(format!("deciding failed: {e}"));
+                vec![Err(e); n]
+            })
+    }
+
+    /// [`Broker::end_transactions`], in the caller's task.
+    async fn decide_all(&self, ends: &[End]) -> Vec<BrokerResult<TxState>> {
         let mut outcomes: Vec<Option<BrokerResult<TxState>>> = vec![None; ends.len()];
         let mut mine = Vec::new();
         let mut waiting = Vec::new();
