@@ -59,7 +59,7 @@ fn receive(group: &str, topic: &str, invisible_ms: i64) -> ReceiveRequest {
     }
 }
 
-async fn drain(b: &Broker, group: &str, topic: &str) -> Vec<String> {
+async fn drain(b: &Arc<Broker>, group: &str, topic: &str) -> Vec<String> {
     let mut ids = Vec::new();
     loop {
         let got = b.receive(&receive(group, topic, 30_000)).await.unwrap();
@@ -293,6 +293,40 @@ async fn a_half_message_whose_sender_goes_away_still_opens_its_transaction() {
             "the stored half message opened no transaction"
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_ack_whose_caller_goes_away_is_still_made() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = open(dir.path());
+    b.metadata()
+        .create_topic("t", TopicType::Normal, 1)
+        .unwrap();
+    b.send(vec![msg("t", "m1", SendType::Normal)])
+        .await
+        .unwrap();
+    let got = b.receive(&receive("g", "t", 30_000)).await.unwrap();
+    assert_eq!(got.len(), 1);
+    // Polled until it waits for the store, then dropped.
+    {
+        let handles = [got[0].handle.clone()];
+        let ack = b.ack("g", "t", &handles);
+        tokio::pin!(ack);
+        assert!(futures::poll!(ack.as_mut()).is_pending());
+    }
+    // The message is acknowledged: nothing is left to do for the group.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let stats = b.group_stats("g");
+        if (stats.lag, stats.in_flight) == (0, 0) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the message is left neither out nor acknowledged: {stats:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

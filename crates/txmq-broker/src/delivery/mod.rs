@@ -20,7 +20,7 @@ mod filter;
 mod handle;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub use filter::Filter;
@@ -723,7 +723,31 @@ impl Broker {
     /// # Errors
     /// Per handle: `INVALID_RECEIPT_HANDLE` for a handle that is malformed, expired (the
     /// message was delivered again since) or already used.
-    pub async fn ack(&self, group: &str, topic: &str, handles: &[String]) -> Vec<BrokerResult<()>> {
+    ///
+    /// # Cancel safety
+    /// Cancel safe: the acknowledgements are made in a task of their own, which finishes
+    /// when the caller goes away (a client that disconnects). Cut short, an acknowledgement
+    /// would leave its message neither in flight nor acknowledged in memory: the group's
+    /// lag would not reach zero until a restart, and a snapshot taken meanwhile would
+    /// forget the acknowledgement.
+    pub async fn ack(
+        self: &Arc<Self>,
+        group: &str,
+        topic: &str,
+        handles: &[String],
+    ) -> Vec<BrokerResult<()>> {
+        let broker = Arc::clone(self);
+        let (group, topic, owned) = (group.to_string(), topic.to_string(), handles.to_vec());
+        tokio::spawn(async move { broker.ack_now(&group, &topic, &owned).await })
+            .await
+            .unwrap_or_else(|e| {
+                let e = BrokerError::internal(format!("acknowledging failed: {e}"));
+                vec![Err(e); handles.len()]
+            })
+    }
+
+    /// [`Broker::ack`], in the caller's task.
+    async fn ack_now(&self, group: &str, topic: &str, handles: &[String]) -> Vec<BrokerResult<()>> {
         let _gate = self.gate.read().await;
         let mut results: Vec<BrokerResult<()>> = Vec::with_capacity(handles.len());
         let mut taken = Vec::new();
@@ -818,12 +842,24 @@ impl Broker {
     ///
     /// # Errors
     /// `INVALID_RECEIPT_HANDLE`, or storage errors.
+    ///
+    /// # Cancel safety
+    /// Cancel safe, as [`Broker::ack`]: the move is made in a task of its own.
     pub async fn forward_to_dead_letter(
-        &self,
+        self: &Arc<Self>,
         group: &str,
         topic: &str,
         handle: &str,
     ) -> BrokerResult<()> {
+        let broker = Arc::clone(self);
+        let (group, topic, handle) = (group.to_string(), topic.to_string(), handle.to_string());
+        tokio::spawn(async move { broker.forward_now(&group, &topic, &handle).await })
+            .await
+            .map_err(|e| BrokerError::internal(format!("dead-lettering failed: {e}")))?
+    }
+
+    /// [`Broker::forward_to_dead_letter`], in the caller's task.
+    async fn forward_now(&self, group: &str, topic: &str, handle: &str) -> BrokerResult<()> {
         let _gate = self.gate.read().await;
         let h = ReceiptHandle::parse(handle)?;
         let p = self.take_in_flight(group, topic, &h)?;
@@ -890,7 +926,7 @@ impl Broker {
             self.store.append(copies).await?;
         }
         let handles: Vec<String> = batch.iter().map(|d| d.handle.clone()).collect();
-        for r in self.ack(&redrive_group, &dlq, &handles).await {
+        for r in self.ack_now(&redrive_group, &dlq, &handles).await {
             r?;
         }
         for t in topics {
