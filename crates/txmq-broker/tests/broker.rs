@@ -238,6 +238,22 @@ async fn concurrent_commits_of_one_transaction_deliver_once() {
     assert_eq!(drain(&b, "g", "pay").await.len(), 1);
 }
 
+/// Polls `call` until it waits (for the store), then drops it, as a request is dropped
+/// when its client disconnects.
+async fn dropped_midway<F: std::future::Future>(call: F) {
+    tokio::pin!(call);
+    assert!(futures::poll!(call.as_mut()).is_pending());
+}
+
+/// Waits up to 5 s for `done`; fails with `what` if it never holds.
+async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !done() {
+        assert!(tokio::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test]
 async fn a_decision_whose_caller_goes_away_is_still_made_and_leaves_nothing_stuck() {
     let dir = tempfile::tempdir().unwrap();
@@ -250,13 +266,7 @@ async fn a_decision_whose_caller_goes_away_is_still_made_and_leaves_nothing_stuc
         .await
         .unwrap();
     let id = r[0].transaction_id.clone().unwrap();
-    // Polled until it waits for the store, then dropped, as a request is when its client
-    // disconnects.
-    {
-        let commit = b.end_transaction("pay", "tx4", &id, Resolution::Commit);
-        tokio::pin!(commit);
-        assert!(futures::poll!(commit.as_mut()).is_pending());
-    }
+    dropped_midway(b.end_transaction("pay", "tx4", &id, Resolution::Commit)).await;
     // The next decision of the transaction is answered, and the first one was made.
     let again = tokio::time::timeout(
         std::time::Duration::from_secs(5),
@@ -275,25 +285,13 @@ async fn a_half_message_whose_sender_goes_away_still_opens_its_transaction() {
     b.metadata()
         .create_topic("pay", TopicType::Transaction, 1)
         .unwrap();
-    // Polled until it waits for the store, then dropped.
-    {
-        let send = b.send(vec![msg("pay", "tx5", SendType::Transaction)]);
-        tokio::pin!(send);
-        assert!(futures::poll!(send.as_mut()).is_pending());
-    }
+    dropped_midway(b.send(vec![msg("pay", "tx5", SendType::Transaction)])).await;
     // Stored, it is a transaction the check-back will find.
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
-    loop {
+    eventually("the stored half message opened no transaction", || {
         let open = b.transactions().list(&[TxState::Prepared]);
-        if open.iter().any(|tx| tx.message_id == "tx5") {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the stored half message opened no transaction"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+        open.iter().any(|tx| tx.message_id == "tx5")
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -308,26 +306,13 @@ async fn an_ack_whose_caller_goes_away_is_still_made() {
         .unwrap();
     let got = b.receive(&receive("g", "t", 30_000)).await.unwrap();
     assert_eq!(got.len(), 1);
-    // Polled until it waits for the store, then dropped.
-    {
-        let handles = [got[0].handle.clone()];
-        let ack = b.ack("g", "t", &handles);
-        tokio::pin!(ack);
-        assert!(futures::poll!(ack.as_mut()).is_pending());
-    }
+    dropped_midway(b.ack("g", "t", &[got[0].handle.clone()])).await;
     // The message is acknowledged: nothing is left to do for the group.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
+    eventually("the message is left neither out nor acknowledged", || {
         let stats = b.group_stats("g");
-        if (stats.lag, stats.in_flight) == (0, 0) {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the message is left neither out nor acknowledged: {stats:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        (stats.lag, stats.in_flight) == (0, 0)
+    })
+    .await;
 }
 
 #[tokio::test]
