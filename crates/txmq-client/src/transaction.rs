@@ -332,6 +332,20 @@ impl Ends {
     }
 }
 
+impl Ends {
+    /// Sends each decision in an `EndTransaction` of its own, one after the other, and
+    /// answers its caller.
+    async fn each_alone(
+        &self,
+        requests: Vec<pb::EndTransactionRequest>,
+        replies: Vec<tokio::sync::oneshot::Sender<Result<(), CallError>>>,
+    ) {
+        for (request, reply) in requests.into_iter().zip(replies) {
+            let _ = reply.send(self.one(request).await);
+        }
+    }
+}
+
 impl Join for Ends {
     type Item = pb::EndTransactionRequest;
     type Output = Result<(), CallError>;
@@ -344,10 +358,7 @@ impl Join for Ends {
         let (requests, replies): (Vec<_>, Vec<_>) =
             batch.into_iter().map(|p| (p.item, p.reply)).unzip();
         if requests.len() == 1 {
-            for (request, reply) in requests.into_iter().zip(replies) {
-                let _ = reply.send(self.one(request).await);
-            }
-            return;
+            return self.each_alone(requests, replies).await;
         }
         match self.session.end_transactions(requests.clone()).await {
             Ok(outcomes) => {
@@ -365,9 +376,7 @@ impl Join for Ends {
                         ending transactions one by one");
                 }
                 // Nothing was decided by the refused call.
-                for (request, reply) in requests.into_iter().zip(replies) {
-                    let _ = reply.send(self.one(request).await);
-                }
+                self.each_alone(requests, replies).await;
             }
             Err(e) => {
                 for reply in replies {

@@ -549,9 +549,7 @@ impl Join for Acks {
             .iter()
             .map(|p| (p.item.message_id.as_str(), p.item.handle.as_str()))
             .collect();
-        let acked = self.session.ack_many(&self.group, topic, &entries).await;
-        drop(entries);
-        match acked {
+        match self.session.ack_many(&self.group, topic, &entries).await {
             Ok(outcomes) => {
                 for (pending, outcome) in batch.into_iter().zip(outcomes) {
                     let _ = pending.reply.send(outcome);
