@@ -106,6 +106,19 @@ fn a_second_process_cannot_open_the_same_directory() {
     assert!(err.to_string().contains("in use"), "{err}");
 }
 
+#[test]
+fn an_open_waits_briefly_for_a_holder_that_is_letting_go() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = Store::open(small_config(dir.path())).unwrap();
+    let closer = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        drop(first);
+    });
+    let second = Store::open(small_config(dir.path()));
+    closer.join().unwrap();
+    assert!(second.is_ok(), "{:?}", second.err());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_async_appends_are_all_acknowledged_and_ordered_per_queue() {
     let dir = tempfile::tempdir().unwrap();

@@ -14,6 +14,9 @@ use super::{Io, IoFile};
 #[derive(Debug, Default, Clone, Copy)]
 pub struct FsIo;
 
+/// How long [`Io::lock_dir`] waits for a lock held elsewhere before it gives up.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 struct FsFile(File);
 
 impl IoFile for FsFile {
@@ -155,18 +158,27 @@ impl Io for FsIo {
             .create(true)
             .truncate(false)
             .open(path.join("LOCK"))?;
-        // SAFETY: flock on a valid, open file descriptor owned by `file`.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if rc != 0 {
+        // A holder may be letting go: a process exiting, or a child forked by this process
+        // between fork and exec, which holds a copy of the descriptor (and so the lock) for
+        // that moment. Only a lock still held after LOCK_WAIT means another user.
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        loop {
+            // SAFETY: flock on a valid, open file descriptor owned by `file`.
+            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            if rc == 0 {
+                return Ok(Box::new(DirLock(file)));
+            }
             let err = io::Error::last_os_error();
-            if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                return Err(err);
+            }
+            if std::time::Instant::now() >= deadline {
                 return Err(io::Error::new(
                     io::ErrorKind::WouldBlock,
                     format!("{} is in use by another txmq process", path.display()),
                 ));
             }
-            return Err(err);
+            std::thread::sleep(std::time::Duration::from_millis(10));
         }
-        Ok(Box::new(DirLock(file)))
     }
 }
