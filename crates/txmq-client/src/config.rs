@@ -110,14 +110,15 @@ impl ClientConfig {
 /// message group, no delivery time), and a transactional producer its half messages, into
 /// one `SendMessage` request.
 ///
-/// Nothing is held back to wait for company: a send goes out at once while the producer
-/// has fewer than `max_in_flight` requests in flight. Only when that many are already out
-/// do further sends wait, and the next free slot takes the waiting messages of one topic
-/// together, oldest first, up to `max_messages` and `max_bytes` of bodies. A slot freed by
-/// an answer is passed on after one yield of the runtime, so that the senders that answer
-/// woke, sending again at once, join the next request together. So a lone sender sees no
-/// added latency, and under load one request, one append and one fdatasync on the server
-/// serve many sends. A producer carries at most `max_in_flight` ×
+/// Nothing is held back to wait for company: a send that finds the producer with fewer
+/// than `max_in_flight` requests in flight goes out after one yield of the runtime, with
+/// the sends that arrived meanwhile. Only when that many are already out do further sends
+/// wait, and the next free slot takes the waiting messages of one topic together, oldest
+/// first, up to `max_messages` and `max_bytes` of bodies. A slot freed by an answer is
+/// passed on after the same one yield. So senders woken together (by one answer, of sends
+/// or of half messages whose commits follow) go out together, a lone sender waits one turn
+/// of the runtime and no more, and under load one request, one append and one fdatasync on
+/// the server serve many sends. A producer carries at most `max_in_flight` ×
 /// `max_messages` sends per round trip: with hundreds of concurrent senders over a slow
 /// link, raise `max_in_flight`.
 ///

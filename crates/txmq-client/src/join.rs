@@ -2,12 +2,14 @@
 //! that kind in flight, further items (messages to send, transactions to end) wait and go
 //! out together in the next request.
 //!
-//! Nothing waits on purpose: an item that finds a request slot free goes out at once,
-//! alone, in its caller's task. Only under load, when requests are already in flight, do
-//! the items that arrive meanwhile share one request, one durable write on the server and
-//! one answer. A slot freed by an answer goes to the waiting items after one yield, so that
-//! the callers of that answer, if they call again at once, are among them ([`pass_on`]).
-//! Each caller still gets its own outcome.
+//! Nothing waits for company on purpose. An item that finds a request slot free takes it,
+//! and its request goes out after one yield of the runtime, with the items that arrived
+//! meanwhile: callers woken together by one answer (of this kind or of another, as the
+//! commits that follow half messages) go out together, rather than the first alone and the
+//! rest behind it. Under load, the items that arrive while the slots are taken share the
+//! next request, one durable write on the server and one answer; a slot freed by an answer
+//! goes to them after the same one yield ([`pass_on`]). Each caller still gets its own
+//! outcome.
 //!
 //! What a request is, and how its answer is shared out, is the [`Join`] of the kind.
 
@@ -26,9 +28,6 @@ pub(crate) trait Join: Send + Sync + Sized + 'static {
     type Item: Send + 'static;
     /// What a caller gets back.
     type Output: Send + 'static;
-
-    /// Sends `item` in a request of its own.
-    fn one(&self, item: Self::Item) -> impl Future<Output = Self::Output> + Send;
 
     /// Sends `items` (one or more that wait, taken together) and answers each caller. Runs
     /// in a task of its own.
@@ -73,10 +72,10 @@ pub(crate) struct Joiner<J: Join> {
 }
 
 struct Queue<J: Join> {
-    /// Requests in flight, each driven by its own task.
+    /// Request slots taken: requests in flight, each driven by its own task, and slots
+    /// about to take the waiting items ([`pass_on`]).
     in_flight: usize,
-    /// Items waiting for a request slot, oldest first. Not empty only while `in_flight` is
-    /// at the limit.
+    /// Items waiting for a request slot, oldest first.
     waiting: VecDeque<Pending<J>>,
 }
 
@@ -103,29 +102,24 @@ impl<J: Join> Joiner<J> {
         }
     }
 
-    /// Sends `item`: at once and alone when a request slot is free, otherwise with the
-    /// others waiting for the next free slot.
+    /// Sends `item`: when a request slot is free, after one yield of the runtime, with
+    /// the items that arrived meanwhile; otherwise with the others waiting for the next free
+    /// slot.
     pub(crate) async fn submit(self: &Arc<Self>, item: J::Item) -> J::Output {
-        let outcome = {
+        let (reply, outcome) = oneshot::channel();
+        let free = {
             let mut queue = self.lock();
-            if queue.in_flight < self.limits.max_in_flight {
+            queue.waiting.push_back(Pending { item, reply });
+            let free = queue.in_flight < self.limits.max_in_flight;
+            if free {
                 queue.in_flight += 1;
-                Err(item)
-            } else {
-                let (reply, outcome) = oneshot::channel();
-                queue.waiting.push_back(Pending { item, reply });
-                Ok(outcome)
             }
+            free
         };
-        match outcome {
-            // Sent in this task: nobody else is in this request, so cancelling this
-            // caller cancels nothing else. The slot passes on when the request ends.
-            Err(item) => {
-                let _slot = Slot(Arc::clone(self));
-                self.job.one(item).await
-            }
-            Ok(outcome) => outcome.await.unwrap_or_else(|_| J::abandoned()),
+        if free {
+            tokio::spawn(pass_on(Handoff(Some(Arc::clone(self)))));
         }
+        outcome.await.unwrap_or_else(|_| J::abandoned())
     }
 
     /// The kind of request joined.
@@ -259,8 +253,6 @@ mod tests {
         type Item = (&'static str, usize);
         type Output = ();
 
-        async fn one(&self, _: Self::Item) {}
-
         async fn many(&self, _: Vec<Pending<Self>>) {}
 
         fn goes_with(first: &Self::Item, item: &Self::Item) -> bool {
@@ -299,6 +291,65 @@ mod tests {
 
     fn items(batch: &[Pending<Groups>]) -> Vec<(&'static str, usize)> {
         batch.iter().map(|p| p.item).collect()
+    }
+
+    /// Answers each item with itself, and records the size of each request.
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<usize>>);
+
+    impl Join for Recorder {
+        type Item = u32;
+        type Output = u32;
+
+        async fn many(&self, batch: Vec<Pending<Self>>) {
+            self.0.lock().unwrap().push(batch.len());
+            for p in batch {
+                let _ = p.reply.send(p.item);
+            }
+        }
+
+        fn goes_with(_: &u32, _: &u32) -> bool {
+            true
+        }
+
+        fn size(_: &u32) -> usize {
+            0
+        }
+
+        fn joining(&self) -> bool {
+            true
+        }
+
+        fn abandoned() -> u32 {
+            u32::MAX
+        }
+    }
+
+    #[tokio::test]
+    async fn callers_arriving_together_at_a_free_slot_share_its_request() {
+        let joiner = Arc::new(Joiner::new(Recorder::default(), limits(64, 1 << 20)));
+        let callers: Vec<_> = (0..8)
+            .map(|i| {
+                let joiner = Arc::clone(&joiner);
+                tokio::spawn(async move { joiner.submit(i).await })
+            })
+            .collect();
+        for (i, caller) in (0..).zip(callers) {
+            assert_eq!(caller.await.unwrap(), i, "each caller gets its own outcome");
+        }
+        // The first found the slot free; the other seven arrived during its yield.
+        assert_eq!(*joiner.job().0.lock().unwrap(), [8]);
+        // A lone caller goes alone, and the slot is free again afterwards.
+        assert_eq!(joiner.submit(9).await, 9);
+        assert_eq!(*joiner.job().0.lock().unwrap(), [8, 1]);
+        // The slot passes on (here: is freed) in a task of its own, after one yield.
+        for _ in 0..100 {
+            if joiner.lock().in_flight == 0 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(joiner.lock().in_flight, 0);
     }
 
     #[test]

@@ -333,6 +333,11 @@ impl Ends {
 }
 
 impl Ends {
+    /// Sends one decision in an `EndTransaction` of its own.
+    async fn one(&self, request: pb::EndTransactionRequest) -> Result<(), CallError> {
+        self.session.end_transaction(request).await
+    }
+
     /// Sends each decision in an `EndTransaction` of its own, one after the other, and
     /// answers its caller.
     async fn each_alone(
@@ -349,10 +354,6 @@ impl Ends {
 impl Join for Ends {
     type Item = pb::EndTransactionRequest;
     type Output = Result<(), CallError>;
-
-    async fn one(&self, item: Self::Item) -> Self::Output {
-        self.session.end_transaction(item).await
-    }
 
     async fn many(&self, batch: Vec<Pending<Self>>) {
         let (requests, replies): (Vec<_>, Vec<_>) =

@@ -537,12 +537,6 @@ impl Join for Acks {
     type Item = Ack;
     type Output = Result<(), CallError>;
 
-    async fn one(&self, ack: Ack) -> Self::Output {
-        self.session
-            .ack(&self.group, &ack.topic, &ack.message_id, &ack.handle)
-            .await
-    }
-
     async fn many(&self, batch: Vec<Pending<Self>>) {
         let topic = &batch[0].item.topic;
         let entries: Vec<(&str, &str)> = batch

@@ -82,17 +82,18 @@ impl Sends {
         };
         deliver(&self.session, prepared, self.transactional).await
     }
+
+    /// Sends one message in a request of its own.
+    async fn one(&self, item: Outgoing) -> <Self as Join>::Output {
+        self.deliver(item.topic, vec![item.wire])
+            .await
+            .and_then(|mut r| r.pop().ok_or_else(no_entry))
+    }
 }
 
 impl Join for Sends {
     type Item = Outgoing;
     type Output = Result<SendReceipt, SendError>;
-
-    async fn one(&self, item: Outgoing) -> Self::Output {
-        self.deliver(item.topic, vec![item.wire])
-            .await
-            .and_then(|mut r| r.pop().ok_or_else(no_entry))
-    }
 
     /// A batch the server refuses as a whole (it stores all of a request or none) is sent
     /// again message by message, so that only the message at fault fails.
