@@ -17,6 +17,18 @@ use crate::names::{self, TX_TOPIC};
 use crate::sessions::Sessions;
 use crate::transactions::Transactions;
 
+/// Runs `work` to its end in a task of its own, whatever becomes of the caller: a request
+/// whose client goes away is cancelled, and work cut short half-way would leave the
+/// broker's state half-changed. A panic of `work` is the error "`what` failed".
+pub(crate) async fn detached<T: Send + 'static>(
+    what: &str,
+    work: impl Future<Output = T> + Send + 'static,
+) -> BrokerResult<T> {
+    tokio::spawn(work)
+        .await
+        .map_err(|e| BrokerError::internal(format!("{what} failed: {e}")))
+}
+
 /// Where a sent message landed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SendReceipt {
@@ -229,11 +241,10 @@ impl Broker {
             // leave a stored half message out of the table, where no check-back would find
             // it and a snapshot would forget it.
             let broker = Arc::clone(self);
-            tokio::spawn(async move { broker.store_half_messages(records).await })
-                .await
-                .map_err(|e| {
-                    BrokerError::internal(format!("storing half messages failed: {e}"))
-                })??
+            detached("storing half messages", async move {
+                broker.store_half_messages(records).await
+            })
+            .await??
         } else {
             self.store.append(records).await?
         };

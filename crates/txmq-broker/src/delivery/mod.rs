@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use txmq_proto::v2::Code;
 use txmq_store::{Record, RecordData, RecordKind};
 
-use crate::broker::Broker;
+use crate::broker::{Broker, detached};
 use crate::error::{BrokerError, BrokerResult};
 use crate::message::{copy_record, prop, sys};
 use crate::names::{DELIVERY_TOPIC, DLQ_PREFIX, dlq_topic};
@@ -738,12 +738,11 @@ impl Broker {
     ) -> Vec<BrokerResult<()>> {
         let broker = Arc::clone(self);
         let (group, topic, owned) = (group.to_string(), topic.to_string(), handles.to_vec());
-        tokio::spawn(async move { broker.ack_now(&group, &topic, &owned).await })
-            .await
-            .unwrap_or_else(|e| {
-                let e = BrokerError::internal(format!("acknowledging failed: {e}"));
-                vec![Err(e); handles.len()]
-            })
+        detached("acknowledging", async move {
+            broker.ack_now(&group, &topic, &owned).await
+        })
+        .await
+        .unwrap_or_else(|e| vec![Err(e); handles.len()])
     }
 
     /// [`Broker::ack`], in the caller's task.
@@ -853,9 +852,10 @@ impl Broker {
     ) -> BrokerResult<()> {
         let broker = Arc::clone(self);
         let (group, topic, handle) = (group.to_string(), topic.to_string(), handle.to_string());
-        tokio::spawn(async move { broker.forward_now(&group, &topic, &handle).await })
-            .await
-            .map_err(|e| BrokerError::internal(format!("dead-lettering failed: {e}")))?
+        detached("dead-lettering", async move {
+            broker.forward_now(&group, &topic, &handle).await
+        })
+        .await?
     }
 
     /// [`Broker::forward_to_dead_letter`], in the caller's task.

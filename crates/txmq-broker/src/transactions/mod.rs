@@ -17,7 +17,7 @@ use tokio::sync::Notify;
 use txmq_proto::v2::Code;
 use txmq_store::{Appended, Record, RecordData, RecordKind};
 
-use crate::broker::Broker;
+use crate::broker::{Broker, detached};
 use crate::error::{BrokerError, BrokerResult};
 use crate::message::{copy_record, prop, sys};
 use crate::names::TX_TOPIC;
@@ -446,12 +446,9 @@ impl Broker {
     pub async fn end_transactions(self: &Arc<Self>, ends: Vec<End>) -> Vec<BrokerResult<TxState>> {
         let broker = Arc::clone(self);
         let n = ends.len();
-        tokio::spawn(async move { broker.decide_all(&ends).await })
+        detached("deciding", async move { broker.decide_all(&ends).await })
             .await
-            .unwrap_or_else(|e| {
-                let e = BrokerError::internal(format!("deciding failed: {e}"));
-                vec![Err(e); n]
-            })
+            .unwrap_or_else(|e| vec![Err(e); n])
     }
 
     /// [`Broker::end_transactions`], in the caller's task.
