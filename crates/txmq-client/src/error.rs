@@ -161,13 +161,12 @@ pub enum ConnectError {
         reason: String,
     },
     /// The Telemetry stream could not be opened, or ended before the server's settings.
-    #[error("cannot open the telemetry stream to {endpoint}: {source}")]
+    #[error("cannot open the telemetry stream to {endpoint}: {cause}")]
     Unreachable {
         /// The endpoint.
         endpoint: String,
         /// The failed call.
-        #[source]
-        source: CallError,
+        cause: CallError,
     },
     /// The server answered the client's settings with an error status.
     #[error("{endpoint} refused the client settings: {code} ({}): {message}", code_name(*code))]
@@ -191,13 +190,12 @@ pub enum ConnectError {
     #[error("a consumer needs at least one subscription")]
     NoSubscription,
     /// A consumer could not learn which queues to receive from.
-    #[error("no assignment for topic {topic}: {source}")]
+    #[error("no assignment for topic {topic}: {cause}")]
     Assignment {
         /// The topic.
         topic: String,
         /// The failed call.
-        #[source]
-        source: CallError,
+        cause: CallError,
     },
 }
 
@@ -241,14 +239,13 @@ pub enum SendError {
         /// The types the topic takes.
         accepted: String,
     },
-    /// Sending failed after `attempts` attempts; `source` is the last failure.
-    #[error("send failed after {attempts} attempt(s): {source}")]
+    /// Sending failed after `attempts` attempts; `cause` is the last failure.
+    #[error("send failed after {attempts} attempt(s): {cause}")]
     Failed {
         /// Attempts made.
         attempts: u32,
         /// The last failure.
-        #[source]
-        source: CallError,
+        cause: CallError,
     },
 }
 
@@ -260,7 +257,7 @@ impl SendError {
             Self::InvalidMessage { .. }
             | Self::TopicNotFound { .. }
             | Self::MessageTypeMismatch { .. } => true,
-            Self::Failed { source, .. } => matches!(source, CallError::Refused { .. }),
+            Self::Failed { cause, .. } => matches!(cause, CallError::Refused { .. }),
         }
     }
 
@@ -268,7 +265,7 @@ impl SendError {
     pub fn code(&self) -> Option<Code> {
         match self {
             Self::TopicNotFound { .. } => Some(Code::TopicNotFound),
-            Self::Failed { source, .. } => source.code(),
+            Self::Failed { cause, .. } => cause.code(),
             _ => None,
         }
     }

@@ -27,7 +27,7 @@ pub enum EnqueueError {
     DuplicateId(String),
     /// The database failed.
     #[error("database error while enqueuing: {0}")]
-    Database(#[source] sqlx::Error),
+    Database(sqlx::Error),
 }
 
 /// Enqueues messages in the caller's database transaction.

@@ -7,12 +7,12 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
     /// An I/O operation on a file failed.
-    #[error("I/O error on {path}: {source}")]
+    #[error("I/O error on {path}: {cause}")]
     Io {
         /// The file or directory.
         path: PathBuf,
         /// The underlying error.
-        source: io::Error,
+        cause: io::Error,
     },
     /// The log is damaged before its tail; the store refuses to start rather than drop data.
     /// Opening with `repair` set truncates the log here instead.
@@ -96,12 +96,12 @@ pub enum ReadError {
         reason: String,
     },
     /// An I/O error.
-    #[error("I/O error reading {path}: {source}")]
+    #[error("I/O error reading {path}: {cause}")]
     Io {
         /// The file.
         path: PathBuf,
         /// The underlying error.
-        source: io::Error,
+        cause: io::Error,
     },
 }
 
@@ -109,12 +109,12 @@ pub enum ReadError {
 #[derive(Debug, thiserror::Error)]
 pub enum MaintenanceError {
     /// An I/O error.
-    #[error("I/O error on {path}: {source}")]
+    #[error("I/O error on {path}: {cause}")]
     Io {
         /// The file.
         path: PathBuf,
         /// The underlying error.
-        source: io::Error,
+        cause: io::Error,
     },
     /// The store is poisoned or closed.
     #[error(transparent)]
@@ -132,19 +132,19 @@ impl<T> IoContext<T> for io::Result<T> {
 }
 
 impl From<(PathBuf, io::Error)> for OpenError {
-    fn from((path, source): (PathBuf, io::Error)) -> Self {
-        Self::Io { path, source }
+    fn from((path, cause): (PathBuf, io::Error)) -> Self {
+        Self::Io { path, cause }
     }
 }
 
 impl From<(PathBuf, io::Error)> for ReadError {
-    fn from((path, source): (PathBuf, io::Error)) -> Self {
-        Self::Io { path, source }
+    fn from((path, cause): (PathBuf, io::Error)) -> Self {
+        Self::Io { path, cause }
     }
 }
 
 impl From<(PathBuf, io::Error)> for MaintenanceError {
-    fn from((path, source): (PathBuf, io::Error)) -> Self {
-        Self::Io { path, source }
+    fn from((path, cause): (PathBuf, io::Error)) -> Self {
+        Self::Io { path, cause }
     }
 }

@@ -215,19 +215,19 @@ impl Store {
     pub fn open_with(config: StoreConfig, io: Arc<dyn Io>) -> Result<Self, OpenError> {
         config.validate().map_err(OpenError::Config)?;
         io.create_dir_all(&config.dir)
-            .map_err(|source| OpenError::Io {
+            .map_err(|cause| OpenError::Io {
                 path: config.dir.clone(),
-                source,
+                cause,
             })?;
-        let lock = io.lock_dir(&config.dir).map_err(|source| OpenError::Io {
+        let lock = io.lock_dir(&config.dir).map_err(|cause| OpenError::Io {
             path: config.dir.clone(),
-            source,
+            cause,
         })?;
         let state_dir = config.dir.join("state");
         io.create_dir_all(&state_dir)
-            .map_err(|source| OpenError::Io {
+            .map_err(|cause| OpenError::Io {
                 path: state_dir.clone(),
-                source,
+                cause,
             })?;
         let state = StateFiles::new(io.clone(), state_dir);
         let recovered = recovery::recover(&*io, &config, &state)?;
@@ -270,7 +270,7 @@ impl Store {
             .ok_or_else(|| OpenError::Config("no log segment".into()))?;
         let spawn_err = |e| OpenError::Io {
             path: shared.config.dir.clone(),
-            source: e,
+            cause: e,
         };
         let (to_syncer, from_writer) = mpsc::channel();
         let syncer = Syncer::new(shared.clone(), recovered.write_pos);
@@ -304,7 +304,7 @@ impl Store {
         let maintenance =
             maintenance::start(shared.clone(), tx.clone()).map_err(|e| OpenError::Io {
                 path: shared.config.dir.clone(),
-                source: e,
+                cause: e,
             })?;
         Ok(Self {
             shared,
@@ -426,7 +426,7 @@ impl Store {
         let max = max.min((next - offset) as usize);
         let entries = q.read_many(offset, max).map_err(|e| ReadError::Io {
             path: q.dir.clone(),
-            source: e,
+            cause: e,
         })?;
         if entries.len() < max {
             return Err(ReadError::Corrupt {

@@ -162,5 +162,32 @@ fn an_operator_creates_topics_sends_consumes_and_inspects_through_the_cli() {
     assert!(!refused.status.success());
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(err.to_lowercase().contains("transaction"), "{err}");
+
+    // A refusal's status is printed once, not once per layer that wraps it.
+    let err = failure(&["send", "bad topic!", "x", "--server", g]);
+    assert_eq!(err.matches("ILLEGAL_TOPIC").count(), 1, "{err}");
     serve.stop();
+}
+
+/// Runs txmq expecting it to fail; returns its stderr.
+fn failure(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_txmq"))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run txmq");
+    assert!(!out.status.success(), "txmq {args:?} succeeded");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn an_unreachable_server_is_reported_once() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let server = format!("127.0.0.1:{port}");
+    let err = failure(&["send", "orders", "x", "--server", &server]);
+    assert!(err.contains(&server), "{err}");
+    assert_eq!(err.matches("Unavailable").count(), 1, "{err}");
 }

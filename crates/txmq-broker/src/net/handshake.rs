@@ -32,7 +32,13 @@ pub(super) enum HandshakeError {
     #[error("client is not speaking HTTP/2 (no connection preface)")]
     NotHttp2,
     #[error("reading the handshake: {0}")]
-    Io(#[from] io::Error),
+    Io(io::Error),
+}
+
+impl From<io::Error> for HandshakeError {
+    fn from(e: io::Error) -> Self {
+        Self::Io(e)
+    }
 }
 
 /// Anything a connection can run over: a TCP stream or a TLS stream on one.

@@ -22,30 +22,42 @@ const SELF_SIGNED_NAMES: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
 #[derive(Debug, thiserror::Error)]
 pub enum TlsSettingsError {
     /// The certificate file could not be read or is not valid PEM.
-    #[error("reading certificates from {path}: {source}")]
+    #[error("reading certificates from {path}: {cause}")]
     ReadCertificates {
         /// The certificate file.
         path: PathBuf,
         /// What failed.
-        source: rustls::pki_types::pem::Error,
+        cause: rustls::pki_types::pem::Error,
     },
     /// The certificate file holds no `CERTIFICATE` section.
     #[error("no certificate found in {0}")]
     NoCertificates(PathBuf),
     /// The key file could not be read, is not valid PEM, or holds no private key.
-    #[error("reading private key from {path}: {source}")]
+    #[error("reading private key from {path}: {cause}")]
     ReadKey {
         /// The key file.
         path: PathBuf,
         /// What failed.
-        source: rustls::pki_types::pem::Error,
+        cause: rustls::pki_types::pem::Error,
     },
     /// rustls refused the certificate chain or key, e.g. because they do not match.
     #[error("unusable certificate or key: {0}")]
-    Rejected(#[from] rustls::Error),
+    Rejected(rustls::Error),
     /// The self-signed certificate could not be made, e.g. because a name is not a valid DNS name.
     #[error("making a self-signed certificate: {0}")]
-    SelfSigned(#[from] rcgen::Error),
+    SelfSigned(rcgen::Error),
+}
+
+impl From<rustls::Error> for TlsSettingsError {
+    fn from(e: rustls::Error) -> Self {
+        Self::Rejected(e)
+    }
+}
+
+impl From<rcgen::Error> for TlsSettingsError {
+    fn from(e: rcgen::Error) -> Self {
+        Self::SelfSigned(e)
+    }
 }
 
 /// A server certificate chain with its private key, ready to accept TLS connections.
@@ -86,9 +98,9 @@ impl TlsSettings {
     ///
     /// A [`TlsSettingsError`] naming the file that could not be read or used.
     pub fn from_pem_files(certificate: &Path, key: &Path) -> Result<Self, TlsSettingsError> {
-        let read_certificates = |source| TlsSettingsError::ReadCertificates {
+        let read_certificates = |cause| TlsSettingsError::ReadCertificates {
             path: certificate.to_owned(),
-            source,
+            cause,
         };
         let chain = CertificateDer::pem_file_iter(certificate)
             .map_err(read_certificates)?
@@ -97,11 +109,10 @@ impl TlsSettings {
         if chain.is_empty() {
             return Err(TlsSettingsError::NoCertificates(certificate.to_owned()));
         }
-        let key =
-            PrivateKeyDer::from_pem_file(key).map_err(|source| TlsSettingsError::ReadKey {
-                path: key.to_owned(),
-                source,
-            })?;
+        let key = PrivateKeyDer::from_pem_file(key).map_err(|cause| TlsSettingsError::ReadKey {
+            path: key.to_owned(),
+            cause,
+        })?;
         Self::new(chain, key)
     }
 

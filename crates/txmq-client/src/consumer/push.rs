@@ -116,7 +116,7 @@ impl PushConsumerBuilder {
                 .await
                 .map_err(|source| ConnectError::Assignment {
                     topic: sub.topic.clone(),
-                    source,
+                    cause: source,
                 })?;
             assigned.push((sub.clone(), queues));
         }

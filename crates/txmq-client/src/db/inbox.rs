@@ -23,10 +23,10 @@ pub enum ProcessError<E> {
     /// A database call failed (a failed commit included: a redelivery then finds the
     /// inbox row if it did commit, and reports a duplicate).
     #[error("database error, nothing processed: {0}")]
-    Database(#[source] sqlx::Error),
+    Database(sqlx::Error),
     /// The handler failed; its transaction was rolled back.
     #[error("handler failed, rolled back: {0}")]
-    Handler(#[source] E),
+    Handler(E),
 }
 
 /// Processes `message` once for `group`: opens a database transaction, inserts

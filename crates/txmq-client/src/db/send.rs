@@ -29,11 +29,11 @@ pub struct Committed<T> {
 pub enum SendInTransactionError<E> {
     /// The half message was not sent; the database was not touched.
     #[error("half message not sent: {0}")]
-    Send(#[source] SendError),
+    Send(SendError),
     /// A database call before the commit failed; the database transaction and the message
     /// were rolled back.
     #[error("database error, rolled back the database and the message: {0}")]
-    Database(#[source] sqlx::Error),
+    Database(sqlx::Error),
     /// A check-back had already answered ROLLBACK for this transaction (the sender was
     /// slower than `max_local_transaction`); the database transaction was rolled back.
     #[error(
@@ -45,17 +45,17 @@ pub enum SendInTransactionError<E> {
     },
     /// The closure failed; the database transaction and the message were rolled back.
     #[error("the local transaction failed, rolled back the database and the message: {0}")]
-    Local(#[source] E),
+    Local(E),
     /// The database commit call failed, so whether it committed is unknown; the message is
     /// left open and the check-back settles it from the log table.
     #[error(
-        "database commit of transaction {transaction_id} has an unknown outcome; the check-back settles the message: {source}"
+        "database commit of transaction {transaction_id} has an unknown outcome; the check-back settles the message: {cause}"
     )]
     CommitUnknown {
         /// The transaction id.
         transaction_id: String,
         /// The commit's error.
-        source: sqlx::Error,
+        cause: sqlx::Error,
     },
     /// Stopped by an injected [`fault`](super::fault).
     #[doc(hidden)]
@@ -176,9 +176,9 @@ where
                 }
                 return match tx.commit().await {
                     Ok(()) => Local::Committed(value),
-                    Err(source) => Local::Unknown(SendInTransactionError::CommitUnknown {
+                    Err(cause) => Local::Unknown(SendInTransactionError::CommitUnknown {
                         transaction_id: half.transaction_id().to_string(),
-                        source,
+                        cause,
                     }),
                 };
             }

@@ -153,7 +153,7 @@ impl Join for Sends {
     fn abandoned() -> Self::Output {
         Err(SendError::Failed {
             attempts: 1,
-            source: abandoned_call("SendMessage"),
+            cause: abandoned_call("SendMessage"),
         })
     }
 }
@@ -161,6 +161,6 @@ impl Join for Sends {
 /// True when the server refused a request for something about its messages (a property,
 /// a size), which may concern one message only; not for the topic or the connection.
 fn refused_for_a_message(e: &SendError) -> bool {
-    matches!(e, SendError::Failed { source: source @ CallError::Refused { .. }, .. }
-        if !source.is_transient())
+    matches!(e, SendError::Failed { cause: cause @ CallError::Refused { .. }, .. }
+        if !cause.is_transient())
 }

@@ -124,7 +124,7 @@ pub(crate) async fn send_one(
 pub(crate) fn no_entry() -> SendError {
     SendError::Failed {
         attempts: 1,
-        source: CallError::Malformed {
+        cause: CallError::Malformed {
             rpc: "SendMessage",
             reason: "no result entry".into(),
         },
@@ -249,7 +249,7 @@ pub(crate) async fn deliver(
             Err(source) => {
                 return Err(SendError::Failed {
                     attempts: attempt,
-                    source,
+                    cause: source,
                 });
             }
         }

@@ -179,7 +179,7 @@ impl Session {
             Err(_) => {
                 return Err(ConnectError::Unreachable {
                     endpoint: shared.config.endpoint.clone(),
-                    source: CallError::Malformed {
+                    cause: CallError::Malformed {
                         rpc: "Telemetry",
                         reason: "the telemetry task stopped".into(),
                     },

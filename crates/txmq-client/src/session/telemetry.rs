@@ -65,7 +65,7 @@ async fn open(
     let endpoint = shared.config.endpoint.clone();
     let unreachable = |source| ConnectError::Unreachable {
         endpoint: endpoint.clone(),
-        source,
+        cause: source,
     };
     let (out, rx) = mpsc::channel(16);
     let settings = pb::TelemetryCommand {
