@@ -54,7 +54,7 @@ pub struct Broker {
     /// Held (shared) by every change of broker state from before its record is appended
     /// until it is applied in memory; a snapshot takes it exclusively, so the state it saves
     /// is exactly that of the log below the position it names.
-    pub(crate) gate: RwLock<()>,
+    pub(crate) gate: Arc<RwLock<()>>,
     /// Identifies this run of the broker in receipt handles.
     pub(crate) nonce: u32,
     /// Log position of the snapshot last written or loaded (`u64::MAX`: none yet).
@@ -78,7 +78,7 @@ impl Broker {
             transactions: Arc::default(),
             delivery: Delivery::default(),
             sessions: Sessions::default(),
-            gate: RwLock::new(()),
+            gate: Arc::new(RwLock::new(())),
             nonce,
             snapshot_at: std::sync::atomic::AtomicU64::new(u64::MAX),
             decisions: tokio::sync::Mutex::new(crate::state::DecisionFiles::default()),

@@ -148,6 +148,39 @@ async fn a_message_past_its_max_attempts_moves_to_the_dead_letter_topic_and_can_
 }
 
 #[tokio::test]
+async fn a_receive_dropped_while_it_dead_letters_still_moves_the_message_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = open(dir.path());
+    b.metadata().put_group("g", 1, false, Vec::new()).unwrap();
+    b.send(vec![msg("t", "poison", SendType::Normal)])
+        .await
+        .unwrap();
+    let got = b.receive(&receive("g", "t", 30_000)).await.unwrap();
+    b.change_invisible("g", "t", &got[0].handle, 0).unwrap();
+    // Polled once: it takes the message out of its queue and starts the move, then is
+    // dropped, as when the client that asked goes away.
+    let dropped = tokio::time::timeout(Duration::ZERO, b.receive(&receive("g", "t", 30_000))).await;
+    assert!(
+        dropped.is_err(),
+        "the move had not finished at the first poll"
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while b.group_stats("g").dead_lettered == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the move was cut short"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(b.group_stats("g").dead_lettered, 1);
+    assert_eq!(
+        drain(&b, "dlq-reader", "%DLQ%g").await,
+        vec!["poison".to_string()]
+    );
+    assert!(b.receive(&receive("g", "t", 0)).await.unwrap().is_empty());
+}
+
+#[tokio::test]
 async fn a_committed_transaction_is_delivered_once_even_if_committed_twice() {
     let dir = tempfile::tempdir().unwrap();
     let b = open(dir.path());

@@ -346,7 +346,12 @@ impl Broker {
     ///
     /// # Errors
     /// Unknown topic or group, or storage errors.
-    pub async fn receive(&self, req: &ReceiveRequest) -> BrokerResult<Vec<Delivered>> {
+    ///
+    /// # Cancel safety
+    /// Cancel safe: messages past their max attempts are moved to the dead-letter topic in a
+    /// task of its own, and messages handed out but not returned come back after their
+    /// invisible duration.
+    pub async fn receive(self: &Arc<Self>, req: &ReceiveRequest) -> BrokerResult<Vec<Delivered>> {
         let topic = self
             .metadata
             .topic(&req.topic)
@@ -368,11 +373,24 @@ impl Broker {
             notified.as_mut().enable();
             let now = crate::now_ms();
             let (delivered, dead, wake_ms) = {
-                let _gate = self.gate.read().await;
+                let gate = Arc::clone(&self.gate).read_owned().await;
                 let (mut delivered, dead, wake_ms) =
                     self.collect(req, group.max_attempts, group.fifo, topic.queues, now)?;
                 let dead_count = dead.len();
-                self.dead_letter(&req.group, dead).await?;
+                let _gate = if dead.is_empty() {
+                    gate
+                } else {
+                    // Taken out of their queues above: the move must finish, under the gate,
+                    // even if this receive is dropped.
+                    let broker = Arc::clone(self);
+                    let group = req.group.clone();
+                    let (moved, gate) = detached("dead-lettering", async move {
+                        (broker.dead_letter(&group, dead).await, gate)
+                    })
+                    .await?;
+                    moved?;
+                    gate
+                };
                 if dead_count > 0 && delivered.is_empty() {
                     // Dead-lettering may have freed a FIFO message group: look again at once.
                     let more = self.collect(
@@ -880,7 +898,21 @@ impl Broker {
     ///
     /// # Errors
     /// Unknown group, or storage errors.
-    pub async fn redrive(&self, group: &str, max: usize) -> BrokerResult<usize> {
+    ///
+    /// # Cancel safety
+    /// Cancel safe: each batch is copied and marked done in a task of its own.
+    pub async fn redrive(self: &Arc<Self>, group: &str, max: usize) -> BrokerResult<usize> {
+        let broker = Arc::clone(self);
+        let group = group.to_string();
+        detached(
+            "redriving",
+            async move { broker.redrive_now(&group, max).await },
+        )
+        .await?
+    }
+
+    /// [`Broker::redrive`], in the caller's task.
+    async fn redrive_now(self: &Arc<Self>, group: &str, max: usize) -> BrokerResult<usize> {
         let dlq = dlq_topic(group);
         if self.metadata.topic(&dlq).is_none() {
             return Ok(0);
