@@ -42,7 +42,7 @@ pub struct ClientConfig {
     /// proxies clamp it to 5..=20 s, txmq to at most 30 s).
     pub long_polling_timeout: Duration,
     /// How a [`Producer`](crate::Producer) joins concurrent sends of normal messages into
-    /// one request (and a transactional producer its half messages and decisions, a push
+    /// one request (and a transactional producer its half messages and decisions, a
     /// consumer its acknowledgements); `None` sends each in a request of its own. On by
     /// default; see [`Batching`].
     pub batching: Option<Batching>,
@@ -128,8 +128,9 @@ impl ClientConfig {
 /// [`TransactionalProducer`](crate::TransactionalProducer) joins its half messages the same
 /// way, each still a transaction of its own, and its commits and rollbacks, of any topics,
 /// into calls of txmq's own `EndTransactions` (`EndTransaction` calls, one per transaction,
-/// to a server without it). A [`PushConsumer`](crate::PushConsumer) joins its
-/// acknowledgements of one topic into one `AckMessage`. The same limits apply to each kind
+/// to a server without it). A [`PushConsumer`](crate::PushConsumer), and the `ack` calls of a
+/// [`SimpleConsumer`](crate::SimpleConsumer), join acknowledgements of one topic into one
+/// `AckMessage`. The same limits apply to each kind
 /// of request, counted apart. FIFO and delay messages always go alone.
 ///
 /// # Example

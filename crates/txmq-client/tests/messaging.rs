@@ -300,6 +300,62 @@ async fn ack_all_answers_each_message_across_topics() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_made_at_once_by_many_tasks_share_calls() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    topic(&server, "tickets", TopicType::Normal);
+    within(60, async {
+        const N: usize = 200;
+        let producer = Producer::connect(client(&server), ["tickets"])
+            .await
+            .unwrap();
+        for chunk in 0..N / 50 {
+            let batch = (0..50)
+                .map(|i| Message::new("tickets", format!("ticket {}", chunk * 50 + i)))
+                .collect();
+            producer.send_batch(batch).await.unwrap();
+        }
+        // One ack call in flight at a time: the acks made meanwhile wait for it.
+        let consumer = SimpleConsumer::connect(
+            joining_client(&server),
+            "desk",
+            [Subscription::all("tickets")],
+        )
+        .await
+        .unwrap();
+        let got = receive_n(&consumer, N, Duration::from_secs(30)).await;
+        let before = server.broker.store().stats();
+        let tasks: Vec<_> = got
+            .into_iter()
+            .map(|m| {
+                let consumer = consumer.clone();
+                tokio::spawn(async move { consumer.ack(&m).await })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap().expect("each ack gets its own outcome: ok");
+        }
+        let after = server.broker.store().stats();
+        let stats = server.broker.group_stats("desk");
+        assert_eq!(
+            (stats.lag, stats.in_flight),
+            (0, 0),
+            "every message acknowledged"
+        );
+        // Each AckMessage call is one append; the store joins some of them. One call per
+        // ack makes 50 to 100 group commits here; joined, about 20.
+        let writes = after.group_commits - before.group_commits;
+        assert!(
+            writes < (N / 6) as u64,
+            "{writes} group commits to acknowledge {N} messages"
+        );
+        assert_nothing_comes(&consumer, Duration::from_secs(30)).await;
+    })
+    .await;
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_topic_is_a_typed_error_when_auto_creation_is_off() {
     let dir = tempfile::tempdir().unwrap();
     let server = txmq_broker::server::Server::start(txmq_broker::BrokerConfig {

@@ -60,12 +60,16 @@ impl Serve {
     }
 }
 
-fn txmq(args: &[&str]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_txmq"))
+fn run(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_txmq"))
         .args(args)
         .env_remove("RUST_LOG")
         .output()
-        .expect("run txmq");
+        .expect("run txmq")
+}
+
+fn txmq(args: &[&str]) -> Output {
+    let out = run(args);
     assert!(
         out.status.success(),
         "txmq {args:?} failed: {}{}",
@@ -155,12 +159,7 @@ fn an_operator_creates_topics_sends_consumes_and_inspects_through_the_cli() {
     );
 
     // A normal message to a transaction topic is refused, naming the problem.
-    let refused = Command::new(env!("CARGO_BIN_EXE_txmq"))
-        .args(["send", "payments", "x", "--server", g])
-        .output()
-        .expect("run txmq");
-    assert!(!refused.status.success());
-    let err = String::from_utf8_lossy(&refused.stderr);
+    let err = failure(&["send", "payments", "x", "--server", g]);
     assert!(err.to_lowercase().contains("transaction"), "{err}");
 
     // A refusal's status is printed once, not once per layer that wraps it.
@@ -171,11 +170,7 @@ fn an_operator_creates_topics_sends_consumes_and_inspects_through_the_cli() {
 
 /// Runs txmq expecting it to fail; returns its stderr.
 fn failure(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_txmq"))
-        .args(args)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run txmq");
+    let out = run(args);
     assert!(!out.status.success(), "txmq {args:?} succeeded");
     String::from_utf8_lossy(&out.stderr).into_owned()
 }

@@ -7,9 +7,14 @@ mod simple;
 pub use push::{PushConsumer, PushConsumerBuilder};
 pub use simple::SimpleConsumer;
 
+use std::sync::Arc;
+
 use txmq_proto::v2 as pb;
 
+use crate::config::Batching;
 use crate::error::{AckError, CallError};
+use crate::join::{Join, Joiner, Pending, abandoned_call};
+use crate::session::Session;
 
 /// Which messages of a topic a consumer group takes.
 ///
@@ -87,5 +92,109 @@ fn ack_error(message_id: &str, e: CallError) -> AckError {
             }
         }
         e => AckError::Call(e),
+    }
+}
+
+/// Sends a consumer's acknowledgements. With batching on, they are joined
+/// ([`crate::join`]): while the consumer has its limit of `AckMessage` calls in flight, those
+/// of one topic that wait share the next call. Each still has its own outcome; the server
+/// acknowledges each entry on its own.
+#[derive(Clone)]
+struct Acker {
+    session: Session,
+    group: Arc<str>,
+    joiner: Option<Arc<Joiner<Acks>>>,
+}
+
+impl Acker {
+    fn new(session: &Session, group: &str, batching: Option<Batching>) -> Self {
+        let joiner = batching.map(|limits| {
+            let acks = Acks {
+                session: session.clone(),
+                group: group.to_string(),
+            };
+            Arc::new(Joiner::new(acks, limits))
+        });
+        Self {
+            session: session.clone(),
+            group: group.into(),
+            joiner,
+        }
+    }
+
+    /// Acknowledges one message.
+    async fn ack(&self, topic: &str, message_id: &str, handle: &str) -> Result<(), CallError> {
+        match &self.joiner {
+            Some(joiner) => {
+                joiner
+                    .submit(Ack {
+                        topic: topic.to_string(),
+                        message_id: message_id.to_string(),
+                        handle: handle.to_string(),
+                    })
+                    .await
+            }
+            None => {
+                self.session
+                    .ack(&self.group, topic, message_id, handle)
+                    .await
+            }
+        }
+    }
+}
+
+/// An acknowledgement to send.
+struct Ack {
+    topic: String,
+    message_id: String,
+    handle: String,
+}
+
+/// The joined acknowledgements of one consumer.
+struct Acks {
+    session: Session,
+    group: String,
+}
+
+impl Join for Acks {
+    type Item = Ack;
+    type Output = Result<(), CallError>;
+
+    async fn many(&self, batch: Vec<Pending<Self>>) {
+        let topic = &batch[0].item.topic;
+        let entries: Vec<(&str, &str)> = batch
+            .iter()
+            .map(|p| (p.item.message_id.as_str(), p.item.handle.as_str()))
+            .collect();
+        match self.session.ack_many(&self.group, topic, &entries).await {
+            Ok(outcomes) => {
+                for (pending, outcome) in batch.into_iter().zip(outcomes) {
+                    let _ = pending.reply.send(outcome);
+                }
+            }
+            Err(e) => {
+                for pending in batch {
+                    let _ = pending.reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+
+    fn goes_with(first: &Ack, ack: &Ack) -> bool {
+        first.topic == ack.topic
+    }
+
+    /// An entry is a message id and a receipt handle: only the count of entries limits a
+    /// call.
+    fn size(_: &Ack) -> usize {
+        0
+    }
+
+    fn joining(&self) -> bool {
+        true
+    }
+
+    fn abandoned() -> Self::Output {
+        Err(abandoned_call("AckMessage"))
     }
 }

@@ -13,10 +13,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinHandle;
 use txmq_proto::v2 as pb;
 
-use super::Subscription;
+use super::{Acker, Subscription};
 use crate::config::ClientConfig;
-use crate::error::{CallError, ConnectError};
-use crate::join::{Join, Joiner, Pending, abandoned_call};
+use crate::error::ConnectError;
 use crate::message::MessageView;
 use crate::retry::{RetryPolicy, from_duration};
 use crate::session::{BoxFuture, Role, Session};
@@ -125,13 +124,7 @@ impl PushConsumerBuilder {
             Box::pin(async move { fut.await.map_err(|e| e.to_string()) })
         });
         let (stop, stopped) = watch::channel(false);
-        let acks = batching.map(|limits| {
-            let acks = Acks {
-                session: session.clone(),
-                group: self.group.clone(),
-            };
-            Arc::new(Joiner::new(acks, limits))
-        });
+        let acks = Acker::new(&session, &self.group, batching);
         let worker = Arc::new(Worker {
             session: session.clone(),
             acks,
@@ -245,8 +238,8 @@ impl Drop for PushConsumer {
 
 struct Worker {
     session: Session,
-    /// Joins acknowledgements that wait into shared calls; `None` when batching is off.
-    acks: Option<Arc<Joiner<Acks>>>,
+    /// Sends acknowledgements, joining those that wait into shared calls.
+    acks: Acker,
     group: String,
     handler: Handler,
     /// One permit per message held, from receipt to ack or nack.
@@ -484,22 +477,7 @@ impl Worker {
         let Some(handle) = m.receipt_handle() else {
             return;
         };
-        let acked = match &self.acks {
-            Some(acks) => {
-                acks.submit(Ack {
-                    topic: m.topic().to_string(),
-                    message_id: m.message_id().to_string(),
-                    handle: handle.to_string(),
-                })
-                .await
-            }
-            None => {
-                self.session
-                    .ack(&self.group, m.topic(), m.message_id(), handle)
-                    .await
-            }
-        };
-        if let Err(e) = acked {
+        if let Err(e) = self.acks.ack(m.topic(), m.message_id(), handle).await {
             tracing::warn!(message = %m.message_id(), error = %e, "ack failed; the message will come again");
         }
     }
@@ -515,63 +493,5 @@ impl Worker {
         {
             tracing::warn!(message = %m.message_id(), error = %e, "nack failed; the message comes again after its invisible time");
         }
-    }
-}
-
-/// An acknowledgement to send.
-struct Ack {
-    topic: String,
-    message_id: String,
-    handle: String,
-}
-
-/// The acknowledgements of one push consumer, joined ([`crate::join`]): while it has its
-/// limit of `AckMessage` calls in flight, those of one topic that wait share the next call.
-/// Each still has its own outcome; the server acknowledges each entry on its own.
-struct Acks {
-    session: Session,
-    group: String,
-}
-
-impl Join for Acks {
-    type Item = Ack;
-    type Output = Result<(), CallError>;
-
-    async fn many(&self, batch: Vec<Pending<Self>>) {
-        let topic = &batch[0].item.topic;
-        let entries: Vec<(&str, &str)> = batch
-            .iter()
-            .map(|p| (p.item.message_id.as_str(), p.item.handle.as_str()))
-            .collect();
-        match self.session.ack_many(&self.group, topic, &entries).await {
-            Ok(outcomes) => {
-                for (pending, outcome) in batch.into_iter().zip(outcomes) {
-                    let _ = pending.reply.send(outcome);
-                }
-            }
-            Err(e) => {
-                for pending in batch {
-                    let _ = pending.reply.send(Err(e.clone()));
-                }
-            }
-        }
-    }
-
-    fn goes_with(first: &Ack, ack: &Ack) -> bool {
-        first.topic == ack.topic
-    }
-
-    /// An entry is a message id and a receipt handle: only the count of entries limits a
-    /// call.
-    fn size(_: &Ack) -> usize {
-        0
-    }
-
-    fn joining(&self) -> bool {
-        true
-    }
-
-    fn abandoned() -> Self::Output {
-        Err(abandoned_call("AckMessage"))
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use txmq_proto::v2::{self as pb, Code};
 
-use super::{Subscription, ack_error};
+use super::{Acker, Subscription, ack_error};
 use crate::config::ClientConfig;
 use crate::error::{AckError, ConnectError, ReceiveError};
 use crate::message::MessageView;
@@ -44,6 +44,8 @@ pub struct SimpleConsumer {
     subscriptions: Arc<[Subscription]>,
     /// Round robin over subscriptions and route queues.
     next: Arc<AtomicUsize>,
+    /// Sends [`ack`](Self::ack)s, joining those that wait into shared calls.
+    acks: Acker,
 }
 
 impl SimpleConsumer {
@@ -68,12 +70,15 @@ impl SimpleConsumer {
             group: group.clone(),
             subscriptions: subscriptions.clone(),
         };
+        let batching = config.batching;
         let session = Session::connect(config, role, None).await?;
+        let acks = Acker::new(&session, &group, batching);
         Ok(Self {
             session,
             group: group.into(),
             subscriptions: subscriptions.into(),
             next: Arc::new(AtomicUsize::new(0)),
+            acks,
         })
     }
 
@@ -157,6 +162,11 @@ impl SimpleConsumer {
 
     /// Acknowledges a received message: it is done for the group.
     ///
+    /// Acknowledgements made at the same time by tasks sharing this consumer (or its
+    /// clones) are joined like sends (the client's [`Batching`](crate::Batching)): while it
+    /// has its limit of calls in flight, those of one topic that wait share the next
+    /// `AckMessage`. Each still gets its own outcome.
+    ///
     /// # Cancel safety
     /// Not cancel safe: the acknowledgement may or may not have reached the server; if it
     /// did not, the message comes again.
@@ -166,8 +176,8 @@ impl SimpleConsumer {
     /// duration ran out (the message comes again), or the failed call.
     pub async fn ack(&self, message: &MessageView) -> Result<(), AckError> {
         let handle = handle(message)?;
-        self.session
-            .ack(&self.group, message.topic(), message.message_id(), handle)
+        self.acks
+            .ack(message.topic(), message.message_id(), handle)
             .await
             .map_err(|e| ack_error(message.message_id(), e))
     }
