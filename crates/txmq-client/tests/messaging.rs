@@ -6,7 +6,10 @@ mod common;
 use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime};
 
-use common::{assert_nothing_comes, client, group, joining_client, start, topic, within};
+use common::{
+    assert_acked_in_shared_calls, assert_nothing_comes, client, fill, group, joining_client, start,
+    topic, within,
+};
 use txmq_broker::metadata::TopicType;
 use txmq_client::proto::Code;
 use txmq_client::{
@@ -306,15 +309,7 @@ async fn acks_made_at_once_by_many_tasks_share_calls() {
     topic(&server, "tickets", TopicType::Normal);
     within(60, async {
         const N: usize = 200;
-        let producer = Producer::connect(client(&server), ["tickets"])
-            .await
-            .unwrap();
-        for chunk in 0..N / 50 {
-            let batch = (0..50)
-                .map(|i| Message::new("tickets", format!("ticket {}", chunk * 50 + i)))
-                .collect();
-            producer.send_batch(batch).await.unwrap();
-        }
+        fill(&server, "tickets", N).await;
         // One ack call in flight at a time: the acks made meanwhile wait for it.
         let consumer = SimpleConsumer::connect(
             joining_client(&server),
@@ -324,7 +319,7 @@ async fn acks_made_at_once_by_many_tasks_share_calls() {
         .await
         .unwrap();
         let got = receive_n(&consumer, N, Duration::from_secs(30)).await;
-        let before = server.broker.store().stats();
+        let before = server.broker.store().stats().group_commits;
         let tasks: Vec<_> = got
             .into_iter()
             .map(|m| {
@@ -335,20 +330,7 @@ async fn acks_made_at_once_by_many_tasks_share_calls() {
         for t in tasks {
             t.await.unwrap().expect("each ack gets its own outcome: ok");
         }
-        let after = server.broker.store().stats();
-        let stats = server.broker.group_stats("desk");
-        assert_eq!(
-            (stats.lag, stats.in_flight),
-            (0, 0),
-            "every message acknowledged"
-        );
-        // Each AckMessage call is one append; the store joins some of them. One call per
-        // ack makes 50 to 100 group commits here; joined, about 20.
-        let writes = after.group_commits - before.group_commits;
-        assert!(
-            writes < (N / 6) as u64,
-            "{writes} group commits to acknowledge {N} messages"
-        );
+        assert_acked_in_shared_calls(&server, "desk", N, before);
         assert_nothing_comes(&consumer, Duration::from_secs(30)).await;
     })
     .await;

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{client, group, start, topic, within};
+use common::{assert_acked_in_shared_calls, client, fill, group, start, topic, within};
 use txmq_broker::metadata::TopicType;
 use txmq_client::{Message, Producer, PushConsumer, SimpleConsumer, Subscription};
 
@@ -212,18 +212,10 @@ async fn acknowledgements_that_wait_share_calls() {
     group(&server, "depot", 5, false, vec![]);
     within(60, async {
         const N: usize = 200;
-        let producer = Producer::connect(client(&server), ["parcels"])
-            .await
-            .unwrap();
-        for chunk in 0..N / 50 {
-            let batch = (0..50)
-                .map(|i| Message::new("parcels", format!("parcel {}", chunk * 50 + i)))
-                .collect();
-            producer.send_batch(batch).await.unwrap();
-        }
+        fill(&server, "parcels", N).await;
         let handled = Arc::new(AtomicUsize::new(0));
         let h = handled.clone();
-        let before = server.broker.store().stats();
+        let before = server.broker.store().stats().group_commits;
         // One ack call in flight at a time: the acks of the other handlers wait for it.
         let consumer = PushConsumer::builder(common::joining_client(&server), "depot")
             .subscribe(Subscription::all("parcels"))
@@ -242,20 +234,7 @@ async fn acknowledgements_that_wait_share_calls() {
         }
         // Shutting down waits for the handlers and their acks.
         consumer.shutdown().await;
-        let after = server.broker.store().stats();
-        let stats = server.broker.group_stats("depot");
-        assert_eq!(
-            (stats.lag, stats.in_flight),
-            (0, 0),
-            "every message acknowledged"
-        );
-        // Receives and acks each write to the log. Acks one call each make 50 to 100 group
-        // commits here (the store joins some of them); joined ones, about 20.
-        let writes = after.group_commits - before.group_commits;
-        assert!(
-            writes < (N / 6) as u64,
-            "{writes} group commits to acknowledge {N} messages"
-        );
+        assert_acked_in_shared_calls(&server, "depot", N, before);
     })
     .await;
     server.stop().await.unwrap();

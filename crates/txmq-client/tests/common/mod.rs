@@ -9,7 +9,7 @@ use std::time::Duration;
 use txmq_broker::BrokerConfig;
 use txmq_broker::metadata::TopicType;
 use txmq_broker::server::Server;
-use txmq_client::{Batching, ClientConfig, SimpleConsumer};
+use txmq_client::{Batching, ClientConfig, Message, Producer, SimpleConsumer};
 
 /// Broker settings for tests: quick check-backs, small segments.
 pub fn broker_config(dir: &Path) -> BrokerConfig {
@@ -75,4 +75,32 @@ pub async fn within<T>(secs: u64, body: impl Future<Output = T>) -> T {
 pub async fn assert_nothing_comes(consumer: &SimpleConsumer, invisible: Duration) {
     let got = consumer.receive(32, invisible).await.expect("receive");
     assert!(got.is_empty(), "{} message(s) came", got.len());
+}
+
+/// Asserts that `group` acknowledged all `n` messages it was given, and that doing so took
+/// fewer than `n / 6` of the store's group commits since `before`: acknowledgements one call
+/// each make 50 to 100 for 200 messages (the store joins some of them); joined ones, about 20.
+pub fn assert_acked_in_shared_calls(server: &Server, group: &str, n: usize, before: u64) {
+    let stats = server.broker.group_stats(group);
+    assert_eq!(
+        (stats.lag, stats.in_flight),
+        (0, 0),
+        "every message acknowledged"
+    );
+    let writes = server.broker.store().stats().group_commits - before;
+    assert!(
+        writes < (n / 6) as u64,
+        "{writes} group commits to acknowledge {n} messages"
+    );
+}
+
+/// Sends `n` messages to `topic` (`"<topic> 0"`, `"<topic> 1"`, ...), in batches of 50.
+pub async fn fill(server: &Server, topic: &str, n: usize) {
+    let producer = Producer::connect(client(server), [topic]).await.unwrap();
+    for start in (0..n).step_by(50) {
+        let batch = (start..n.min(start + 50))
+            .map(|i| Message::new(topic, format!("{topic} {i}")))
+            .collect();
+        producer.send_batch(batch).await.unwrap();
+    }
 }
