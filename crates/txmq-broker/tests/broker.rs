@@ -148,6 +148,31 @@ async fn a_message_past_its_max_attempts_moves_to_the_dead_letter_topic_and_can_
 }
 
 #[tokio::test]
+async fn a_dead_letter_that_names_no_topic_is_left_where_it_is_by_a_redrive() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = open(dir.path());
+    b.metadata().put_group("g", 1, false, Vec::new()).unwrap();
+    b.send(vec![msg("t", "poison", SendType::Normal)])
+        .await
+        .unwrap();
+    let got = b.receive(&receive("g", "t", 30_000)).await.unwrap();
+    b.change_invisible("g", "t", &got[0].handle, 0).unwrap();
+    assert!(b.receive(&receive("g", "t", 0)).await.unwrap().is_empty());
+    // Sent to the dead-letter topic directly: it names no topic to go back to.
+    b.send(vec![msg("%DLQ%g", "stray", SendType::Normal)])
+        .await
+        .unwrap();
+    assert_eq!(b.redrive("g", 10).await.unwrap(), 1);
+    assert_eq!(drain(&b, "g", "t").await, vec!["poison".to_string()]);
+    let left = b.group_stats("%REDRIVE%g");
+    assert_eq!(
+        (left.lag, left.in_flight),
+        (1, 1),
+        "the stray message is not marked done"
+    );
+}
+
+#[tokio::test]
 async fn a_receive_dropped_while_it_dead_letters_still_moves_the_message_once() {
     let dir = tempfile::tempdir().unwrap();
     let b = open(dir.path());

@@ -893,8 +893,8 @@ impl Broker {
     }
 
     /// Copies dead-lettered messages of a group back to their topics, as new messages
-    /// (same id, body and properties), and marks them done in the dead-letter topic.
-    /// Returns how many were redriven.
+    /// (same id, body and properties), and marks them done in the dead-letter topic; one
+    /// that names no topic to go back to is left there. Returns how many were redriven.
     ///
     /// # Errors
     /// Unknown group, or storage errors.
@@ -930,15 +930,18 @@ impl Broker {
         };
         let batch = self.receive(&req).await?;
         let mut copies = Vec::new();
+        let mut handles = Vec::new();
         for d in &batch {
-            let Some((_, topic, _, _)) =
-                sys(&d.record.data, prop::DLQ_ORIGIN).and_then(parse_origin)
-            else {
+            let origin = sys(&d.record.data, prop::DLQ_ORIGIN).and_then(parse_origin);
+            let Some(t) = origin.and_then(|(_, topic, _, _)| self.metadata.topic(&topic)) else {
+                // Not put there by a move (e.g. sent to the dead-letter topic directly): it
+                // stays, not marked done, for an operator to look at.
+                tracing::warn!(group, message_id = %d.record.data.message_id,
+                    "a dead-lettered message names no topic to go back to; left where it is");
                 continue;
             };
-            let Some(t) = self.metadata.topic(&topic) else {
-                continue;
-            };
+            let topic = t.name.clone();
+            handles.push(d.handle.clone());
             let queue = d.record.queue_offset as u32 % t.queues.max(1);
             copies.push(copy_record(
                 &d.record,
@@ -957,7 +960,6 @@ impl Broker {
         if !copies.is_empty() {
             self.store.append(copies).await?;
         }
-        let handles: Vec<String> = batch.iter().map(|d| d.handle.clone()).collect();
         for r in self.ack_now(&redrive_group, &dlq, &handles).await {
             r?;
         }
