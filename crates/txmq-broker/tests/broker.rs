@@ -147,16 +147,23 @@ async fn a_message_past_its_max_attempts_moves_to_the_dead_letter_topic_and_can_
     assert_eq!(drain(&b, "g", "t").await, vec!["poison".to_string()]);
 }
 
-#[tokio::test]
-async fn a_dead_letter_that_names_no_topic_is_left_where_it_is_by_a_redrive() {
-    let dir = tempfile::tempdir().unwrap();
-    let b = open(dir.path());
+/// A broker whose group `g` (one attempt at most) failed message `poison` of topic `t`
+/// once: the next receive moves it to the dead-letter topic.
+async fn failed_once(dir: &std::path::Path) -> Arc<Broker> {
+    let b = open(dir);
     b.metadata().put_group("g", 1, false, Vec::new()).unwrap();
     b.send(vec![msg("t", "poison", SendType::Normal)])
         .await
         .unwrap();
     let got = b.receive(&receive("g", "t", 30_000)).await.unwrap();
     b.change_invisible("g", "t", &got[0].handle, 0).unwrap();
+    b
+}
+
+#[tokio::test]
+async fn a_dead_letter_that_names_no_topic_is_left_where_it_is_by_a_redrive() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = failed_once(dir.path()).await;
     assert!(b.receive(&receive("g", "t", 0)).await.unwrap().is_empty());
     // Sent to the dead-letter topic directly: it names no topic to go back to.
     b.send(vec![msg("%DLQ%g", "stray", SendType::Normal)])
@@ -175,13 +182,7 @@ async fn a_dead_letter_that_names_no_topic_is_left_where_it_is_by_a_redrive() {
 #[tokio::test]
 async fn a_receive_dropped_while_it_dead_letters_still_moves_the_message_once() {
     let dir = tempfile::tempdir().unwrap();
-    let b = open(dir.path());
-    b.metadata().put_group("g", 1, false, Vec::new()).unwrap();
-    b.send(vec![msg("t", "poison", SendType::Normal)])
-        .await
-        .unwrap();
-    let got = b.receive(&receive("g", "t", 30_000)).await.unwrap();
-    b.change_invisible("g", "t", &got[0].handle, 0).unwrap();
+    let b = failed_once(dir.path()).await;
     // Polled once: it takes the message out of its queue and starts the move, then is
     // dropped, as when the client that asked goes away.
     let dropped = tokio::time::timeout(Duration::ZERO, b.receive(&receive("g", "t", 30_000))).await;
