@@ -6,9 +6,10 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{assert_nothing_comes, client, joining_client, start, topic, within};
+use common::{
+    assert_nothing_comes, client, joining_client, start, stored_in_few_writes, topic, within,
+};
 use txmq_broker::metadata::TopicType;
-use txmq_broker::server::Server;
 use txmq_client::{
     Message, MessageView, SendError, SimpleConsumer, Subscription, Transaction, TransactionChecker,
     TransactionResolution, TransactionalProducer,
@@ -64,26 +65,6 @@ async fn end_all(transactions: Vec<Transaction>) -> Vec<String> {
         ended.expect("end task").expect("commit or rollback");
     }
     committed
-}
-
-/// Runs `work`, which stores `n` records, and asserts that they took fewer than `n / 4`
-/// group commits: they were joined into few requests.
-async fn stored_in_few_writes<T>(
-    server: &Server,
-    n: usize,
-    what: &str,
-    work: impl std::future::Future<Output = T>,
-) -> T {
-    let before = server.broker.store().stats();
-    let out = work.await;
-    let after = server.broker.store().stats();
-    assert_eq!(after.records - before.records, n as u64);
-    let writes = after.group_commits - before.group_commits;
-    assert!(
-        writes < (n / 4) as u64,
-        "{writes} group commits for {n} {what}"
-    );
-    out
 }
 
 /// Asserts that topic `payments` delivers exactly the messages `committed` (ids), to a
@@ -258,7 +239,7 @@ async fn concurrent_transactions_share_requests_both_ways_and_each_is_one_of_its
                 .await
                 .unwrap();
         const N: usize = 200;
-        let transactions = stored_in_few_writes(&server, N, "half messages", async {
+        let transactions = stored_in_few_writes(&server, N, N / 4, "half messages", async {
             let begins: Vec<_> = (0..N)
                 .map(|i| {
                     let producer = producer.clone();
@@ -287,7 +268,8 @@ async fn concurrent_transactions_share_requests_both_ways_and_each_is_one_of_its
 
         // Commit the even ones, roll back the odd ones, all at once: the decisions share
         // calls too, and each decides only its own transaction.
-        let committed = stored_in_few_writes(&server, N, "decisions", end_all(transactions)).await;
+        let committed =
+            stored_in_few_writes(&server, N, N / 4, "decisions", end_all(transactions)).await;
         assert_delivered(client(&server), committed).await;
     })
     .await;

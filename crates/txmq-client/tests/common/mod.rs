@@ -77,20 +77,34 @@ pub async fn assert_nothing_comes(consumer: &SimpleConsumer, invisible: Duration
     assert!(got.is_empty(), "{} message(s) came", got.len());
 }
 
-/// Asserts that `group` acknowledged all `n` messages it was given, and that doing so took
-/// fewer than `n / 6` of the store's group commits since `before`: acknowledgements one call
-/// each make 50 to 100 for 200 messages (the store joins some of them); joined ones, about 20.
-pub fn assert_acked_in_shared_calls(server: &Server, group: &str, n: usize, before: u64) {
+/// Runs `work`, which stores `n` records, and asserts that they took fewer than
+/// `fewer_than` group commits: they were joined into few requests.
+pub async fn stored_in_few_writes<T>(
+    server: &Server,
+    n: usize,
+    fewer_than: usize,
+    what: &str,
+    work: impl Future<Output = T>,
+) -> T {
+    let before = server.broker.store().stats();
+    let out = work.await;
+    let after = server.broker.store().stats();
+    assert_eq!(after.records - before.records, n as u64);
+    let writes = after.group_commits - before.group_commits;
+    assert!(
+        writes < fewer_than as u64,
+        "{writes} group commits for {n} {what}"
+    );
+    out
+}
+
+/// Asserts that `group` has acknowledged every message it was given.
+pub fn assert_all_acked(server: &Server, group: &str) {
     let stats = server.broker.group_stats(group);
     assert_eq!(
         (stats.lag, stats.in_flight),
         (0, 0),
         "every message acknowledged"
-    );
-    let writes = server.broker.store().stats().group_commits - before;
-    assert!(
-        writes < (n / 6) as u64,
-        "{writes} group commits to acknowledge {n} messages"
     );
 }
 
