@@ -199,9 +199,7 @@ impl Broker {
         let shared_queue = self.next_round() % topic.queues;
         for m in messages {
             let queue = match &m.message_group {
-                Some(g) if m.send_type == SendType::Fifo => {
-                    crc32c::crc32c(g.as_bytes()) % topic.queues
-                }
+                Some(g) if m.send_type == SendType::Fifo => queue_of_group(g, topic.queues),
                 _ => shared_queue,
             };
             let (record, tx_id) = match m.send_type {
@@ -363,13 +361,21 @@ impl Broker {
                 ));
             }
             SendType::Delay => {
+                // A delayed message is kept as long as any other: retention removes its
+                // segment once it is older than the retention time, delivered or not. So it
+                // must be due before then.
                 let now = crate::now_ms();
+                let hours = self.config.retention_hours;
+                let longest = i64::try_from(hours.saturating_mul(3_600_000)).unwrap_or(i64::MAX);
                 match m.delivery_timestamp {
-                    Some(t) if t <= now + 40 * 24 * 3600 * 1000 => {}
+                    Some(t) if t <= now.saturating_add(longest) => {}
                     Some(_) => {
                         return Err(BrokerError::new(
                             Code::IllegalDeliveryTime,
-                            "delivery time is more than 40 days ahead",
+                            format!(
+                                "delivery time is more than {hours} hours ahead, the log's \
+                                 retention time (retention_hours)"
+                            ),
                         ));
                     }
                     None => {
@@ -384,4 +390,10 @@ impl Broker {
         }
         Ok(())
     }
+}
+
+/// The queue of a topic with `queues` queues that holds FIFO message group `group`: all its
+/// messages go to one queue, where they are delivered in order.
+pub(crate) fn queue_of_group(group: &str, queues: u32) -> u32 {
+    crc32c::crc32c(group.as_bytes()) % queues.max(1)
 }

@@ -145,6 +145,9 @@ impl BrokerConfig {
         if self.default_max_attempts == 0 {
             return Err("default_max_attempts must be at least 1".into());
         }
+        if self.retention_hours == 0 {
+            return Err("retention_hours must be at least 1".into());
+        }
         if self.transaction_check_max == 0 {
             return Err("transaction_check_max must be at least 1".into());
         }
@@ -159,7 +162,9 @@ impl BrokerConfig {
         let mut c = txmq_store::StoreConfig::new(self.data_dir.join("store"));
         c.segment_size = self.segment_size;
         c.max_record_size = (self.max_body_size + (1 << 20)).min((self.segment_size / 2) as usize);
-        c.retention.max_age = Some(std::time::Duration::from_secs(self.retention_hours * 3600));
+        c.retention.max_age = Some(std::time::Duration::from_secs(
+            self.retention_hours.saturating_mul(3600),
+        ));
         if self.durability == "async" {
             c.durability = txmq_store::Durability::Async {
                 interval: std::time::Duration::from_millis(self.async_flush_ms.max(1)),

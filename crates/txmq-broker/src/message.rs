@@ -135,7 +135,9 @@ pub fn to_record(
 }
 
 /// A copy of a stored record's message for another place (commit of a half message,
-/// dead-lettering, redrive): same id, body and properties, new kind and location.
+/// dead-lettering, redrive): same id, body and properties, new kind and location. The
+/// system properties named in `drop` are left out, and those of `extra` replace any the
+/// message already has (a dead-lettered message dead-lettered again names its latest origin).
 pub fn copy_record(
     from: &Record,
     kind: RecordKind,
@@ -149,7 +151,7 @@ pub fn copy_record(
     r.topic = topic.to_string();
     r.queue_id = queue;
     r.system_properties
-        .retain(|(k, _)| !drop.contains(&k.as_str()));
+        .retain(|(k, _)| !drop.contains(&k.as_str()) && !extra.iter().any(|(e, _)| e == k));
     for (k, v) in extra {
         r.system_properties.push(((*k).to_string(), v.clone()));
     }

@@ -208,9 +208,10 @@ impl Metadata {
         if max_attempts == 0 || max_attempts > 1000 {
             return Err(BrokerError::bad_request("max attempts must be 1 to 1000"));
         }
-        if backoff_ms.len() > 64 || backoff_ms.iter().any(|&ms| ms > 24 * 3600 * 1000) {
+        // A delay is a ChangeInvisibleDuration, which takes at most 12 hours.
+        if backoff_ms.len() > 64 || backoff_ms.iter().any(|&ms| ms > 12 * 3600 * 1000) {
             return Err(BrokerError::bad_request(
-                "backoff: at most 64 delays of at most 24 hours",
+                "backoff: at most 64 delays of at most 12 hours",
             ));
         }
         let group = Group {

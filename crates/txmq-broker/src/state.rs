@@ -26,7 +26,7 @@ use crate::broker::Broker;
 use crate::config::BrokerConfig;
 use crate::delivery::{QueueProgress, RENEW_MS};
 use crate::metadata::Metadata;
-use crate::transactions::Tx;
+use crate::transactions::{Tx, TxState};
 
 const SNAPSHOT: &str = "broker";
 const SNAPSHOT_EVERY: Duration = Duration::from_secs(5);
@@ -140,6 +140,15 @@ impl Broker {
             None => broker.store.log_range().start,
         };
         remove_unlisted_decision_files(&files, &broker.decisions.get_mut().files);
+        // Retention may run from now on (the store runs it), while the log is replayed and
+        // before the next snapshot, which an idle broker does not write: what the snapshot
+        // needs is held from the start.
+        let oldest_open = broker
+            .transactions
+            .list(&[TxState::Prepared, TxState::Unresolved])
+            .first()
+            .map(|t| t.half_position);
+        broker.hold_log(from, oldest_open);
         let replayed = broker.replay(from)?;
         tracing::info!(from, replayed, "broker state recovered");
         Ok(Arc::new(broker))
@@ -171,6 +180,15 @@ impl Broker {
             pos = next;
         }
         Ok(n)
+    }
+
+    /// Keeps retention from deleting the log the broker's state needs: from `snapshot_at`
+    /// (replayed at the next start), and from `oldest_open`, the half message of the oldest
+    /// transaction still open.
+    fn hold_log(&self, snapshot_at: u64, oldest_open: Option<u64>) {
+        self.store
+            .set_retention_floor("broker-snapshot", Some(snapshot_at));
+        self.store.set_retention_floor("transactions", oldest_open);
     }
 
     /// Writes a snapshot now and moves the retention floors; does nothing when the log did
@@ -245,9 +263,7 @@ impl Broker {
             upto: position,
         };
         self.snapshot_at.store(position, Ordering::Relaxed);
-        self.store
-            .set_retention_floor("broker-snapshot", Some(position));
-        self.store.set_retention_floor("transactions", oldest_open);
+        self.hold_log(position, oldest_open);
         let oldest_unacked = self
             .delivery
             .floors()

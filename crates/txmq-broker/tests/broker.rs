@@ -759,3 +759,379 @@ async fn delivery_attempts_count_across_restarts_and_still_end_in_the_dead_lette
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].record.data.message_id, "poison");
 }
+
+/// Creates transactional topic `topic` (one queue) and sends `n` half messages to it:
+/// each one's message id and transaction id.
+async fn halves(b: &Arc<Broker>, topic: &str, n: usize) -> Vec<(String, String)> {
+    if b.metadata().topic(topic).is_none() {
+        b.metadata()
+            .create_topic(topic, TopicType::Transaction, 1)
+            .unwrap();
+    }
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let id = format!("{topic}-{i}");
+        let r = b
+            .send(vec![msg(topic, &id, SendType::Transaction)])
+            .await
+            .unwrap();
+        out.push((id, r[0].transaction_id.clone().unwrap()));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recheck_racing_a_commit_never_reopens_the_committed_transaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ids: Vec<String>;
+    {
+        let b = open(dir.path());
+        let txs = halves(&b, "pay", 40).await;
+        let races = txs.iter().map(|(m, id)| {
+            let b = b.clone();
+            async move {
+                let (commit, recheck) = tokio::join!(
+                    b.end_transaction("pay", m, id, Resolution::Commit),
+                    b.recheck_transaction(id),
+                );
+                assert_eq!(commit.unwrap(), TxState::Committed);
+                // Before the commit, or refused after it.
+                if let Err(e) = recheck {
+                    assert_eq!(e.code, Code::PreconditionFailed, "{e}");
+                }
+                assert_eq!(
+                    b.transactions().get(id).map(|t| t.state),
+                    Some(TxState::Committed),
+                    "a recheck reopened a committed transaction"
+                );
+            }
+        });
+        futures::future::join_all(races).await;
+        ids = txs.into_iter().map(|(m, _)| m).collect();
+        // Dropped without a snapshot: the restart replays the log.
+    }
+    let b = open(dir.path());
+    let mut got = drain(&b, "g", "pay").await;
+    got.sort();
+    ids.sort();
+    assert_eq!(got, ids, "each committed message delivered once");
+    let open = b
+        .transactions()
+        .list(&[TxState::Prepared, TxState::Unresolved]);
+    assert!(open.is_empty(), "reopened by the replay: {open:?}");
+}
+
+#[tokio::test]
+async fn records_stored_after_a_decision_do_not_reopen_it_on_replay() {
+    use txmq_store::{RecordData, RecordKind};
+    let dir = tempfile::tempdir().unwrap();
+    let txs;
+    {
+        let b = open(dir.path());
+        txs = halves(&b, "pay", 2).await;
+        let (committed, rolled_back) = (&txs[0], &txs[1]);
+        b.end_transaction("pay", &committed.0, &committed.1, Resolution::Commit)
+            .await
+            .unwrap();
+        b.end_transaction("pay", &rolled_back.0, &rolled_back.1, Resolution::Rollback)
+            .await
+            .unwrap();
+        assert_eq!(drain(&b, "g", "pay").await, vec![committed.0.clone()]);
+        b.shutdown().await.unwrap();
+    }
+    {
+        // A log as a broker that let a check-back's or an operator's record of an open
+        // transaction land after its decision would have written it.
+        let b = open(dir.path());
+        let late: Vec<RecordData> = txs
+            .iter()
+            .flat_map(|(_, id)| {
+                [&b"unresolved"[..], b"recheck"].map(|body| {
+                    let mut r =
+                        RecordData::new(RecordKind::TxResolution, "%SYS%TX", 0, body.to_vec());
+                    r.message_id = id.clone();
+                    r
+                })
+            })
+            .collect();
+        b.store().append(late).await.unwrap();
+        // Dropped without a snapshot: the restart replays those records.
+    }
+    let b = open(dir.path());
+    let state = |i: usize| b.transactions().get(&txs[i].1).map(|t| t.state);
+    assert_eq!(state(0), Some(TxState::Committed));
+    assert_eq!(state(1), Some(TxState::RolledBack));
+    assert!(drain(&b, "g", "pay").await.is_empty());
+}
+
+#[tokio::test]
+async fn a_commit_to_a_topic_whose_name_starts_with_a_percent_sign_survives_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let txs;
+    {
+        let b = open(dir.path());
+        txs = halves(&b, "%pay", 1).await;
+        b.end_transaction("%pay", &txs[0].0, &txs[0].1, Resolution::Commit)
+            .await
+            .unwrap();
+        // Dropped without a snapshot: the restart replays the commit.
+    }
+    let b = open(dir.path());
+    assert_eq!(
+        b.transactions().get(&txs[0].1).map(|t| t.state),
+        Some(TxState::Committed)
+    );
+    assert_eq!(drain(&b, "g", "%pay").await, vec![txs[0].0.clone()]);
+}
+
+#[tokio::test]
+async fn an_out_of_range_recovery_duration_does_not_bring_the_first_check_back_forward() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = open(dir.path());
+    b.metadata()
+        .create_topic("pay", TopicType::Transaction, 1)
+        .unwrap();
+    let mut m = msg("pay", "far", SendType::Transaction);
+    m.orphaned_recovery_ms = Some(i64::MAX as u64);
+    let r = b.send(vec![m]).await.unwrap();
+    let tx = b
+        .transactions()
+        .get(r[0].transaction_id.as_deref().unwrap())
+        .unwrap();
+    assert!(
+        tx.next_check_ms > txmq_broker::now_ms() + 365 * 24 * 3_600_000,
+        "first check-back due at {} ms",
+        tx.next_check_ms
+    );
+}
+
+#[tokio::test]
+async fn a_restarted_idle_broker_keeps_the_half_message_of_an_open_transaction_from_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    let txs;
+    {
+        let b = open(dir.path());
+        txs = halves(&b, "pay", 1).await;
+        // Enough other messages to fill the half message's 1 MiB segment and start others.
+        let filler: Vec<NewMessage> = (0..48)
+            .map(|i| {
+                let mut m = msg("filler", &format!("f{i}"), SendType::Normal);
+                m.body = vec![b'x'; 60 << 10];
+                m
+            })
+            .collect();
+        for chunk in filler.chunks(8) {
+            b.send(chunk.to_vec()).await.unwrap();
+        }
+        b.shutdown().await.unwrap();
+    }
+    let b = open(dir.path());
+    // Retention as it would run long after the restart, the broker idle meanwhile.
+    let later = txmq_broker::now_ms() + 30 * 24 * 3_600_000;
+    let report = b.store().apply_retention_at(later).unwrap();
+    assert_eq!(
+        report.held_by.as_deref(),
+        Some("transactions"),
+        "{report:?}"
+    );
+    b.end_transaction("pay", &txs[0].0, &txs[0].1, Resolution::Commit)
+        .await
+        .unwrap();
+    assert_eq!(drain(&b, "g", "pay").await, vec![txs[0].0.clone()]);
+}
+
+/// Sends messages `ids` of FIFO message group `group` to FIFO topic `topic` (created with
+/// `queues` queues if it does not exist).
+async fn send_fifo(b: &Arc<Broker>, topic: &str, queues: u32, group: &str, ids: &[&str]) {
+    if b.metadata().topic(topic).is_none() {
+        b.metadata()
+            .create_topic(topic, TopicType::Fifo, queues)
+            .unwrap();
+    }
+    for id in ids {
+        let mut m = msg(topic, id, SendType::Fifo);
+        m.message_group = Some(group.into());
+        b.send(vec![m]).await.unwrap();
+    }
+}
+
+/// Receives everything ready for `group` and gives it back at once (a negative
+/// acknowledgement): the ids received, in order.
+async fn nack_all(b: &Arc<Broker>, group: &str, topic: &str) -> Vec<String> {
+    let got = b.receive(&receive(group, topic, 30_000)).await.unwrap();
+    for d in &got {
+        b.change_invisible(group, topic, &d.handle, 0).unwrap();
+    }
+    got.into_iter().map(|d| d.record.data.message_id).collect()
+}
+
+#[tokio::test]
+async fn messages_found_past_their_max_attempts_after_a_first_move_are_moved_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = open(dir.path());
+    send_fifo(&b, "f", 1, "G", &["a", "b"]).await;
+    // Consumed in parallel first: both messages use up their attempts.
+    b.metadata().put_group("g", 2, false, Vec::new()).unwrap();
+    for _ in 0..2 {
+        assert_eq!(nack_all(&b, "g", "f").await, vec!["a", "b"]);
+    }
+    // Now in order: "b" waits behind "a" until "a" is moved, and is found past its max
+    // attempts only by the look after that move.
+    b.metadata().put_group("g", 2, true, Vec::new()).unwrap();
+    assert!(
+        b.receive(&receive("g", "f", 30_000))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let stats = b.group_stats("g");
+    assert_eq!((stats.dead_lettered, stats.lag), (2, 0), "{stats:?}");
+    assert_eq!(drain(&b, "dlq-reader", "%DLQ%g").await, vec!["a", "b"]);
+}
+
+#[tokio::test]
+async fn a_message_dead_lettered_twice_names_its_latest_origin_also_after_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let b = failed_once(dir.path()).await;
+        assert!(b.receive(&receive("g", "t", 0)).await.unwrap().is_empty());
+        // Group h consumes g's dead-letter topic, and fails the message too.
+        b.metadata().put_group("h", 1, false, Vec::new()).unwrap();
+        assert_eq!(nack_all(&b, "h", "%DLQ%g").await, vec!["poison"]);
+        assert!(
+            b.receive(&receive("h", "%DLQ%g", 0))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let moved = b
+            .receive(&receive("dlq-reader", "%DLQ%h", 30_000))
+            .await
+            .unwrap();
+        assert_eq!(moved.len(), 1);
+        let origin = moved[0].record.data.system_properties.iter();
+        let origins: Vec<&String> = origin
+            .filter(|(k, _)| k == "dlq_origin")
+            .map(|(_, v)| v)
+            .collect();
+        assert_eq!(origins, vec!["h %DLQ%g 0 0"]);
+        // Dropped without a snapshot: the restart replays the moves.
+    }
+    let b = open(dir.path());
+    assert_eq!(b.group_stats("g").dead_lettered, 1);
+    assert_eq!(b.group_stats("h").dead_lettered, 1);
+    assert!(
+        b.receive(&receive("h", "%DLQ%g", 0))
+            .await
+            .unwrap()
+            .is_empty(),
+        "a message group h moved came back to it"
+    );
+}
+
+#[tokio::test]
+async fn a_redriven_fifo_message_goes_back_to_its_message_groups_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = open(dir.path());
+    b.metadata().put_group("g", 1, true, Vec::new()).unwrap();
+    // A message group whose queue is not the first: the first dead-lettered message is
+    // at offset 0 of the dead-letter topic.
+    let group = (0..)
+        .map(|i| format!("order-{i}"))
+        .find(|g| !crc32c::crc32c(g.as_bytes()).is_multiple_of(4))
+        .unwrap();
+    send_fifo(&b, "f", 4, &group, &["a"]).await;
+    let first = b.receive(&receive("g", "f", 30_000)).await.unwrap();
+    let queue = first[0].record.data.queue_id;
+    b.change_invisible("g", "f", &first[0].handle, 0).unwrap();
+    assert!(b.receive(&receive("g", "f", 0)).await.unwrap().is_empty());
+    assert_eq!(b.redrive("g", 10).await.unwrap(), 1);
+    let again = b.receive(&receive("g", "f", 30_000)).await.unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].record.data.queue_id, queue);
+}
+
+/// Starts a receive that long-polls up to 20 s; returns it and when it started.
+fn long_poll(
+    b: &Arc<Broker>,
+    group: &str,
+    topic: &str,
+) -> (
+    tokio::task::JoinHandle<Vec<txmq_broker::delivery::Delivered>>,
+    tokio::time::Instant,
+) {
+    let mut req = receive(group, topic, 30_000);
+    req.long_poll = Duration::from_secs(20);
+    let b = b.clone();
+    let started = tokio::time::Instant::now();
+    (
+        tokio::spawn(async move { b.receive(&req).await.unwrap() }),
+        started,
+    )
+}
+
+#[tokio::test]
+async fn a_long_poll_wakes_when_a_nack_brings_a_message_back_sooner() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = open(dir.path());
+    b.send(vec![msg("t", "m", SendType::Normal)]).await.unwrap();
+    let got = b.receive(&receive("g", "t", 30_000)).await.unwrap();
+    let (waiting, started) = long_poll(&b, "g", "t");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    b.change_invisible("g", "t", &got[0].handle, 300).unwrap();
+    let again = waiting.await.unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].attempt, 2);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "woken only by the end of its long poll"
+    );
+}
+
+#[tokio::test]
+async fn a_fifo_long_poll_wakes_when_the_message_ahead_is_forwarded_to_the_dead_letter_topic() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = open(dir.path());
+    b.metadata().put_group("g", 16, true, Vec::new()).unwrap();
+    send_fifo(&b, "f", 1, "G", &["a", "b"]).await;
+    let got = b.receive(&receive("g", "f", 30_000)).await.unwrap();
+    assert_eq!(got.len(), 1);
+    let (waiting, started) = long_poll(&b, "g", "f");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    b.forward_to_dead_letter("g", "f", &got[0].handle)
+        .await
+        .unwrap();
+    let next = waiting.await.unwrap();
+    assert_eq!(next.len(), 1);
+    assert_eq!(next[0].record.data.message_id, "b");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "woken only by the end of its long poll"
+    );
+}
+
+#[tokio::test]
+async fn delays_and_backoffs_longer_than_the_broker_keeps_or_allows_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = open(dir.path());
+    let hour = 3_600_000;
+    let delayed = |hours: i64| {
+        let mut m = msg("later", "d", SendType::Delay);
+        m.delivery_timestamp = Some(txmq_broker::now_ms() + hours * hour);
+        m
+    };
+    // Retention keeps the log 72 hours: a message due later could be deleted first.
+    let err = b.send(vec![delayed(73)]).await.unwrap_err();
+    assert_eq!(err.code, Code::IllegalDeliveryTime);
+    assert!(err.message.contains("retention"), "{}", err.message);
+    b.send(vec![delayed(71)]).await.unwrap();
+    // A backoff step is a ChangeInvisibleDuration: 12 hours at most.
+    let err = b
+        .metadata()
+        .put_group("g", 3, false, vec![13 * hour as u64])
+        .unwrap_err();
+    assert_eq!(err.code, Code::BadRequest);
+    b.metadata()
+        .put_group("g", 3, false, vec![12 * hour as u64])
+        .unwrap();
+}

@@ -237,6 +237,37 @@ async fn bad_requests_get_rocketmq_status_codes_and_garbage_does_not_disturb_oth
         .metadata()
         .create_topic("plain", txmq_broker::metadata::TopicType::Normal, 2)
         .unwrap();
+    // A deadline past what any clock counts: treated as no deadline worth shortening for.
+    server
+        .broker
+        .metadata()
+        .put_group("g", 16, false, Vec::new())
+        .unwrap();
+    let mut far = req(
+        "c1",
+        pb::ReceiveMessageRequest {
+            group: resource("g"),
+            message_queue: Some(pb::MessageQueue {
+                topic: resource("plain"),
+                id: -1,
+                ..Default::default()
+            }),
+            invisible_duration: Some(prost_types::Duration {
+                seconds: 30,
+                nanos: 0,
+            }),
+            long_polling_timeout: Some(prost_types::Duration::default()),
+            ..Default::default()
+        },
+    );
+    far.metadata_mut()
+        .insert("grpc-timeout", "99999999999999999H".parse().unwrap());
+    let mut answers = c.receive_message(far).await.unwrap().into_inner();
+    let first = answers.next().await.unwrap().unwrap().content;
+    assert!(
+        matches!(&first, Some(receive_message_response::Content::Status(s)) if s.code == Code::MessageNotFound as i32),
+        "{first:?}"
+    );
     let big = message("plain", "big", MessageType::Normal, vec![1; 65 << 10]);
     let sent = c
         .send_message(req(

@@ -29,9 +29,10 @@ use serde::{Deserialize, Serialize};
 use txmq_proto::v2::Code;
 use txmq_store::{Record, RecordData, RecordKind};
 
-use crate::broker::{Broker, detached};
+use crate::broker::{Broker, detached, queue_of_group};
 use crate::error::{BrokerError, BrokerResult};
 use crate::message::{copy_record, prop, sys};
+use crate::metadata::{Group, TopicType};
 use crate::names::{DELIVERY_TOPIC, DLQ_PREFIX, dlq_topic};
 
 /// A message handed to a consumer.
@@ -85,6 +86,19 @@ struct Pending {
     renew_for: Option<String>,
     /// When auto-renewal stops, ms.
     renew_until: i64,
+}
+
+impl Pending {
+    /// This message while its acknowledgement or move is written: no handle names it.
+    fn settling(&self) -> Self {
+        Pending {
+            visible_at: SETTLING,
+            epoch: self.epoch.wrapping_add(1),
+            delivered: true,
+            renew_for: None,
+            ..self.clone()
+        }
+    }
 }
 
 /// What is kept durable per (group, topic, queue).
@@ -166,7 +180,26 @@ pub struct GroupStats {
 struct DeadLetter {
     record: Record,
     attempts: u32,
+    /// The epoch of its last handle: a handle it had stays expired if the move fails.
+    epoch: u32,
 }
+
+/// What one look at a group's queues found.
+struct Collected {
+    delivered: Vec<Delivered>,
+    /// Past their max attempts: to move to the dead-letter topic.
+    dead: Vec<DeadLetter>,
+    /// When the next held message becomes visible, ms.
+    wake: Option<i64>,
+    /// The storage failure that stopped the look early.
+    failure: Option<BrokerError>,
+}
+
+/// The invisible time of a message whose acknowledgement or move to the dead-letter topic
+/// is being written: it stays in its queue, out with no one, so that a FIFO group holds its
+/// message group meanwhile and no other look takes it; a failed write puts it back as it
+/// was.
+const SETTLING: i64 = i64::MAX;
 
 impl Delivery {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, HashMap<QueueKey, QueueState>>> {
@@ -371,41 +404,7 @@ impl Broker {
             let notified = arrivals.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let now = crate::now_ms();
-            let (delivered, dead, wake_ms) = {
-                let gate = Arc::clone(&self.gate).read_owned().await;
-                let (mut delivered, dead, wake_ms) =
-                    self.collect(req, group.max_attempts, group.fifo, topic.queues, now)?;
-                let dead_count = dead.len();
-                let _gate = if dead.is_empty() {
-                    gate
-                } else {
-                    // Taken out of their queues above: the move must finish, under the gate,
-                    // even if this receive is dropped.
-                    let broker = Arc::clone(self);
-                    let group = req.group.clone();
-                    let (moved, gate) = detached("dead-lettering", async move {
-                        (broker.dead_letter(&group, dead).await, gate)
-                    })
-                    .await?;
-                    moved?;
-                    gate
-                };
-                if dead_count > 0 && delivered.is_empty() {
-                    // Dead-lettering may have freed a FIFO message group: look again at once.
-                    let more = self.collect(
-                        req,
-                        group.max_attempts,
-                        group.fifo,
-                        topic.queues,
-                        crate::now_ms(),
-                    )?;
-                    delivered = more.0;
-                }
-                self.record_attempts(&req.group, &delivered).await;
-                (delivered, dead_count, wake_ms)
-            };
-            let _ = dead;
+            let (delivered, wake_ms) = self.collect_ready(req, &group, topic.queues).await?;
             if !delivered.is_empty() {
                 return Ok(delivered);
             }
@@ -426,17 +425,101 @@ impl Broker {
         }
     }
 
-    /// Picks what is ready, under the delivery lock. Returns the deliveries, the messages
-    /// past their max attempts, and when the next held message becomes visible.
-    #[allow(clippy::type_complexity)]
+    /// One look for ready messages: what is delivered, and when a held message becomes
+    /// visible. Messages past their max attempts are moved to the dead-letter topic on the
+    /// way, and the queues looked at again while the batch has room: a move may free a FIFO
+    /// message group, and each look moves what it finds.
+    async fn collect_ready(
+        self: &Arc<Self>,
+        req: &ReceiveRequest,
+        group: &Group,
+        queues: u32,
+    ) -> BrokerResult<(Vec<Delivered>, Option<i64>)> {
+        let mut gate = Arc::clone(&self.gate).read_owned().await;
+        let mut delivered = Vec::new();
+        let mut wake_ms: Option<i64> = None;
+        let failure = loop {
+            let found = self.collect(
+                req,
+                req.batch - delivered.len(),
+                group,
+                queues,
+                crate::now_ms(),
+            );
+            delivered.extend(found.delivered);
+            wake_ms = match (wake_ms, found.wake) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            if found.dead.is_empty() || found.failure.is_some() {
+                // Messages found past their max attempts before a failure are still moved.
+                if !found.dead.is_empty() {
+                    let moved;
+                    (moved, gate) = self
+                        .dead_letter_detached(&req.group, found.dead, gate)
+                        .await?;
+                    if let Err(e) = moved {
+                        tracing::warn!(group = %req.group, error = %e, "cannot move messages to the dead-letter topic");
+                    }
+                }
+                break found.failure;
+            }
+            // Taken out of their queues above: the move must finish, under the gate, even if
+            // this receive is dropped.
+            let moved;
+            (moved, gate) = self
+                .dead_letter_detached(&req.group, found.dead, gate)
+                .await?;
+            if let Err(e) = moved {
+                break Some(e);
+            }
+            if delivered.len() >= req.batch {
+                break None;
+            }
+        };
+        self.record_attempts(&req.group, &delivered).await;
+        drop(gate);
+        match failure {
+            // What was handed out goes to the consumer; the failure shows on the next look.
+            Some(e) if delivered.is_empty() => Err(e),
+            Some(e) => {
+                tracing::warn!(group = %req.group, topic = %req.topic, error = %e, "a receive stopped early");
+                Ok((delivered, wake_ms))
+            }
+            None => Ok((delivered, wake_ms)),
+        }
+    }
+
+    /// [`Broker::dead_letter`] in a task of its own, which holds the snapshot gate until the
+    /// move is applied and then gives it back.
+    async fn dead_letter_detached(
+        self: &Arc<Self>,
+        group: &str,
+        dead: Vec<DeadLetter>,
+        gate: tokio::sync::OwnedRwLockReadGuard<()>,
+    ) -> BrokerResult<(BrokerResult<()>, tokio::sync::OwnedRwLockReadGuard<()>)> {
+        let broker = Arc::clone(self);
+        let group = group.to_string();
+        detached("dead-lettering", async move {
+            (broker.dead_letter(&group, dead).await, gate)
+        })
+        .await
+    }
+
+    /// Picks what is ready, under the delivery lock: up to `limit` deliveries, the messages
+    /// past their max attempts (kept in their queues as out with no one until they are
+    /// moved), and when the next held message becomes visible. A storage failure stops the
+    /// look; what it found before is returned with it, and the message it could not read
+    /// stays where it was.
     fn collect(
         &self,
         req: &ReceiveRequest,
-        max_attempts: u32,
-        fifo: bool,
+        limit: usize,
+        group: &Group,
         queues: u32,
         now: i64,
-    ) -> BrokerResult<(Vec<Delivered>, Vec<DeadLetter>, Option<i64>)> {
+    ) -> Collected {
+        let (max_attempts, fifo) = (group.max_attempts, group.fifo);
         let mut out = Vec::new();
         let mut dead = Vec::new();
         let mut wake: Option<i64> = None;
@@ -449,8 +532,9 @@ impl Broker {
                 (0..queues).map(|i| (start + i) % queues).collect()
             }
         };
-        for q in order {
-            if out.len() >= req.batch {
+        let mut failure = None;
+        'queues: for q in order {
+            if out.len() >= limit {
                 break;
             }
             let Some(range) = self.store.queue_range(&req.topic, q) else {
@@ -489,7 +573,7 @@ impl Broker {
             // Held or timed-out messages, oldest first.
             let offsets: Vec<u64> = st.pending.keys().copied().collect();
             for offset in offsets {
-                if out.len() >= req.batch {
+                if out.len() >= limit {
                     break;
                 }
                 let Some(p) = st.pending.get(&offset).cloned() else {
@@ -497,7 +581,9 @@ impl Broker {
                 };
                 if p.visible_at > now {
                     // Wake a long poll when it becomes visible (due, or back from a consumer).
-                    wake = Some(wake.map_or(p.visible_at, |w| w.min(p.visible_at)));
+                    if p.visible_at != SETTLING {
+                        wake = Some(wake.map_or(p.visible_at, |w| w.min(p.visible_at)));
+                    }
                     if p.delivered
                         && let Some(g) = &p.message_group
                     {
@@ -511,12 +597,19 @@ impl Broker {
                 {
                     continue;
                 }
-                let rec = self.read_offset(&req.topic, q, offset)?;
+                let rec = match self.read_offset(&req.topic, q, offset) {
+                    Ok(rec) => rec,
+                    Err(e) => {
+                        failure = Some(e);
+                        break 'queues;
+                    }
+                };
                 if p.attempt >= max_attempts {
-                    st.pending.remove(&offset);
+                    st.pending.insert(offset, p.settling());
                     dead.push(DeadLetter {
                         record: rec,
                         attempts: p.attempt,
+                        epoch: p.epoch,
                     });
                     if let Some(g) = &p.message_group {
                         busy.insert(g.clone());
@@ -532,13 +625,20 @@ impl Broker {
                 }
             }
             // New messages.
-            while out.len() < req.batch && st.next < range.end {
+            while out.len() < limit && st.next < range.end {
                 let offset = st.next;
-                st.next += 1;
                 if st.progress.acked.contains(&offset) || st.pending.contains_key(&offset) {
+                    st.next += 1;
                     continue;
                 }
-                let rec = self.read_offset(&req.topic, q, offset)?;
+                let rec = match self.read_offset(&req.topic, q, offset) {
+                    Ok(rec) => rec,
+                    Err(e) => {
+                        failure = Some(e);
+                        break 'queues;
+                    }
+                };
+                st.next += 1;
                 if !req.filter.matches(&rec.data.tag) {
                     // Not for this group: done, as if consumed.
                     st.ack(offset);
@@ -547,16 +647,6 @@ impl Broker {
                 let message_group = sys(&rec.data, prop::MESSAGE_GROUP).map(str::to_string);
                 // Deliveries made before a restart still count.
                 let attempt = st.progress.attempts.get(&offset).copied().unwrap_or(0);
-                if attempt >= max_attempts {
-                    dead.push(DeadLetter {
-                        record: rec,
-                        attempts: attempt,
-                    });
-                    if let Some(g) = message_group {
-                        busy.insert(g);
-                    }
-                    continue;
-                }
                 let held = Pending {
                     visible_at: 0,
                     attempt,
@@ -566,6 +656,18 @@ impl Broker {
                     renew_for: None,
                     renew_until: 0,
                 };
+                if attempt >= max_attempts {
+                    st.pending.insert(offset, held.settling());
+                    dead.push(DeadLetter {
+                        record: rec,
+                        attempts: attempt,
+                        epoch: 0,
+                    });
+                    if let Some(g) = message_group {
+                        busy.insert(g);
+                    }
+                    continue;
+                }
                 if rec.data.kind == RecordKind::Delayed && rec.data.deliver_at > now {
                     wake = Some(wake.map_or(rec.data.deliver_at, |w| w.min(rec.data.deliver_at)));
                     st.pending.insert(
@@ -587,7 +689,12 @@ impl Broker {
                 }
             }
         }
-        Ok((out, dead, wake))
+        Collected {
+            delivered: out,
+            dead,
+            wake,
+            failure,
+        }
     }
 
     /// Makes the delivery counts of messages going out again durable before they go.
@@ -670,6 +777,12 @@ impl Broker {
                     "moved messages to the dead-letter topic"
                 );
                 self.arrived(&topic);
+                // A move may free the next message of a FIFO message group.
+                let sources: BTreeSet<&str> =
+                    dead.iter().map(|d| d.record.data.topic.as_str()).collect();
+                for source in sources {
+                    self.arrived(source);
+                }
                 Ok(())
             }
             Err(e) => {
@@ -685,7 +798,7 @@ impl Broker {
                         Pending {
                             visible_at: 0,
                             attempt: d.attempts,
-                            epoch: 0,
+                            epoch: d.epoch,
                             delivered: false,
                             message_group: sys(&d.record.data, prop::MESSAGE_GROUP)
                                 .map(str::to_string),
@@ -699,8 +812,16 @@ impl Broker {
         }
     }
 
-    /// Takes the message a handle names out of flight, checking the handle is current.
-    fn take_in_flight(&self, group: &str, topic: &str, h: &ReceiptHandle) -> BrokerResult<Pending> {
+    /// Changes the message a handle names, under the delivery lock, after checking that the
+    /// handle is current: `f` gets the message as it is and returns what `with_in_flight`
+    /// returns.
+    fn with_in_flight<T>(
+        &self,
+        group: &str,
+        topic: &str,
+        h: &ReceiptHandle,
+        f: impl FnOnce(&mut Pending) -> T,
+    ) -> BrokerResult<T> {
         let bad = || {
             BrokerError::new(
                 Code::InvalidReceiptHandle,
@@ -711,28 +832,33 @@ impl Broker {
             return Err(bad());
         }
         let mut groups = self.delivery.lock();
-        let st = groups
+        let p = groups
             .get_mut(group)
             .and_then(|g| g.get_mut(&(h.topic.clone(), h.queue)))
+            .and_then(|st| st.pending.get_mut(&h.offset))
+            .filter(|p| p.delivered && p.epoch == h.epoch && p.visible_at != SETTLING)
             .ok_or_else(bad)?;
-        let current = st
-            .pending
-            .get(&h.offset)
-            .is_some_and(|p| p.delivered && p.epoch == h.epoch);
-        if !current {
-            return Err(bad());
-        }
-        st.pending.remove(&h.offset).ok_or_else(bad)
+        Ok(f(p))
     }
 
+    /// Marks the message a handle names as settling (its acknowledgement or move is being
+    /// written; the handle no longer names it) and returns it as it was, for
+    /// [`Broker::put_back`] if the write fails.
+    fn settle(&self, group: &str, topic: &str, h: &ReceiptHandle) -> BrokerResult<Pending> {
+        self.with_in_flight(group, topic, h, |p| std::mem::replace(p, p.settling()))
+    }
+
+    /// Puts back a message [`Broker::settle`] marked, as it was: its write failed.
     fn put_back(&self, group: &str, h: &ReceiptHandle, p: Pending) {
         let mut groups = self.delivery.lock();
-        let st = groups
-            .entry(group.to_string())
-            .or_default()
-            .entry((h.topic.clone(), h.queue))
-            .or_default();
-        st.pending.insert(h.offset, p);
+        if let Some(at) = groups
+            .get_mut(group)
+            .and_then(|g| g.get_mut(&(h.topic.clone(), h.queue)))
+            .and_then(|st| st.pending.get_mut(&h.offset))
+            .filter(|at| at.visible_at == SETTLING)
+        {
+            *at = p;
+        }
     }
 
     /// Acknowledges messages; each acknowledgement is durable before it is answered.
@@ -770,7 +896,7 @@ impl Broker {
         let mut taken = Vec::new();
         for (i, raw) in handles.iter().enumerate() {
             match ReceiptHandle::parse(raw)
-                .and_then(|h| self.take_in_flight(group, topic, &h).map(|p| (h, p)))
+                .and_then(|h| self.settle(group, topic, &h).map(|p| (h, p)))
             {
                 Ok((h, p)) => {
                     taken.push((i, h, p));
@@ -838,20 +964,16 @@ impl Broker {
             ));
         }
         let h = ReceiptHandle::parse(handle)?;
-        let mut p = self.take_in_flight(group, topic, &h)?;
-        p.epoch += 1;
-        p.visible_at = crate::now_ms() + invisible_ms;
-        // Renewal would undo a negative acknowledgement.
-        p.renew_for = None;
-        let new = ReceiptHandle {
-            epoch: p.epoch,
-            ..h.clone()
-        };
-        self.put_back(group, &h, p);
-        if invisible_ms == 0 {
-            self.arrived(topic);
-        }
-        Ok(new.encode())
+        let epoch = self.with_in_flight(group, topic, &h, |p| {
+            p.epoch = p.epoch.wrapping_add(1);
+            p.visible_at = crate::now_ms() + invisible_ms;
+            // Renewal would undo a negative acknowledgement.
+            p.renew_for = None;
+            p.epoch
+        })?;
+        // A long poll waiting for this topic computes when to look again from the new time.
+        self.arrived(topic);
+        Ok(ReceiptHandle { epoch, ..h }.encode())
     }
 
     /// Moves a delivered message to the group's dead-letter topic now (clients do this when
@@ -880,13 +1002,20 @@ impl Broker {
     async fn forward_now(&self, group: &str, topic: &str, handle: &str) -> BrokerResult<()> {
         let _gate = self.gate.read().await;
         let h = ReceiptHandle::parse(handle)?;
-        let p = self.take_in_flight(group, topic, &h)?;
-        let record = self.read_offset(&h.topic, h.queue, h.offset)?;
+        let p = self.settle(group, topic, &h)?;
+        let record = match self.read_offset(&h.topic, h.queue, h.offset) {
+            Ok(record) => record,
+            Err(e) => {
+                self.put_back(group, &h, p);
+                return Err(e);
+            }
+        };
         self.dead_letter(
             group,
             vec![DeadLetter {
                 record,
                 attempts: p.attempt,
+                epoch: p.epoch.wrapping_add(1),
             }],
         )
         .await
@@ -942,7 +1071,12 @@ impl Broker {
             };
             let topic = t.name.clone();
             handles.push(d.handle.clone());
-            let queue = d.record.queue_offset as u32 % t.queues.max(1);
+            // A FIFO message goes back to its message group's queue, behind the group's
+            // messages still there.
+            let queue = match sys(&d.record.data, prop::MESSAGE_GROUP) {
+                Some(g) if t.message_type == TopicType::Fifo => queue_of_group(g, t.queues),
+                _ => d.record.queue_offset as u32 % t.queues.max(1),
+            };
             copies.push(copy_record(
                 &d.record,
                 RecordKind::Normal,

@@ -159,8 +159,8 @@ fn deadline<T>(req: &Request<T>) -> Option<Duration> {
     let (num, unit) = v.split_at(v.len().checked_sub(1)?);
     let n: u64 = num.parse().ok()?;
     Some(match unit {
-        "H" => Duration::from_secs(n * 3600),
-        "M" => Duration::from_secs(n * 60),
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
         "S" => Duration::from_secs(n),
         "m" => Duration::from_millis(n),
         "u" => Duration::from_micros(n),
@@ -472,7 +472,8 @@ impl MessagingService for Messaging {
             .clamp(0, 30_000) as u64;
         if let Some(d) = deadline {
             // Answer before the caller gives up, with a margin for the trip back.
-            long_poll = long_poll.min(d.as_millis().saturating_sub(500) as u64);
+            long_poll =
+                long_poll.min(u64::try_from(d.as_millis().saturating_sub(500)).unwrap_or(u64::MAX));
         }
         let batch = match req.batch_size {
             n if n <= 0 => 32,

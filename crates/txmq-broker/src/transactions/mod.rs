@@ -20,7 +20,7 @@ use txmq_store::{Appended, Record, RecordData, RecordKind};
 use crate::broker::{Broker, detached};
 use crate::error::{BrokerError, BrokerResult};
 use crate::message::{copy_record, prop, sys};
-use crate::names::TX_TOPIC;
+use crate::names::{SYSTEM_PREFIX, TX_TOPIC};
 
 /// Where a transaction stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -260,6 +260,12 @@ impl Transactions {
                     return;
                 };
                 let tx = &mut e.tx;
+                // A record stored after its transaction was decided changes nothing: the
+                // broker stores none, and a log written before it did is read the same way.
+                let open = matches!(tx.state, TxState::Prepared | TxState::Unresolved);
+                if !open {
+                    return;
+                }
                 if rec.data.kind == RecordKind::TxCheck {
                     tx.checks += 1;
                     tx.next_check_ms = rec.store_timestamp + interval_ms(tx.checks);
@@ -272,7 +278,7 @@ impl Transactions {
                         tx.resolved_ms = Some(rec.store_timestamp);
                         tx.resolved_at = Some(rec.position);
                     }
-                    UNRESOLVED => {
+                    UNRESOLVED if tx.state == TxState::Prepared => {
                         tx.state = TxState::Unresolved;
                         tx.resolved_ms = Some(rec.store_timestamp);
                         tx.resolved_at = Some(rec.position);
@@ -289,11 +295,14 @@ impl Transactions {
                 }
             }
             _ => {
-                if rec.data.topic.starts_with('%') {
+                // A commit is the first copy of the half message in a user topic; later
+                // copies (dead-lettered, redriven) carry the transaction id too.
+                if rec.data.topic.starts_with(SYSTEM_PREFIX) {
                     return;
                 }
                 if let Some(id) = sys(&rec.data, prop::TRANSACTION_ID)
                     && let Some(e) = t.get_mut(id)
+                    && matches!(e.tx.state, TxState::Prepared | TxState::Unresolved)
                 {
                     e.tx.state = TxState::Committed;
                     e.tx.resolved_ms = Some(rec.store_timestamp);
@@ -393,17 +402,69 @@ impl Transactions {
     /// Clears the busy mark of `id` and wakes those waiting on it; with `at`, where the
     /// record that stored its decision went, the decision is applied.
     fn release(&self, id: &str, resolution: Resolution, at: Option<&Appended>) {
+        self.finish(id, |tx| {
+            if let Some(at) = at {
+                tx.state = decided(resolution);
+                tx.resolved_ms = Some(at.store_timestamp);
+                tx.resolved_at = Some(at.position);
+            }
+        });
+    }
+
+    /// Marks transaction `id` busy for a change of an open transaction other than a
+    /// decision (declaring it unresolved, checking it again), if it is in one of `states`
+    /// and no decision or other change of it is being written: the change is stored and
+    /// applied before any decision that comes meanwhile, in the log's order. `Mine` when
+    /// marked; refused (`Answered`) when unknown or in another state.
+    fn claim_open(&self, id: &str, states: &[TxState]) -> Claim {
+        let mut table = self.lock();
+        let Some(entry) = table.get_mut(id) else {
+            return Claim::Answered(Err(BrokerError::new(
+                Code::InvalidTransactionId,
+                format!("unknown transaction {id}"),
+            )));
+        };
+        if !states.contains(&entry.tx.state) {
+            return Claim::Answered(Err(BrokerError::new(
+                Code::PreconditionFailed,
+                format!("transaction {id} is {:?}", entry.tx.state),
+            )));
+        }
+        match &entry.busy {
+            Some(n) => Claim::Wait(n.clone()),
+            None => {
+                entry.busy = Some(Arc::new(Notify::new()));
+                Claim::Mine
+            }
+        }
+    }
+
+    /// Returns once busy mark `mark` of transaction `id` is cleared (at once if it was
+    /// already, even when another caller marked it again since).
+    async fn released(&self, id: &str, mark: &Arc<Notify>) {
+        let notified = mark.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if self
+            .lock()
+            .get(id)
+            .and_then(|e| e.busy.as_ref())
+            .is_some_and(|b| Arc::ptr_eq(b, mark))
+        {
+            notified.await;
+        }
+    }
+
+    /// Clears the busy mark of `id`, applies `f` to it, and wakes those waiting on it.
+    fn finish(&self, id: &str, f: impl FnOnce(&mut Tx)) {
         let mut table = self.lock();
         let Some(entry) = table.get_mut(id) else {
             return;
         };
+        f(&mut entry.tx);
+        self.note_due(&entry.tx);
         if let Some(n) = entry.busy.take() {
             n.notify_waiters();
-        }
-        if let Some(at) = at {
-            entry.tx.state = decided(resolution);
-            entry.tx.resolved_ms = Some(at.store_timestamp);
-            entry.tx.resolved_at = Some(at.position);
         }
     }
 }
@@ -490,17 +551,7 @@ impl Broker {
                 Claim::Answered(outcome) => return outcome,
                 Claim::Wait(n) => n,
             };
-            let notified = wait.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self
-                .transactions
-                .lock()
-                .get(&end.id)
-                .is_some_and(|e| e.busy.is_some())
-            {
-                notified.await;
-            }
+            self.transactions.released(&end.id, &wait).await;
         }
         let mut outcome = self.decide(vec![end]).await;
         outcome
@@ -596,19 +647,27 @@ impl Broker {
         })
     }
 
-    /// Declares a transaction unresolved after its last check-back went unanswered.
+    /// Declares a transaction unresolved after its last check-back went unanswered, unless
+    /// it was decided meanwhile or a decision of it is being written (that one wins).
     pub(crate) async fn mark_unresolved(&self, id: &str) -> BrokerResult<()> {
-        let at = self
+        if !matches!(
+            self.transactions.claim_open(id, &[TxState::Prepared]),
+            Claim::Mine
+        ) {
+            return Ok(());
+        }
+        let stored = self
             .store
             .append(vec![tx_record(RecordKind::TxResolution, id, UNRESOLVED)])
-            .await?;
-        self.transactions.update(id, |tx| {
-            if tx.state == TxState::Prepared {
+            .await;
+        self.transactions.finish(id, |tx| {
+            if let Ok(at) = &stored {
                 tx.state = TxState::Unresolved;
                 tx.resolved_ms = Some(at[0].store_timestamp);
                 tx.resolved_at = Some(at[0].position);
             }
         });
+        stored?;
         tracing::warn!(
             transaction = id,
             "transaction unresolved after the last check-back"
@@ -633,33 +692,37 @@ impl Broker {
     /// Puts an unresolved transaction back to checking (operator action).
     ///
     /// # Errors
-    /// `INVALID_TRANSACTION_ID` if it is not unresolved or prepared.
+    /// `INVALID_TRANSACTION_ID` for an unknown transaction; `PRECONDITION_FAILED` if it is
+    /// not unresolved or prepared (it was decided, perhaps while this waited for a decision
+    /// being written).
     pub async fn recheck_transaction(&self, id: &str) -> BrokerResult<()> {
-        let tx = self.transactions.get(id).ok_or_else(|| {
-            BrokerError::new(
-                Code::InvalidTransactionId,
-                format!("unknown transaction {id}"),
-            )
-        })?;
-        if !matches!(tx.state, TxState::Unresolved | TxState::Prepared) {
-            return Err(BrokerError::new(
-                Code::PreconditionFailed,
-                format!("transaction {id} is {:?}", tx.state),
-            ));
+        loop {
+            let wait = match self
+                .transactions
+                .claim_open(id, &[TxState::Unresolved, TxState::Prepared])
+            {
+                Claim::Mine => break,
+                Claim::Wait(n) => n,
+                Claim::Answered(outcome) => return outcome.map(drop),
+            };
+            self.transactions.released(id, &wait).await;
         }
-        let _gate = self.gate.read().await;
-        let at = self
+        let gate = self.gate.read().await;
+        let stored = self
             .store
             .append(vec![tx_record(RecordKind::TxResolution, id, RECHECK)])
-            .await?;
-        self.transactions.update(id, |tx| {
-            tx.state = TxState::Prepared;
-            tx.checks = 0;
-            tx.resolved_ms = None;
-            tx.resolved_at = None;
-            tx.next_check_ms = at[0].store_timestamp;
+            .await;
+        self.transactions.finish(id, |tx| {
+            if let Ok(at) = &stored {
+                tx.state = TxState::Prepared;
+                tx.checks = 0;
+                tx.resolved_ms = None;
+                tx.resolved_at = None;
+                tx.next_check_ms = at[0].store_timestamp;
+            }
         });
-        Ok(())
+        drop(gate);
+        stored.map(drop).map_err(Into::into)
     }
 
     /// Delay before check-back number `checks + 1`: the interval, doubling, at most 5 minutes.
@@ -674,7 +737,7 @@ impl Broker {
         let wait = sys(&rec.data, prop::RECOVERY_MS)
             .and_then(|v| v.parse::<i64>().ok())
             .unwrap_or(self.config.transaction_timeout_ms as i64);
-        rec.store_timestamp + wait
+        rec.store_timestamp.saturating_add(wait.max(0))
     }
 }
 
