@@ -281,8 +281,13 @@ impl Store {
         let mut threads = vec![syncer];
         let prewriter = if shared.config.preallocate && shared.config.prewrite_bytes > 0 {
             let at = recovered.write_pos - active.base;
-            let (p, handle) = Prewriter::start(active.clone(), at, shared.config.prewrite_bytes)
-                .map_err(spawn_err)?;
+            let (p, handle) = Prewriter::start(
+                shared.io.clone(),
+                active.clone(),
+                at,
+                shared.config.prewrite_bytes,
+            )
+            .map_err(spawn_err)?;
             threads.push(handle);
             Some(p)
         } else {

@@ -202,6 +202,12 @@ pub(crate) fn recover(
     let index_dir = cfg.dir.join("index");
     io.create_dir_all(&log_dir).at(&log_dir)?;
     io.create_dir_all(&index_dir).at(&index_dir)?;
+    // The entries of the directories just made (`log`, `index`, `state`, and the data
+    // directory itself) are durable before any record written under them is acknowledged.
+    io.sync_dir(&cfg.dir).at(&cfg.dir)?;
+    if let Some(parent) = cfg.dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        io.sync_dir(parent).at(parent)?;
+    }
     let mut segments = open_segments(io, &log_dir)?;
     let fresh = segments.is_empty();
     if fresh {
@@ -265,9 +271,13 @@ fn open_segments(io: &dyn Io, log_dir: &Path) -> Result<Vec<Segment>, OpenError>
         let path = log_dir.join(&name);
         let seg = match Segment::open(io, &path) {
             Ok(s) => s,
-            // A power loss while the newest segment was being created can leave it without
-            // its header; no record was ever written to it (the header is synced first).
-            Err(reason) if i + 1 == count && i > 0 => {
+            // A power loss while the newest segment was being created (the first of a new
+            // store, or the next at a roll) can leave it without its header; no record was
+            // ever written to it (the header is synced first). Any other failure to open it
+            // stops the start: it may hold acknowledged records.
+            Err(reason)
+                if i + 1 == count && (i > 0 || base == 0) && Segment::never_finished(io, &path) =>
+            {
                 tracing::warn!(file = %path.display(), %reason, "removing a segment that was never finished");
                 io.remove_file(&path).at(&path)?;
                 io.sync_dir(log_dir).at(log_dir)?;

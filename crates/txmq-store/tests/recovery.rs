@@ -196,3 +196,46 @@ fn reopening_after_a_checkpoint_scans_only_the_newer_log() {
     assert!(!r.full_index_rebuild);
     assert_index_agrees_with_log(&store);
 }
+
+#[test]
+fn a_newest_segment_whose_header_is_damaged_stops_start_up_instead_of_being_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = small_config(dir.path());
+    let acks = write_records(&cfg, 200);
+    let last = acks.last().unwrap().position;
+    let first = acks[0].position;
+    let (path, _) = segment_path(&cfg, last);
+    assert_ne!(
+        segment_path(&cfg, first).0,
+        path,
+        "the records span more than one segment"
+    );
+    // One flipped bit in the header's version: the segment was finished and holds
+    // acknowledged records.
+    let f = OpenOptions::new().write(true).open(&path).unwrap();
+    f.write_all_at(&[2], 8).unwrap();
+    drop(f);
+    let err = Store::open(cfg.clone())
+        .err()
+        .expect("a damaged segment must not open");
+    assert!(matches!(err, OpenError::BadFile { .. }), "{err}");
+    assert!(path.exists(), "the segment was removed");
+}
+
+#[test]
+fn a_segment_whose_creation_never_finished_is_removed_also_in_a_new_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = small_config(dir.path());
+    // A new store cut off while its first segment was being made: the file, no header.
+    std::fs::create_dir_all(cfg.dir.join("log")).unwrap();
+    let (path, _) = segment_path(&cfg, 0);
+    std::fs::write(&path, [0u8; 16]).unwrap();
+    let store = Store::open(cfg.clone()).unwrap();
+    let acked = store.append_blocking(vec![record("r", 0, 1)]).unwrap();
+    store.close().unwrap();
+    let store = Store::open(cfg).unwrap();
+    assert_eq!(
+        store.read(acked[0].position).unwrap().data,
+        record("r", 0, 1)
+    );
+}

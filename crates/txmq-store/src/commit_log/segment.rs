@@ -80,6 +80,21 @@ impl Segment {
     }
 
     /// Opens an existing segment and checks its header.
+    /// Whether the file at `path` is a segment whose creation never finished: shorter than
+    /// a header, or with a header of zeros (the header is synced before any record is
+    /// written, so such a file never held one). A file that cannot be opened or read, or
+    /// whose header is damaged or of another version, is not: it may hold records.
+    pub fn never_finished(io: &dyn Io, path: &Path) -> bool {
+        let Ok(file) = io.open(path, false) else {
+            return false;
+        };
+        let mut header = [0u8; SEGMENT_HEADER_LEN];
+        match file.read_exact_at(&mut header, 0) {
+            Ok(()) => header.iter().all(|&b| b == 0),
+            Err(e) => e.kind() == std::io::ErrorKind::UnexpectedEof,
+        }
+    }
+
     pub fn open(io: &dyn Io, path: &Path) -> Result<Self, String> {
         let file = io.open(path, false).map_err(|e| e.to_string())?;
         let mut header = [0u8; SEGMENT_HEADER_LEN];

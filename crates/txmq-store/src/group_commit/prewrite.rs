@@ -8,6 +8,13 @@
 //! marks a step as written is made durable by the next group commit's fdatasync, as
 //! fdatasync does for any metadata needed to read the data back.
 //!
+//! The write-back goes through a file handle of the prewriter's own. Waiting for write-back
+//! reports, and clears for that handle, any error the kernel recorded for the file since the
+//! handle last looked, such as a failed write-back of records; through the syncer's handle
+//! that error would then never reach the syncer's fdatasync, which would acknowledge
+//! records that are not on disk. Each handle sees each error once, so the syncer still sees
+//! it.
+//!
 //! Zeros are what an unwritten range reads as, so the log's format and recovery do not
 //! change. The one rule: zeros must never land on records. The *frontier* is the file offset
 //! below which the active segment holds records or zeros already; the prewriter only zeroes
@@ -20,12 +27,16 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::commit_log::Segment;
+use crate::io::{Io, IoFile};
 
 /// Zeros written per step.
 const STEP: u64 = 256 << 10;
 
 struct State {
     segment: Arc<Segment>,
+    /// The prewriter's own handle of the segment's file, for write-back; `None` if it could
+    /// not be opened (zeros are then written but not written back here).
+    flush: Option<Arc<dyn IoFile>>,
     /// File offset below which the segment holds records or zeros.
     frontier: u64,
 }
@@ -39,19 +50,23 @@ pub(crate) struct Prewriter {
     wake: Condvar,
     stop: AtomicBool,
     ahead: u64,
+    io: Arc<dyn Io>,
 }
 
 impl Prewriter {
     /// Starts the prewriter thread for `segment`, whose next record goes at file offset
     /// `write_at`, keeping `ahead` bytes zeroed in front of it.
     pub fn start(
+        io: Arc<dyn Io>,
         segment: Arc<Segment>,
         write_at: u64,
         ahead: u64,
     ) -> std::io::Result<(Arc<Self>, JoinHandle<()>)> {
+        let flush = own_handle(io.as_ref(), &segment);
         let p = Arc::new(Self {
             state: Mutex::new(State {
                 segment,
+                flush,
                 frontier: write_at,
             }),
             frontier: AtomicU64::new(write_at),
@@ -59,6 +74,7 @@ impl Prewriter {
             wake: Condvar::new(),
             stop: AtomicBool::new(false),
             ahead,
+            io,
         });
         let worker = p.clone();
         let handle = std::thread::Builder::new()
@@ -87,7 +103,15 @@ impl Prewriter {
 
     /// The writer moved to a new segment, or cut the active one back to `write_at`.
     pub fn reset(&self, segment: Arc<Segment>, write_at: u64) {
+        let flush = if Arc::ptr_eq(&segment, &self.lock().segment) {
+            None
+        } else {
+            Some(own_handle(self.io.as_ref(), &segment))
+        };
         let mut st = self.lock();
+        if let Some(flush) = flush {
+            st.flush = flush;
+        }
         st.segment = segment;
         st.frontier = write_at;
         self.frontier.store(write_at, Ordering::Release);
@@ -116,6 +140,7 @@ impl Prewriter {
             }
             let (from, len) = (st.frontier, (target - st.frontier).min(STEP));
             let segment = st.segment.clone();
+            let flush = st.flush.clone();
             // Zeros are written under the lock, so the writer cannot write records there now.
             let written = segment.file.write_all_at(&zeros[..len as usize], from);
             if written.is_ok() {
@@ -132,10 +157,24 @@ impl Prewriter {
             // Writing the zeros back outside the lock, a small range at a time, keeps the
             // disk time they take out of any one group commit's fdatasync, which then only
             // adds the small metadata write that marks the range as written.
-            if let Err(e) = segment.file.write_back(from, len) {
+            if let Some(flush) = flush
+                && let Err(e) = flush.write_back(from, len)
+            {
                 tracing::debug!(error = %e, "write-back of zeros ahead of the log failed");
                 std::thread::sleep(Duration::from_millis(100));
             }
+        }
+    }
+}
+
+/// A handle of `segment`'s file of the prewriter's own (see the module docs).
+fn own_handle(io: &dyn Io, segment: &Segment) -> Option<Arc<dyn IoFile>> {
+    match io.open(&segment.path, false) {
+        Ok(file) => Some(file),
+        Err(e) => {
+            tracing::debug!(file = %segment.path.display(), error = %e,
+                "cannot open a handle for writing zeros back; group commits will pay for it");
+            None
         }
     }
 }

@@ -335,6 +335,11 @@ impl Writer {
             ));
             return Err(AppendError::Poisoned(reason));
         }
+        // The syncer's fdatasync of this segment may have failed meanwhile: the kernel then
+        // reported the lost write-back to it, not to the sync above, which proves nothing.
+        if let Some(reason) = shared.poison_reason() {
+            return Err(AppendError::Poisoned(reason));
+        }
         let base = self.active.end();
         let seg = Segment::create(
             &*shared.io,
