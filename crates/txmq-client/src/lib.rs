@@ -51,7 +51,7 @@ pub use error::{
     AckError, CallError, ConnectError, EndTransactionError, Error, ReceiveError, SendError,
     code_name,
 };
-pub use message::{Message, MessageView, SendReceipt};
+pub use message::{MAX_INFLATED_BODY, Message, MessageView, SendReceipt};
 pub use producer::Producer;
 pub use retry::{Backoff, RetryPolicy};
 pub use transaction::{

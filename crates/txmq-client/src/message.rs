@@ -303,6 +303,11 @@ pub struct MessageView {
     corrupted: bool,
 }
 
+/// The largest body a compressed body is inflated to (64 MiB, the largest body a txmq
+/// broker can be set to take); a larger one is left compressed and the message is marked
+/// [corrupted](MessageView::corrupted).
+pub const MAX_INFLATED_BODY: usize = 64 << 20;
+
 impl MessageView {
     /// The view of a wire message.
     pub(crate) fn from_proto(m: pb::Message) -> Self {
@@ -313,10 +318,16 @@ impl MessageView {
         };
         let body = match pb::Encoding::try_from(sp.body_encoding) {
             Ok(pb::Encoding::Gzip) => {
+                // A few bytes can inflate to gigabytes: a body past the limit is not
+                // inflated further, and the message is marked corrupted.
                 let mut out = Vec::new();
-                match flate2::read::GzDecoder::new(&m.body[..]).read_to_end(&mut out) {
-                    Ok(_) => out,
-                    Err(_) => {
+                let limit = MAX_INFLATED_BODY as u64 + 1;
+                match flate2::read::GzDecoder::new(&m.body[..])
+                    .take(limit)
+                    .read_to_end(&mut out)
+                {
+                    Ok(n) if n <= MAX_INFLATED_BODY => out,
+                    _ => {
                         corrupted = true;
                         m.body.into()
                     }
@@ -434,8 +445,8 @@ impl MessageView {
         self.invisible_duration
     }
 
-    /// True when the body does not match the digest the server sent (or does not
-    /// decompress): do not trust it.
+    /// True when the body does not match the digest the server sent, or does not
+    /// decompress, or would inflate past [`MAX_INFLATED_BODY`]: do not trust it.
     pub fn corrupted(&self) -> bool {
         self.corrupted
     }
@@ -517,6 +528,25 @@ mod tests {
             pb::Encoding::Gzip,
         );
         assert!(MessageView::from_proto(garbage).corrupted());
+    }
+
+    #[test]
+    fn a_gzip_body_that_inflates_past_the_limit_is_not_inflated() {
+        use std::io::Write;
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        let zeros = vec![0u8; 1 << 20];
+        for _ in 0..=(MAX_INFLATED_BODY >> 20) {
+            enc.write_all(&zeros).unwrap();
+        }
+        let bomb = enc.finish().unwrap();
+        assert!(bomb.len() < 1 << 20, "{} bytes", bomb.len());
+        let v = MessageView::from_proto(wire(
+            &bomb,
+            digest(pb::DigestType::Unspecified, ""),
+            pb::Encoding::Gzip,
+        ));
+        assert!(v.corrupted());
+        assert_eq!(v.body(), &bomb[..], "left as it came");
     }
 
     #[test]

@@ -32,6 +32,10 @@ trait TestDb: Dialect + ScratchDb {
     /// The connections of the scratch database's pool.
     const POOL_SIZE: u32 = 8;
 
+    /// Whether a failed statement ends the whole transaction (PostgreSQL: every later
+    /// statement is refused and COMMIT rolls back), rather than only itself.
+    const ABORTS_ON_ERROR: bool = false;
+
     /// Runs `sql` on the transaction.
     fn exec<'c>(tx: &'c mut DbTransaction<Self>, sql: String) -> BoxFuture<'c, sqlx::Result<()>>;
 
@@ -62,6 +66,7 @@ macro_rules! sql_helpers {
 }
 
 impl TestDb for Postgres {
+    const ABORTS_ON_ERROR: bool = true;
     sql_helpers!();
 }
 
@@ -279,6 +284,123 @@ async fn every_outcome_of_a_transactional_send<DB: TestDb>(pool: Pool<DB>) {
         assert_eq!(db::cleanup_log(&pool, Duration::ZERO).await.unwrap(), 5);
         producer.shutdown().await;
         consumer.shutdown().await;
+    })
+    .await;
+    server.stop().await.unwrap();
+}
+
+/// A local transaction the database ended before the closure returned (the closure caught
+/// a failed statement and went on) commits no message, and an inbox handler's such
+/// transaction records nothing.
+async fn a_transaction_the_database_ended_commits_nothing<DB: TestDb>(pool: Pool<DB>) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    server
+        .broker
+        .metadata()
+        .create_topic("payments", TopicType::Transaction, 2)
+        .unwrap();
+    within(60, async {
+        db::migrate(&pool).await.unwrap();
+        DB::exec_pool(&pool, "CREATE TABLE orders (id BIGINT PRIMARY KEY)".into())
+            .await
+            .unwrap();
+        let producer = TransactionalProducer::connect(
+            client(&server),
+            ["payments"],
+            DbChecker::new(pool.clone()),
+        )
+        .await
+        .unwrap();
+        let consumer =
+            SimpleConsumer::connect(client(&server), "shipping", [Subscription::all("payments")])
+                .await
+                .unwrap();
+
+        // Ended as InnoDB ends a transaction that hit a deadlock: later statements run on
+        // their own.
+        let err =
+            db::send_in_transaction(&producer, &pool, Message::new("payments", "ended"), |tx| {
+                Box::pin(async move {
+                    DB::exec(tx, "INSERT INTO orders (id) VALUES (1)".into()).await?;
+                    DB::exec(tx, "ROLLBACK".into()).await?;
+                    Ok::<_, sqlx::Error>(())
+                })
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, SendInTransactionError::Aborted { .. }),
+            "{err:?}"
+        );
+
+        // A duplicate key caught and ignored: PostgreSQL ends the transaction, the others
+        // fail only the statement and commit the rest.
+        let caught =
+            db::send_in_transaction(&producer, &pool, Message::new("payments", "caught"), |tx| {
+                Box::pin(async move {
+                    DB::exec(tx, "INSERT INTO orders (id) VALUES (2)".into()).await?;
+                    let _ = DB::exec(tx, "INSERT INTO orders (id) VALUES (2)".into()).await;
+                    Ok::<_, sqlx::Error>(())
+                })
+            })
+            .await;
+        let mut expected = HashMap::new();
+        if DB::ABORTS_ON_ERROR {
+            let err = caught.unwrap_err();
+            assert!(
+                matches!(err, SendInTransactionError::Aborted { .. }),
+                "{err:?}"
+            );
+        } else {
+            caught.unwrap().message_commit.unwrap();
+            expected.insert("caught".to_string(), 1);
+        }
+        assert_eq!(drain(&consumer, Duration::from_secs(3)).await, expected);
+        let orders = DB::scalar(&pool, "SELECT COUNT(*) FROM orders".into())
+            .await
+            .unwrap();
+        assert_eq!(orders, i64::from(!DB::ABORTS_ON_ERROR));
+        let logged = DB::scalar(&pool, "SELECT COUNT(*) FROM txmq_tx_log".into())
+            .await
+            .unwrap();
+        assert_eq!(logged, i64::from(!DB::ABORTS_ON_ERROR));
+
+        // The inbox: nothing recorded, so the next delivery runs the handler.
+        let plain = txmq_client::Producer::connect(client(&server), ["paid"])
+            .await
+            .unwrap();
+        plain.send(Message::new("paid", "order 9")).await.unwrap();
+        let inbox =
+            SimpleConsumer::connect(client(&server), "logistics", [Subscription::all("paid")])
+                .await
+                .unwrap();
+        let m: MessageView = loop {
+            if let Some(m) = inbox
+                .receive(1, Duration::from_secs(30))
+                .await
+                .unwrap()
+                .pop()
+            {
+                break m;
+            }
+        };
+        let ended = db::process_once(&pool, "logistics", &m, |tx, _m| {
+            Box::pin(async move { DB::exec(tx, "ROLLBACK".into()).await })
+        })
+        .await;
+        assert!(matches!(ended, Err(ProcessError::Aborted)), "{ended:?}");
+        let again = db::process_once(&pool, "logistics", &m, |_tx, _m| {
+            Box::pin(async { Ok::<_, sqlx::Error>(()) })
+        })
+        .await;
+        assert_eq!(again.unwrap(), Processed::Done(()));
+        inbox.ack(&m).await.unwrap();
+        for c in [consumer, inbox] {
+            c.shutdown().await;
+        }
+        producer.shutdown().await;
+        plain.shutdown().await;
     })
     .await;
     server.stop().await.unwrap();
@@ -512,4 +634,19 @@ async fn mariadb_a_sender_fenced_by_the_check_back_writes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sqlite_a_sender_fenced_by_the_check_back_writes_nothing() {
     with_scratch::<Sqlite, _, _>(a_sender_fenced_by_the_check_back_writes_nothing).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_a_transaction_the_database_ended_commits_nothing() {
+    with_scratch::<Postgres, _, _>(a_transaction_the_database_ended_commits_nothing).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mariadb_a_transaction_the_database_ended_commits_nothing() {
+    with_scratch::<MySql, _, _>(a_transaction_the_database_ended_commits_nothing).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_a_transaction_the_database_ended_commits_nothing() {
+    with_scratch::<Sqlite, _, _>(a_transaction_the_database_ended_commits_nothing).await;
 }

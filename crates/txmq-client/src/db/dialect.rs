@@ -53,6 +53,15 @@ pub trait Dialect: sqlx::Database + sealed::Sealed {
         transaction_id: &str,
     ) -> impl Future<Output = Result<Option<String>, sqlx::Error>> + Send;
 
+    /// Whether the log row of `transaction_id` is there, read inside the caller's
+    /// transaction: before a commit, to find a transaction the database already rolled back
+    /// (an error caught inside it), whose COMMIT would end it without writing anything.
+    #[doc(hidden)]
+    fn log_row_kept(
+        conn: &mut Self::Connection,
+        transaction_id: &str,
+    ) -> impl Future<Output = Result<bool, sqlx::Error>> + Send;
+
     /// Inserts an inbox row unless the key exists; `true` if inserted.
     #[doc(hidden)]
     fn insert_inbox(
@@ -60,6 +69,15 @@ pub trait Dialect: sqlx::Database + sealed::Sealed {
         group: &str,
         message_id: &str,
         now_ms: i64,
+    ) -> impl Future<Output = Result<bool, sqlx::Error>> + Send;
+
+    /// Whether the inbox row of `(group, message_id)` is there, read inside the caller's
+    /// transaction: as [`Dialect::log_row_kept`].
+    #[doc(hidden)]
+    fn inbox_row_kept(
+        conn: &mut Self::Connection,
+        group: &str,
+        message_id: &str,
     ) -> impl Future<Output = Result<bool, sqlx::Error>> + Send;
 
     /// Deletes up to `limit` log rows created before `cutoff_ms`; the count deleted.
@@ -77,6 +95,13 @@ pub trait Dialect: sqlx::Database + sealed::Sealed {
         cutoff_ms: i64,
         limit: i64,
     ) -> impl Future<Output = Result<u64, sqlx::Error>> + Send;
+}
+
+/// Whether `e` says the database already ended the transaction it ran in: PostgreSQL's
+/// `in_failed_sql_transaction` (SQLSTATE 25P02), answered to every statement after a failed
+/// one until the transaction ends.
+pub(crate) fn ended_by_database(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.code().as_deref() == Some("25P02"))
 }
 
 /// Whether an insert that may hit a duplicate key inserted its row.
@@ -110,6 +135,8 @@ mod pg {
     pub const INSERT_LOG: &str = "INSERT INTO txmq_tx_log (transaction_id, message_id, topic, state, created_at) VALUES ($1, $2, $3, $4, $5)";
     pub const FENCE_LOG: &str = "INSERT INTO txmq_tx_log (transaction_id, message_id, topic, state, created_at) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (transaction_id) DO NOTHING";
     pub const LOG_STATE: &str = "SELECT state FROM txmq_tx_log WHERE transaction_id = $1";
+    pub const INBOX_ROW: &str =
+        "SELECT 1 FROM txmq_inbox WHERE consumer_group = $1 AND message_id = $2";
     pub const INSERT_INBOX: &str = "INSERT INTO txmq_inbox (consumer_group, message_id, processed_at) VALUES ($1, $2, $3) ON CONFLICT (consumer_group, message_id) DO NOTHING";
     pub const DELETE_LOG: &str = "DELETE FROM txmq_tx_log WHERE transaction_id IN (SELECT transaction_id FROM txmq_tx_log WHERE created_at < $1 LIMIT $2)";
     pub const DELETE_INBOX: &str = "DELETE FROM txmq_inbox WHERE (consumer_group, message_id) IN (SELECT consumer_group, message_id FROM txmq_inbox WHERE processed_at < $1 LIMIT $2)";
@@ -146,6 +173,8 @@ mod mysql {
     // (INSERT IGNORE would also swallow unrelated errors.)
     pub const FENCE_LOG: &str = INSERT_LOG;
     pub const LOG_STATE: &str = "SELECT state FROM txmq_tx_log WHERE transaction_id = ?";
+    pub const INBOX_ROW: &str =
+        "SELECT 1 FROM txmq_inbox WHERE consumer_group = ? AND message_id = ?";
     pub const INSERT_INBOX: &str =
         "INSERT INTO txmq_inbox (consumer_group, message_id, processed_at) VALUES (?, ?, ?)";
     pub const DELETE_LOG: &str = "DELETE FROM txmq_tx_log WHERE created_at < ? LIMIT ?";
@@ -181,6 +210,8 @@ mod sqlite {
     pub const INSERT_LOG: &str = "INSERT INTO txmq_tx_log (transaction_id, message_id, topic, state, created_at) VALUES (?, ?, ?, ?, ?)";
     pub const FENCE_LOG: &str = "INSERT INTO txmq_tx_log (transaction_id, message_id, topic, state, created_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT (transaction_id) DO NOTHING";
     pub const LOG_STATE: &str = "SELECT state FROM txmq_tx_log WHERE transaction_id = ?";
+    pub const INBOX_ROW: &str =
+        "SELECT 1 FROM txmq_inbox WHERE consumer_group = ? AND message_id = ?";
     pub const INSERT_INBOX: &str = "INSERT INTO txmq_inbox (consumer_group, message_id, processed_at) VALUES (?, ?, ?) ON CONFLICT (consumer_group, message_id) DO NOTHING";
     pub const DELETE_LOG: &str = "DELETE FROM txmq_tx_log WHERE transaction_id IN (SELECT transaction_id FROM txmq_tx_log WHERE created_at < ? LIMIT ?)";
     pub const DELETE_INBOX: &str = "DELETE FROM txmq_inbox WHERE rowid IN (SELECT rowid FROM txmq_inbox WHERE processed_at < ? LIMIT ?)";
@@ -254,6 +285,30 @@ macro_rules! dialect {
                     .bind(transaction_id)
                     .fetch_optional(pool)
                     .await
+            }
+
+            async fn log_row_kept(
+                conn: &mut $conn,
+                transaction_id: &str,
+            ) -> Result<bool, sqlx::Error> {
+                let state: Option<String> = sqlx::query_scalar($sql::LOG_STATE)
+                    .bind(transaction_id)
+                    .fetch_optional(conn)
+                    .await?;
+                Ok(state.is_some())
+            }
+
+            async fn inbox_row_kept(
+                conn: &mut $conn,
+                group: &str,
+                message_id: &str,
+            ) -> Result<bool, sqlx::Error> {
+                let row = sqlx::query($sql::INBOX_ROW)
+                    .bind(group)
+                    .bind(message_id)
+                    .fetch_optional(conn)
+                    .await?;
+                Ok(row.is_some())
             }
 
             async fn insert_inbox(

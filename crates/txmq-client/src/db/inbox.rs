@@ -4,6 +4,7 @@ use std::time::{Duration, SystemTime};
 
 use crate::message::MessageView;
 
+use super::dialect::ended_by_database;
 use super::{BoxFuture, CLEANUP_BATCH, DbTransaction, Dialect, cutoff_ms, epoch_ms};
 
 /// What [`process_once`] did.
@@ -24,6 +25,18 @@ pub enum ProcessError<E> {
     /// inbox row if it did commit, and reports a duplicate).
     #[error("database error, nothing processed: {0}")]
     Database(sqlx::Error),
+    /// The database had already rolled the handler's transaction back when the handler
+    /// returned (a statement inside it failed and the handler went on; see
+    /// [`SendInTransactionError::Aborted`](super::SendInTransactionError::Aborted)). Nothing
+    /// was recorded: the message is not acknowledged and comes again.
+    #[error(
+        "the database rolled the handler's transaction back before its commit (a failed statement inside it was caught); nothing processed"
+    )]
+    Aborted,
+    /// The message arrived damaged (its body does not match its digest); the handler did
+    /// not run and nothing was recorded, so an intact delivery is still processed.
+    #[error("message {0} arrived damaged (body digest mismatch); nothing processed")]
+    Corrupted(String),
     /// The handler failed; its transaction was rolled back.
     #[error("handler failed, rolled back: {0}")]
     Handler(E),
@@ -77,6 +90,9 @@ where
     DB: Dialect,
     F: for<'c> FnOnce(&'c mut DbTransaction<DB>, &'c MessageView) -> BoxFuture<'c, Result<T, E>>,
 {
+    if message.corrupted() {
+        return Err(ProcessError::Corrupted(message.message_id().to_string()));
+    }
     let mut tx = pool.begin().await.map_err(ProcessError::Database)?;
     let fresh = DB::insert_inbox(
         &mut tx,
@@ -91,10 +107,17 @@ where
             return Ok(Processed::Duplicate);
         }
         Ok(true) => match handler(&mut tx, message).await {
-            Ok(value) => {
-                tx.commit().await.map_err(ProcessError::Database)?;
-                return Ok(Processed::Done(value));
-            }
+            // As in `send_in_transaction`: a COMMIT of a transaction the database already
+            // ended would write nothing and answer without an error.
+            Ok(value) => match DB::inbox_row_kept(&mut tx, group, message.message_id()).await {
+                Ok(true) => {
+                    tx.commit().await.map_err(ProcessError::Database)?;
+                    return Ok(Processed::Done(value));
+                }
+                Ok(false) => ProcessError::Aborted,
+                Err(e) if ended_by_database(&e) => ProcessError::Aborted,
+                Err(e) => ProcessError::Database(e),
+            },
             Err(e) => ProcessError::Handler(e),
         },
         Err(e) => ProcessError::Database(e),
@@ -130,5 +153,53 @@ pub async fn cleanup_inbox<DB: Dialect>(
         if n < CLEANUP_BATCH as u64 {
             return Ok(total);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use txmq_proto::v2 as pb;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_damaged_message_is_not_processed_and_leaves_no_inbox_row() {
+        // One connection: each has a memory database of its own.
+        let pool = sqlx::sqlite::SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect("sqlite::memory:")
+            .await
+            .unwrap();
+        super::super::migrate(&pool).await.unwrap();
+        let damaged = MessageView::from_proto(pb::Message {
+            topic: None,
+            user_properties: Default::default(),
+            system_properties: Some(pb::SystemProperties {
+                message_id: "m1".into(),
+                body_digest: Some(pb::Digest {
+                    r#type: pb::DigestType::Crc32 as i32,
+                    checksum: "00000000".into(),
+                }),
+                ..Default::default()
+            }),
+            body: b"amount=100".to_vec().into(),
+        });
+        assert!(damaged.corrupted());
+        let ran = std::sync::atomic::AtomicBool::new(false);
+        let out = process_once(&pool, "g", &damaged, |_tx, _m| {
+            ran.store(true, std::sync::atomic::Ordering::SeqCst);
+            Box::pin(async { Ok::<_, String>(()) })
+        })
+        .await;
+        assert!(
+            matches!(out, Err(ProcessError::Corrupted(ref id)) if id == "m1"),
+            "{out:?}"
+        );
+        assert!(!ran.load(std::sync::atomic::Ordering::SeqCst));
+        let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM txmq_inbox")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(rows, 0);
     }
 }

@@ -8,6 +8,7 @@ use crate::message::{Message, SendReceipt};
 use crate::transaction::{Transaction, TransactionalProducer};
 
 use super::checker::COMMITTED;
+use super::dialect::ended_by_database;
 use super::fault::{self, Crash};
 use super::{BoxFuture, CLEANUP_BATCH, DbTransaction, Dialect, cutoff_ms, epoch_ms};
 
@@ -40,6 +41,18 @@ pub enum SendInTransactionError<E> {
         "transaction {transaction_id} was rolled back by a check-back before the database wrote it"
     )]
     Fenced {
+        /// The transaction id.
+        transaction_id: String,
+    },
+    /// The database had already rolled the transaction back when the closure returned: a
+    /// statement inside it failed and the closure went on (PostgreSQL then refuses every
+    /// statement and turns COMMIT into ROLLBACK; MySQL rolls back a whole transaction on a
+    /// deadlock and runs later statements on their own). Nothing of the transaction was
+    /// committed by txmq, and the message was rolled back.
+    #[error(
+        "the database rolled transaction {transaction_id} back before its commit (a failed statement inside it was caught); rolled back the message"
+    )]
+    Aborted {
         /// The transaction id.
         transaction_id: String,
     },
@@ -174,13 +187,26 @@ where
                         Crash::BeforeDbCommit,
                     ));
                 }
-                return match tx.commit().await {
-                    Ok(()) => Local::Committed(value),
-                    Err(cause) => Local::Unknown(SendInTransactionError::CommitUnknown {
+                // COMMIT of a transaction the database already ended answers without an
+                // error: the log row, read inside it, says whether it is still whole.
+                match DB::log_row_kept(&mut tx, half.transaction_id()).await {
+                    Ok(true) => {
+                        return match tx.commit().await {
+                            Ok(()) => Local::Committed(value),
+                            Err(cause) => Local::Unknown(SendInTransactionError::CommitUnknown {
+                                transaction_id: half.transaction_id().to_string(),
+                                cause,
+                            }),
+                        };
+                    }
+                    Ok(false) => SendInTransactionError::Aborted {
                         transaction_id: half.transaction_id().to_string(),
-                        cause,
-                    }),
-                };
+                    },
+                    Err(e) if ended_by_database(&e) => SendInTransactionError::Aborted {
+                        transaction_id: half.transaction_id().to_string(),
+                    },
+                    Err(e) => SendInTransactionError::Database(e),
+                }
             }
             Err(e) => SendInTransactionError::Local(e),
         },
