@@ -1135,3 +1135,20 @@ async fn delays_and_backoffs_longer_than_the_broker_keeps_or_allows_are_refused(
         .put_group("g", 3, false, vec![12 * hour as u64])
         .unwrap();
 }
+
+#[tokio::test]
+async fn a_recheck_whose_caller_goes_away_leaves_nothing_stuck() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = open(dir.path());
+    let txs = halves(&b, "pay", 1).await;
+    let (message, id) = &txs[0];
+    dropped_midway(b.recheck_transaction(id)).await;
+    let commit = tokio::time::timeout(
+        Duration::from_secs(5),
+        b.end_transaction("pay", message, id, Resolution::Commit),
+    )
+    .await
+    .expect("the commit waits for a recheck whose caller went away");
+    assert_eq!(commit.unwrap(), TxState::Committed);
+    assert_eq!(drain(&b, "g", "pay").await, vec![message.clone()]);
+}

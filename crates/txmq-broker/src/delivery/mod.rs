@@ -451,31 +451,21 @@ impl Broker {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
-            if found.dead.is_empty() || found.failure.is_some() {
-                // Messages found past their max attempts before a failure are still moved.
-                if !found.dead.is_empty() {
-                    let moved;
-                    (moved, gate) = self
-                        .dead_letter_detached(&req.group, found.dead, gate)
-                        .await?;
-                    if let Err(e) = moved {
-                        tracing::warn!(group = %req.group, error = %e, "cannot move messages to the dead-letter topic");
-                    }
+            let mut failure = found.failure;
+            if !found.dead.is_empty() {
+                // Kept in their queues as settling above: the move must finish, under the
+                // gate, even if this receive is dropped.
+                let moved;
+                (moved, gate) = self
+                    .dead_letter_detached(&req.group, found.dead, gate)
+                    .await?;
+                match moved {
+                    Err(e) => failure = failure.or(Some(e)),
+                    Ok(()) if failure.is_none() && delivered.len() < req.batch => continue,
+                    Ok(()) => {}
                 }
-                break found.failure;
             }
-            // Taken out of their queues above: the move must finish, under the gate, even if
-            // this receive is dropped.
-            let moved;
-            (moved, gate) = self
-                .dead_letter_detached(&req.group, found.dead, gate)
-                .await?;
-            if let Err(e) = moved {
-                break Some(e);
-            }
-            if delivered.len() >= req.batch {
-                break None;
-            }
+            break failure;
         };
         self.record_attempts(&req.group, &delivered).await;
         drop(gate);

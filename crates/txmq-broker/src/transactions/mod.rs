@@ -695,7 +695,19 @@ impl Broker {
     /// `INVALID_TRANSACTION_ID` for an unknown transaction; `PRECONDITION_FAILED` if it is
     /// not unresolved or prepared (it was decided, perhaps while this waited for a decision
     /// being written).
-    pub async fn recheck_transaction(&self, id: &str) -> BrokerResult<()> {
+    ///
+    /// # Cancel safety
+    /// Cancel safe: made in a task of its own, as decisions are. Cut short while its record
+    /// is written, it would leave the transaction marked as being changed, and every later
+    /// decision of it waiting.
+    pub async fn recheck_transaction(self: &Arc<Self>, id: &str) -> BrokerResult<()> {
+        let broker = Arc::clone(self);
+        let id = id.to_string();
+        detached("rechecking", async move { broker.recheck_now(&id).await }).await?
+    }
+
+    /// [`Broker::recheck_transaction`], in the caller's task.
+    async fn recheck_now(&self, id: &str) -> BrokerResult<()> {
         loop {
             let wait = match self
                 .transactions
