@@ -79,6 +79,25 @@ impl TestDb for Sqlite {
     sql_helpers!();
 }
 
+/// A server with the transactional topic `payments` (2 queues).
+async fn payments_server(dir: &std::path::Path) -> txmq_broker::server::Server {
+    let server = start(dir).await;
+    server
+        .broker
+        .metadata()
+        .create_topic("payments", TopicType::Transaction, 2)
+        .unwrap();
+    server
+}
+
+/// The `db` tables and a table `orders (id BIGINT PRIMARY KEY)`.
+async fn orders_schema<DB: TestDb>(pool: &Pool<DB>) {
+    db::migrate(pool).await.unwrap();
+    DB::exec_pool(pool, "CREATE TABLE orders (id BIGINT PRIMARY KEY)".into())
+        .await
+        .unwrap();
+}
+
 /// Runs `body` on a scratch database of `DB`, dropping it afterwards even if `body` panics.
 async fn with_scratch<DB, F, Fut>(body: F)
 where
@@ -117,18 +136,10 @@ async fn until_count<DB: TestDb>(pool: &Pool<DB>, sql: &str, n: i64) {
 /// get.
 async fn every_outcome_of_a_transactional_send<DB: TestDb>(pool: Pool<DB>) {
     let dir = tempfile::tempdir().unwrap();
-    let server = start(dir.path()).await;
-    server
-        .broker
-        .metadata()
-        .create_topic("payments", TopicType::Transaction, 2)
-        .unwrap();
+    let server = payments_server(dir.path()).await;
     within(60, async {
-        db::migrate(&pool).await.unwrap();
+        orders_schema(&pool).await;
         db::migrate(&pool).await.unwrap(); // idempotent
-        DB::exec_pool(&pool, "CREATE TABLE orders (id BIGINT PRIMARY KEY)".into())
-            .await
-            .unwrap();
         let checker = DbChecker::new(pool.clone())
             .with_max_local_transaction(Duration::from_secs(1))
             .with_lock_wait(Duration::from_secs(1));
@@ -294,17 +305,9 @@ async fn every_outcome_of_a_transactional_send<DB: TestDb>(pool: Pool<DB>) {
 /// transaction records nothing.
 async fn a_transaction_the_database_ended_commits_nothing<DB: TestDb>(pool: Pool<DB>) {
     let dir = tempfile::tempdir().unwrap();
-    let server = start(dir.path()).await;
-    server
-        .broker
-        .metadata()
-        .create_topic("payments", TopicType::Transaction, 2)
-        .unwrap();
+    let server = payments_server(dir.path()).await;
     within(60, async {
-        db::migrate(&pool).await.unwrap();
-        DB::exec_pool(&pool, "CREATE TABLE orders (id BIGINT PRIMARY KEY)".into())
-            .await
-            .unwrap();
+        orders_schema(&pool).await;
         let producer = TransactionalProducer::connect(
             client(&server),
             ["payments"],
@@ -411,17 +414,9 @@ async fn a_transaction_the_database_ended_commits_nothing<DB: TestDb>(pool: Pool
 /// `Fenced`, writes nothing, and its message is never delivered.
 async fn a_sender_fenced_by_the_check_back_writes_nothing<DB: TestDb>(pool: Pool<DB>) {
     let dir = tempfile::tempdir().unwrap();
-    let server = start(dir.path()).await;
-    server
-        .broker
-        .metadata()
-        .create_topic("payments", TopicType::Transaction, 2)
-        .unwrap();
+    let server = payments_server(dir.path()).await;
     within(60, async {
-        db::migrate(&pool).await.unwrap();
-        DB::exec_pool(&pool, "CREATE TABLE orders (id BIGINT PRIMARY KEY)".into())
-            .await
-            .unwrap();
+        orders_schema(&pool).await;
         let checker = DbChecker::new(pool.clone())
             .with_max_local_transaction(Duration::from_secs(1))
             .with_lock_wait(Duration::from_secs(1));
