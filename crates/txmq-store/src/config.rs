@@ -61,7 +61,8 @@ pub struct StoreConfig {
     pub max_record_size: usize,
     /// Most bytes one group commit writes at once (default 4 MiB).
     pub max_batch_bytes: usize,
-    /// Entries per queue-index file (default 262,144, i.e. 8 MiB files).
+    /// Entries per queue-index file (default 262,144, i.e. 8 MiB files; at most 2^24). It may
+    /// change between runs: files already made keep their size.
     pub index_entries_per_file: u64,
     /// How often the queue index is synced and a checkpoint written (default 1 s).
     pub checkpoint_interval: Duration,
@@ -110,8 +111,8 @@ impl StoreConfig {
         {
             return Err("max_record_size must fit in a segment".into());
         }
-        if self.index_entries_per_file == 0 {
-            return Err("index_entries_per_file must be positive".into());
+        if self.index_entries_per_file == 0 || self.index_entries_per_file > 1 << 24 {
+            return Err("index_entries_per_file must be from 1 to 16777216".into());
         }
         if let Durability::Async { interval, .. } = self.durability
             && interval.is_zero()

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use crate::checkpoint::{self, Checkpoint};
+use crate::checkpoint::{self, Checkpoint, QueueMark};
 use crate::commit_log::{SEGMENT_HEADER_LEN, Segment};
 use crate::config::StoreConfig;
 use crate::error::{IoContext, OpenError};
@@ -218,15 +218,16 @@ pub(crate) fn recover(
     let log_start = segments[0].first_record();
     let log_limit = segments.last().map_or(0, |s| s.end());
 
-    let checkpoint = match state.read(checkpoint::FILE_NAME) {
+    let decoded = match state.read(checkpoint::FILE_NAME) {
         Ok(Some(bytes)) => Checkpoint::decode(&bytes),
         Ok(None) => None,
         Err(e) => {
             tracing::warn!(error = %e, "checkpoint unreadable; rebuilding the queue index");
             None
         }
-    }
-    .filter(|c| {
+    };
+    let floors = queue_floors(cfg, state, decoded.as_ref())?;
+    let checkpoint = decoded.filter(|c| {
         let ok = c.position >= log_start && c.position <= log_limit;
         if !ok {
             tracing::warn!(
@@ -240,7 +241,7 @@ pub(crate) fn recover(
     let mut attempt = checkpoint.filter(|_| !cfg.repair);
     loop {
         match replay(io, cfg, &index_dir, &mut segments, attempt.as_ref(), fresh) {
-            Ok(rec) => return finish(io, state, &index_dir, segments, rec),
+            Ok(rec) => return finish(io, state, &index_dir, segments, rec, &floors),
             Err(Ok(NeedsFullRebuild(why))) if attempt.is_some() => {
                 tracing::warn!(reason = %why, "queue index does not match the checkpoint; rebuilding it");
                 attempt = None;
@@ -254,6 +255,38 @@ pub(crate) fn recover(
             Err(Err(e)) => return Err(e),
         }
     }
+}
+
+/// The lowest next offset of each queue, whatever the log still holds: the floors retention
+/// wrote before it last deleted segments, raised to the next offsets of the last checkpoint.
+/// Both were durable, so a queue's offsets never go below them.
+fn queue_floors(
+    cfg: &StoreConfig,
+    state: &StateFiles,
+    checkpoint: Option<&Checkpoint>,
+) -> Result<HashMap<QueueKey, u64>, OpenError> {
+    let file = state.dir().join(checkpoint::FLOORS_FILE_NAME);
+    let read = match state.read(checkpoint::FLOORS_FILE_NAME) {
+        Ok(None) => Ok(HashMap::new()),
+        Ok(Some(bytes)) => checkpoint::decode_floors(&bytes)
+            .ok_or_else(|| "not a queue floors payload".to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    let mut floors = match read {
+        Ok(floors) => floors,
+        // Without it, a queue that retention emptied could start again at offset 0 and
+        // its new messages look consumed.
+        Err(reason) if !cfg.repair => return Err(OpenError::BadFile { file, reason }),
+        Err(reason) => {
+            tracing::warn!(file = %file.display(), %reason, "repair: ignoring the damaged queue floors");
+            HashMap::new()
+        }
+    };
+    for (key, mark) in checkpoint.map(|c| &c.queues).into_iter().flatten() {
+        let floor = floors.entry(key.clone()).or_default();
+        *floor = (*floor).max(mark.next);
+    }
+    Ok(floors)
 }
 
 /// Lists and opens the segments, oldest first, and checks they are contiguous.
@@ -366,20 +399,25 @@ fn replay(
             let opened = open_indexes(io, index_dir).map_err(|e| Ok(NeedsFullRebuild(e)))?;
             for q in opened {
                 let key = q.key();
-                let next = cp.queues.get(&key).copied().unwrap_or(0);
+                let next = cp.queues.get(&key).map_or(0, |m| m.next);
                 queues.insert(key, Replay::new(Arc::new(q), next));
             }
-            for (key, &next) in &cp.queues {
+            for (key, mark) in &cp.queues {
+                let next = mark.next;
+                // A queue that held no record at the checkpoint needs no index entry.
+                let empty = mark.min >= next;
                 let Some(r) = queues.get_mut(key) else {
-                    if next > 0 {
+                    if !empty {
                         return Err(Ok(NeedsFullRebuild(format!(
                             "index of {}/{} is missing",
                             key.0, key.1
                         ))));
                     }
+                    let index = QueueIndex::new(index_dir, &key.0, key.1);
+                    queues.insert(key.clone(), Replay::new(Arc::new(index), next));
                     continue;
                 };
-                if next > 0 {
+                if !empty {
                     let last = r
                         .index
                         .read(next - 1)
@@ -673,13 +711,35 @@ fn apply(
 }
 
 /// Syncs the rebuilt index, writes a fresh checkpoint and hands the state to the store.
+/// A queue the log no longer holds a record of goes on from its floor.
 fn finish(
     io: &dyn Io,
     state: &StateFiles,
     index_dir: &Path,
     segments: Vec<Segment>,
-    done: ReplayDone,
+    mut done: ReplayDone,
+    floors: &HashMap<QueueKey, u64>,
 ) -> Result<Recovered, OpenError> {
+    for (key, &floor) in floors {
+        let r = done.queues.entry(key.clone()).or_insert_with(|| {
+            Replay::new(Arc::new(QueueIndex::new(index_dir, &key.0, key.1)), floor)
+        });
+        if r.next >= floor {
+            continue;
+        }
+        if r.min == r.next {
+            r.min = floor;
+            r.next = floor;
+            r.staged_from = floor;
+        } else {
+            // Only a repair or a log cut short by hand gets here: the records of offsets
+            // from `r.next` were durable once and are gone.
+            tracing::warn!(
+                topic = %key.0, queue = key.1, next = r.next, floor,
+                "queue offsets below its floor will be used again"
+            );
+        }
+    }
     let mut dirs = vec![index_dir.to_path_buf()];
     for r in done.queues.values() {
         for f in r.index.all_files() {
@@ -703,7 +763,13 @@ fn finish(
         queues: done
             .queues
             .iter()
-            .map(|(k, r)| (k.clone(), r.next))
+            .map(|(k, r)| {
+                let mark = QueueMark {
+                    next: r.next,
+                    min: r.min,
+                };
+                (k.clone(), mark)
+            })
             .collect(),
     };
     state

@@ -10,10 +10,15 @@
 //!    oldest record its state snapshots still need).
 //! 3. Deletion stops at the first segment that is not due or is held by a floor, so the log
 //!    always stays one contiguous range.
+//!
+//! Before the first segment of a pass goes, every queue's next offset is written to the
+//! queue floors file: a queue whose every record is deleted is then still known, with its
+//! offsets, to an open that rebuilds the index from the log.
 
 use std::sync::atomic::Ordering;
 
 use crate::Shared;
+use crate::checkpoint;
 use crate::commit_log::{CommitLog, Raw};
 use crate::error::{IoContext, MaintenanceError};
 
@@ -67,6 +72,9 @@ pub(crate) fn apply(shared: &Shared, now_ms: i64) -> Result<RetentionReport, Mai
             report.held_by = Some(owner.clone());
             break;
         }
+        if report.segments_deleted == 0 {
+            write_floors(shared)?;
+        }
         shared.log.remove(seg.base);
         shared.io.remove_file(&seg.path).at(&seg.path)?;
         tracing::info!(file = %seg.path.display(), expired, oversize, "retention deleted a log segment");
@@ -84,4 +92,22 @@ pub(crate) fn apply(shared: &Shared, now_ms: i64) -> Result<RetentionReport, Mai
         }
     }
     Ok(report)
+}
+
+/// Durably records every queue's next offset as its floor.
+fn write_floors(shared: &Shared) -> Result<(), MaintenanceError> {
+    let floors = shared
+        .all_queues()
+        .iter()
+        .map(|q| (q.key(), q.next()))
+        .filter(|(_, next)| *next > 0)
+        .collect();
+    shared
+        .state
+        .write(
+            checkpoint::FLOORS_FILE_NAME,
+            &checkpoint::encode_floors(&floors),
+        )
+        .at(shared.state.dir())?;
+    Ok(())
 }

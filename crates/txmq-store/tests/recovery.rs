@@ -170,6 +170,29 @@ fn a_damaged_index_is_rebuilt_from_the_log() {
 }
 
 #[test]
+fn the_number_of_entries_per_index_file_may_change_between_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = small_config(dir.path());
+    cfg.index_entries_per_file = 10;
+    write_records(&cfg, 25);
+    for per_file in [16, 7] {
+        cfg.index_entries_per_file = per_file;
+        let store = Store::open(cfg.clone()).unwrap();
+        let start = store.queue_range("r", 0).unwrap().end;
+        for i in start..start + 20 {
+            let acked = store.append_blocking(vec![record("r", 0, i)]).unwrap();
+            assert_eq!(acked[0].queue_offset, i);
+        }
+        assert_index_agrees_with_log(&store);
+        store.close().unwrap();
+    }
+    let store = Store::open(cfg).unwrap();
+    assert!(!store.recovery_report().full_index_rebuild);
+    assert_eq!(store.queue_range("r", 0), Some(0..65));
+    assert_index_agrees_with_log(&store);
+}
+
+#[test]
 fn reopening_after_a_checkpoint_scans_only_the_newer_log() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = small_config(dir.path());

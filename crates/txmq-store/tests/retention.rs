@@ -3,7 +3,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use txmq_store::Store;
+use txmq_store::{OpenError, Store};
 
 const HOUR_MS: i64 = 3600 * 1000;
 
@@ -102,6 +102,72 @@ fn segments_past_the_checkpoint_are_kept_for_index_recovery() {
         .unwrap();
     assert_eq!(r.held_by.as_deref(), Some("checkpoint"));
     assert!(store.log_range().start <= at_checkpoint);
+}
+
+#[test]
+fn a_queue_that_retention_empties_goes_on_from_its_offsets_after_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = small_config(dir.path());
+    let store = Store::open(cfg.clone()).unwrap();
+    // 32 records: a whole number of index files, so retention removes all of them.
+    for i in 0..32 {
+        store.append_blocking(vec![record("gone", 0, i)]).unwrap();
+    }
+    fill(&store, 400);
+    store.checkpoint().unwrap();
+    let r = store
+        .apply_retention_at(txmq_store_now() + 100 * HOUR_MS)
+        .unwrap();
+    assert!(r.segments_deleted > 0);
+    assert_eq!(store.queue_range("gone", 0), Some(32..32));
+    store.close().unwrap();
+
+    // The whole index rebuilt from a log that holds no record of the queue.
+    std::fs::remove_file(cfg.dir.join("state/checkpoint")).unwrap();
+    let store = Store::open(cfg.clone()).unwrap();
+    assert!(store.recovery_report().full_index_rebuild);
+    assert_eq!(store.queue_range("gone", 0), Some(32..32));
+    store.close().unwrap();
+
+    // Opened from the checkpoint, with no index entry for the queue.
+    let store = Store::open(cfg.clone()).unwrap();
+    assert!(!store.recovery_report().full_index_rebuild);
+    assert_eq!(store.queue_range("gone", 0), Some(32..32));
+    let acked = store.append_blocking(vec![record("gone", 0, 32)]).unwrap();
+    assert_eq!(acked[0].queue_offset, 32);
+    assert_index_agrees_with_log(&store);
+    store.close().unwrap();
+
+    let store = Store::open(cfg).unwrap();
+    assert!(!store.recovery_report().full_index_rebuild);
+    assert_eq!(store.queue_range("gone", 0), Some(32..33));
+    assert_index_agrees_with_log(&store);
+}
+
+#[test]
+fn a_damaged_queue_floors_file_stops_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = small_config(dir.path());
+    let store = Store::open(cfg.clone()).unwrap();
+    fill(&store, 400);
+    store.checkpoint().unwrap();
+    store
+        .apply_retention_at(txmq_store_now() + 100 * HOUR_MS)
+        .unwrap();
+    store.close().unwrap();
+    let floors = cfg.dir.join("state/queue-floors");
+    let mut bytes = std::fs::read(&floors).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&floors, bytes).unwrap();
+    match Store::open(cfg.clone()) {
+        Err(OpenError::BadFile { file, .. }) => assert_eq!(file, floors),
+        other => panic!("expected BadFile, got {:?}", other.map(|_| ())),
+    }
+    let mut repair = cfg;
+    repair.repair = true;
+    let store = Store::open(repair).unwrap();
+    assert_index_agrees_with_log(&store);
 }
 
 fn txmq_store_now() -> i64 {

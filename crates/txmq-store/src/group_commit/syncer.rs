@@ -8,7 +8,7 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use super::{Command, Group, Handoff, Snapshot};
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{Checkpoint, QueueMark};
 use crate::commit_log::Segment;
 use crate::config::Durability;
 use crate::error::AppendError;
@@ -218,7 +218,16 @@ impl Syncer {
             .shared
             .all_queues()
             .iter()
-            .map(|q| (q.key(), q.next()))
+            .map(|q| {
+                let next = q.next();
+                (
+                    q.key(),
+                    QueueMark {
+                        next,
+                        min: q.min().min(next),
+                    },
+                )
+            })
             .collect();
         Ok(Snapshot {
             checkpoint: Checkpoint {

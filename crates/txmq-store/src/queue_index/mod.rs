@@ -136,6 +136,10 @@ impl QueueIndex {
 
     /// Makes sure the file for `offset` exists, creating (and reserving) it if needed.
     /// Returns the new file's path when one was created.
+    ///
+    /// A new file starts at a multiple of `per_file`, or where the file before it ends if
+    /// that file, made with another `per_file`, reaches past that multiple; and it ends
+    /// where the file after it starts, so that no two files hold the same offset.
     pub fn prepare(
         &self,
         io: &dyn Io,
@@ -146,8 +150,20 @@ impl QueueIndex {
             return Ok(None);
         }
         io.create_dir_all(&self.dir)?;
-        let first = offset - offset % per_file;
-        let f = IndexFile::create(io, &self.dir, first, per_file)?;
+        let (first, capacity) = {
+            let files = self.files();
+            let before = files
+                .range(..offset)
+                .next_back()
+                .map_or(0, |(_, f)| f.first + f.capacity);
+            let first = (offset - offset % per_file).max(before);
+            let after = files
+                .range(offset..)
+                .next()
+                .map_or(u64::MAX, |(&first, _)| first);
+            (first, per_file.min(after - first))
+        };
+        let f = IndexFile::create(io, &self.dir, first, capacity)?;
         let path = f.path.clone();
         self.files
             .write()
