@@ -46,6 +46,11 @@ pub struct ClientConfig {
     /// consumer its acknowledgements); `None` sends each in a request of its own. On by
     /// default; see [`Batching`].
     pub batching: Option<Batching>,
+    /// Most check-backs a transactional producer's checker answers at once (default 4; at
+    /// least 1). Further check-backs wait their turn, one per transaction; past 4,096
+    /// waiting, new ones are left for the server to repeat. Keep it below the size of the
+    /// database pool the checker shares with the application.
+    pub max_concurrent_checks: usize,
 }
 
 impl ClientConfig {
@@ -65,6 +70,7 @@ impl ClientConfig {
             request_timeout: Duration::from_secs(3),
             long_polling_timeout: Duration::from_secs(20),
             batching: Some(Batching::default()),
+            max_concurrent_checks: 4,
         }
     }
 
@@ -102,6 +108,12 @@ impl ClientConfig {
     /// sends each alone.
     pub fn with_batching(mut self, batching: Option<Batching>) -> Self {
         self.batching = batching;
+        self
+    }
+
+    /// Sets how many check-backs the checker answers at once.
+    pub fn with_max_concurrent_checks(mut self, n: usize) -> Self {
+        self.max_concurrent_checks = n;
         self
     }
 }

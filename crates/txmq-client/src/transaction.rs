@@ -39,7 +39,10 @@ pub enum TransactionResolution {
 ///
 /// Called on a task of its own for each check-back; the answer is sent to the server with
 /// `EndTransaction` (source `SOURCE_SERVER_CHECK`), except for
-/// [`TransactionResolution::Unknown`], for which nothing is sent.
+/// [`TransactionResolution::Unknown`], for which nothing is sent. At most
+/// [`ClientConfig::max_concurrent_checks`](crate::ClientConfig::max_concurrent_checks) calls
+/// run at once, and never two for one transaction: a check-back that comes while one of
+/// the same transaction is waiting or running is dropped (the server asks again later).
 ///
 /// # Example
 /// ```

@@ -586,6 +586,59 @@ async fn duplicate_delivery_runs_the_handler_once<DB: TestDb>(pool: Pool<DB>) {
     server.stop().await.unwrap();
 }
 
+/// The fence sets InnoDB's lock wait for itself only: its connection goes back to the
+/// pool with the lock wait it had, not the server's default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mariadb_the_fence_gives_its_connection_back_with_the_lock_wait_it_had() {
+    with_scratch::<MySql, _, _>(|pool| async move {
+        let dir = tempfile::tempdir().unwrap();
+        let server = payments_server(dir.path()).await;
+        within(60, async {
+            db::migrate(&pool).await.unwrap();
+            let options = (*pool.connect_options()).clone();
+            let checker_pool = sqlx::mysql::MySqlPoolOptions::new()
+                .max_connections(1)
+                .after_connect(|conn, _| {
+                    Box::pin(async move {
+                        sqlx::query("SET SESSION innodb_lock_wait_timeout = 17")
+                            .execute(conn)
+                            .await
+                            .map(drop)
+                    })
+                })
+                .connect_with(options)
+                .await
+                .unwrap();
+            let checker = DbChecker::new(checker_pool.clone())
+                .with_max_local_transaction(Duration::from_secs(1))
+                .with_lock_wait(Duration::from_secs(2));
+            let producer = TransactionalProducer::connect(client(&server), ["payments"], checker)
+                .await
+                .unwrap();
+            // Left open with no log row: a check-back fences it once it is a second old.
+            drop(
+                producer
+                    .begin(Message::new("payments", "orphan"))
+                    .await
+                    .unwrap(),
+            );
+            until_count(
+                &pool,
+                "SELECT COUNT(*) FROM txmq_tx_log WHERE state = 'R'",
+                1,
+            )
+            .await;
+            let sql = "SELECT CAST(@@SESSION.innodb_lock_wait_timeout AS SIGNED)";
+            assert_eq!(MySql::scalar(&checker_pool, sql.into()).await.unwrap(), 17);
+            producer.shutdown().await;
+            checker_pool.close().await;
+        })
+        .await;
+        server.stop().await.unwrap();
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_every_outcome_of_a_transactional_send() {
     with_scratch::<Postgres, _, _>(every_outcome_of_a_transactional_send).await;

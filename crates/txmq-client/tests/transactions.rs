@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -177,6 +179,77 @@ async fn checker_settles_orphaned_transactions_both_ways() {
             asked.contains(&(rollback_tx, "rollback".to_string())),
             "{asked:?}"
         );
+    })
+    .await;
+    server.stop().await.unwrap();
+}
+
+/// Commits after a pause; records how many checks ran at once, and whether two checks of
+/// one transaction ever did.
+#[derive(Clone, Default)]
+struct Slow {
+    running: Arc<Mutex<HashSet<String>>>,
+    most_at_once: Arc<AtomicUsize>,
+    one_transaction_twice: Arc<AtomicBool>,
+    answered: Arc<Mutex<HashSet<String>>>,
+}
+
+impl TransactionChecker for Slow {
+    async fn check(&self, transaction_id: &str, _: &MessageView) -> TransactionResolution {
+        {
+            let mut running = self.running.lock().unwrap();
+            if !running.insert(transaction_id.to_string()) {
+                self.one_transaction_twice.store(true, Ordering::SeqCst);
+            }
+            self.most_at_once.fetch_max(running.len(), Ordering::SeqCst);
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        self.running.lock().unwrap().remove(transaction_id);
+        self.answered
+            .lock()
+            .unwrap()
+            .insert(transaction_id.to_string());
+        TransactionResolution::Commit
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_backs_run_a_few_at_a_time_and_one_per_transaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    topic(&server, "refunds", TopicType::Transaction);
+    within(30, async {
+        let checker = Slow::default();
+        let config = client(&server).with_max_concurrent_checks(2);
+        let producer = TransactionalProducer::connect(config, ["refunds"], checker.clone())
+            .await
+            .unwrap();
+        let consumer =
+            SimpleConsumer::connect(client(&server), "cashier", [Subscription::all("refunds")])
+                .await
+                .unwrap();
+        let mut ids = HashSet::new();
+        for i in 0..12 {
+            let tx = producer
+                .begin(Message::new("refunds", format!("refund {i}")))
+                .await
+                .unwrap();
+            ids.insert(tx.transaction_id().to_string());
+            // Left open: the server checks each back, all about the same time.
+            drop(tx);
+        }
+        while *checker.answered.lock().unwrap() != ids {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(checker.most_at_once.load(Ordering::SeqCst), 2);
+        assert!(!checker.one_transaction_twice.load(Ordering::SeqCst));
+        let mut got = HashSet::new();
+        while got.len() < 12 {
+            for m in consumer.receive(32, Duration::from_secs(30)).await.unwrap() {
+                consumer.ack(&m).await.unwrap();
+                got.insert(m.body().to_vec());
+            }
+        }
     })
     .await;
     server.stop().await.unwrap();

@@ -180,15 +180,18 @@ mod mysql {
     pub const DELETE_LOG: &str = "DELETE FROM txmq_tx_log WHERE created_at < ? LIMIT ?";
     pub const DELETE_INBOX: &str = "DELETE FROM txmq_inbox WHERE processed_at < ? LIMIT ?";
 
-    /// InnoDB's lock wait is per session, in whole seconds; reset after the fence.
+    /// InnoDB's lock wait is per session, in whole seconds: the session's own value is kept
+    /// aside (assignments run left to right) and put back after the fence, so a pooled
+    /// connection goes back with the lock wait it had.
     pub fn lock_wait(d: std::time::Duration) -> Option<String> {
         Some(format!(
-            "SET SESSION innodb_lock_wait_timeout = {}",
+            "SET @txmq_lock_wait = @@SESSION.innodb_lock_wait_timeout, \
+             SESSION innodb_lock_wait_timeout = {}",
             d.as_secs().max(1)
         ))
     }
     pub const LOCK_WAIT_RESET: Option<&str> =
-        Some("SET SESSION innodb_lock_wait_timeout = DEFAULT");
+        Some("SET SESSION innodb_lock_wait_timeout = @txmq_lock_wait");
 }
 
 mod sqlite {

@@ -5,6 +5,7 @@
 //! A [`Session`] is cheap to clone. Its background tasks (telemetry reader, heartbeats,
 //! route refresh) stop when the last clone is dropped.
 
+mod check_backs;
 mod telemetry;
 pub(crate) mod transport;
 
@@ -28,6 +29,7 @@ use crate::error::{CallError, ConnectError, check};
 use crate::message::MessageView;
 use crate::retry::{RetryPolicy, from_duration};
 use crate::transaction::TransactionResolution;
+use check_backs::CheckBacks;
 use transport::{Connection, Headers, Target};
 
 /// The generated stub with the `x-mq-*` headers added to every request.
@@ -96,6 +98,7 @@ pub(crate) struct Shared {
     telemetry_out: Mutex<Option<mpsc::Sender<pb::TelemetryCommand>>>,
     routes: Mutex<HashMap<String, Arc<Vec<pb::MessageQueue>>>>,
     checker: Option<CheckFn>,
+    check_backs: Arc<CheckBacks>,
 }
 
 /// Aborts the background tasks when the last session handle goes.
@@ -158,6 +161,7 @@ impl Session {
             .max_decoding_message_size(256 << 20)
             .max_encoding_message_size(256 << 20);
         let transactions = TransactionsClient::with_origin(channel, transport::origin(&target));
+        let check_backs = CheckBacks::new(config.max_concurrent_checks);
         let shared = Arc::new(Shared {
             config,
             target,
@@ -169,6 +173,7 @@ impl Session {
             server_settings: watch::Sender::new(None),
             telemetry_out: Mutex::new(None),
             routes: Mutex::new(HashMap::new()),
+            check_backs,
             checker,
         });
         let (first_tx, first_rx) = oneshot::channel();

@@ -160,8 +160,12 @@ fn handle(shared: &Arc<Shared>, command: Command) {
                 return;
             };
             let Some(message) = c.message else { return };
+            let Some(admitted) = shared.check_backs.admit(&c.transaction_id) else {
+                return;
+            };
             let shared = shared.clone();
             tokio::spawn(async move {
+                let _turn = admitted.turn().await;
                 let view = MessageView::from_proto(message);
                 let resolution = match checker(c.transaction_id.clone(), view.clone()).await {
                     TransactionResolution::Commit => pb::TransactionResolution::Commit,
