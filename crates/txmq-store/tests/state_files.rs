@@ -7,6 +7,7 @@ use txmq_store::io::{Io, SimIo};
 
 fn files(io: &SimIo) -> StateFiles {
     io.create_dir_all(Path::new("/s")).unwrap();
+    io.sync_dir(Path::new("/")).unwrap();
     StateFiles::new(Arc::new(io.clone()), "/s")
 }
 

@@ -1,9 +1,9 @@
 //! A simulated file system for crash tests.
 //!
 //! Each file keeps two copies: the bytes *written* (what reads see) and the bytes made
-//! *durable* by the last `sync_data`. Directory entries are likewise live or durable (after
-//! `sync_dir` of their parent). [`SimIo::crash`] builds the image a power loss would leave:
-//! durable entries only, and for every file its durable bytes with each 512-byte sector of
+//! *durable* by the last `sync_data`. Directory entries, of files and of directories alike,
+//! are likewise live or durable (after `sync_dir` of their parent). [`SimIo::crash`] builds
+//! the image a power loss would leave: durable entries under durable directories only, and for every file its durable bytes with each 512-byte sector of
 //! un-synced data either kept or lost at random, so a torn write can land partially and out
 //! of order.
 //!
@@ -139,7 +139,13 @@ impl SimIo {
         let mut rng = XorShift(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
         let mut out = SimState::default();
         let mut map = BTreeMap::new();
-        for (path, entry) in &st.durable {
+        // An entry survives if it and every directory above it were made durable.
+        let reachable = |path: &Path| {
+            path.ancestors()
+                .skip(1)
+                .all(|dir| is_root(dir) || st.durable.get(dir) == Some(&Entry::Dir))
+        };
+        for (path, entry) in st.durable.iter().filter(|(p, _)| reachable(p)) {
             let entry = match *entry {
                 Entry::Dir => Entry::Dir,
                 Entry::File(ino) => {
@@ -186,6 +192,11 @@ impl SimIo {
             _ => None,
         }
     }
+}
+
+/// Whether `dir` is the root (or the empty path), which always exists.
+fn is_root(dir: &Path) -> bool {
+    dir.parent().is_none() || dir.as_os_str().is_empty()
 }
 
 /// Durable bytes, overlaid sector by sector with a random choice of the un-synced ones.
@@ -295,19 +306,22 @@ impl Io for SimIo {
 
     fn create_dir_all(&self, path: &Path) -> io::Result<()> {
         let mut st = self.lock();
-        // Directories are treated as durable once made: the engine creates them at open.
+        // A new directory's entry is durable once its parent is synced, as a file's is; the
+        // root always is.
+        let mut missing = Vec::new();
         for dir in path.ancestors() {
-            if dir.as_os_str().is_empty() {
+            if is_root(dir) {
                 continue;
             }
             match st.live.get(dir) {
                 Some(Entry::File(_)) => return Err(io::Error::other("not a directory")),
-                Some(Entry::Dir) => {}
-                None => {
-                    st.live.insert(dir.to_path_buf(), Entry::Dir);
-                    st.durable.insert(dir.to_path_buf(), Entry::Dir);
-                }
+                Some(Entry::Dir) => break,
+                None => missing.push(dir.to_path_buf()),
             }
+        }
+        for dir in missing.into_iter().rev() {
+            st.mutate()?;
+            st.live.insert(dir, Entry::Dir);
         }
         Ok(())
     }
@@ -373,5 +387,33 @@ impl Io for SimIo {
 
     fn lock_dir(&self, _path: &Path) -> io::Result<Box<dyn Send + Sync>> {
         Ok(Box::new(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_synced(io: &SimIo, path: &Path) {
+        let f = io.open(path, true).unwrap();
+        f.write_all_at(b"kept", 0).unwrap();
+        f.sync_data().unwrap();
+    }
+
+    #[test]
+    fn a_new_directory_survives_a_crash_only_once_its_parent_was_synced() {
+        let io = SimIo::new();
+        let file = Path::new("/a/b/f");
+        io.create_dir_all(Path::new("/a/b")).unwrap();
+        write_synced(&io, file);
+        io.sync_dir(Path::new("/a/b")).unwrap();
+        // The file's entry is durable, but not the directories above it.
+        assert!(!io.crash(1).exists(file));
+        io.sync_dir(Path::new("/a")).unwrap();
+        assert!(!io.crash(2).exists(file));
+        io.sync_dir(Path::new("/")).unwrap();
+        let image = io.crash(3);
+        assert!(image.exists(file));
+        assert_eq!(image.read_file(file).as_deref(), Some(&b"kept"[..]));
     }
 }
