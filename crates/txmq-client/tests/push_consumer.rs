@@ -8,9 +8,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{assert_all_acked, client, fill, group, start, stored_in_few_writes, topic, within};
+use common::{
+    assert_all_acked, client, fill, group, serve, start, stored_in_few_writes, topic, within,
+};
+use tonic::{Request, Response, Status};
+use txmq_broker::grpc::Messaging;
 use txmq_broker::metadata::TopicType;
-use txmq_client::{Message, Producer, PushConsumer, SimpleConsumer, Subscription};
+use txmq_client::{ClientConfig, Message, Producer, PushConsumer, SimpleConsumer, Subscription};
+use txmq_proto::v2::{self as pb, messaging_service_server::MessagingService};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_handler_gets_the_message_again_after_the_group_backoff() {
@@ -242,4 +247,114 @@ async fn acknowledgements_that_wait_share_calls() {
     })
     .await;
     server.stop().await.unwrap();
+}
+
+/// The broker's service, answering every receive with up to twice the messages asked for.
+#[derive(Clone)]
+struct Generous(Messaging);
+
+/// Implements `MessagingService` for `Generous`: `receive_message` as given, every other
+/// call passed on unchanged.
+macro_rules! generous {
+    ($receive:item; $($call:ident($request:ty) -> $response:ty;)*) => {
+        #[tonic::async_trait]
+        impl MessagingService for Generous {
+            type ReceiveMessageStream = <Messaging as MessagingService>::ReceiveMessageStream;
+            type PullMessageStream = <Messaging as MessagingService>::PullMessageStream;
+            type TelemetryStream = <Messaging as MessagingService>::TelemetryStream;
+
+            $receive
+
+            $(async fn $call(&self, request: Request<$request>) -> Result<Response<$response>, Status> {
+                self.0.$call(request).await
+            })*
+        }
+    };
+}
+
+generous! {
+    async fn receive_message(
+        &self,
+        mut request: Request<pb::ReceiveMessageRequest>,
+    ) -> Result<Response<Self::ReceiveMessageStream>, Status> {
+        request.get_mut().batch_size *= 2;
+        self.0.receive_message(request).await
+    };
+    query_route(pb::QueryRouteRequest) -> pb::QueryRouteResponse;
+    heartbeat(pb::HeartbeatRequest) -> pb::HeartbeatResponse;
+    send_message(pb::SendMessageRequest) -> pb::SendMessageResponse;
+    query_assignment(pb::QueryAssignmentRequest) -> pb::QueryAssignmentResponse;
+    ack_message(pb::AckMessageRequest) -> pb::AckMessageResponse;
+    forward_message_to_dead_letter_queue(pb::ForwardMessageToDeadLetterQueueRequest)
+        -> pb::ForwardMessageToDeadLetterQueueResponse;
+    pull_message(pb::PullMessageRequest) -> Self::PullMessageStream;
+    update_offset(pb::UpdateOffsetRequest) -> pb::UpdateOffsetResponse;
+    get_offset(pb::GetOffsetRequest) -> pb::GetOffsetResponse;
+    query_offset(pb::QueryOffsetRequest) -> pb::QueryOffsetResponse;
+    end_transaction(pb::EndTransactionRequest) -> pb::EndTransactionResponse;
+    telemetry(tonic::Streaming<pb::TelemetryCommand>) -> Self::TelemetryStream;
+    notify_client_termination(pb::NotifyClientTerminationRequest)
+        -> pb::NotifyClientTerminationResponse;
+    change_invisible_duration(pb::ChangeInvisibleDurationRequest)
+        -> pb::ChangeInvisibleDurationResponse;
+    recall_message(pb::RecallMessageRequest) -> pb::RecallMessageResponse;
+    sync_lite_subscription(pb::SyncLiteSubscriptionRequest) -> pb::SyncLiteSubscriptionResponse;
+}
+
+/// A server may answer a receive with more messages than asked for: each extra one is
+/// handled too, within the consumer's concurrency, not dropped (where the server would
+/// keep renewing it for as long as the consumer lives).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_past_the_batch_asked_for_are_handled_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let (addr, broker, shutdown) = serve(dir.path(), |broker, addr| {
+        tonic::service::Routes::new(pb::messaging_service_server::MessagingServiceServer::new(
+            Generous(Messaging::new(broker, addr)),
+        ))
+    })
+    .await;
+    broker
+        .metadata()
+        .create_topic("parcels", TopicType::Normal, 1)
+        .unwrap();
+    within(30, async {
+        let config =
+            ClientConfig::new(addr.to_string()).with_long_polling_timeout(Duration::from_secs(1));
+        let producer = Producer::connect(config.clone(), ["parcels"])
+            .await
+            .unwrap();
+        let batch = (0..20)
+            .map(|i| Message::new("parcels", format!("parcel {i}")))
+            .collect();
+        producer.send_batch(batch).await.unwrap();
+        let handled: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+        let (running, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (h, r, m) = (handled.clone(), running.clone(), most.clone());
+        let consumer = PushConsumer::builder(config, "couriers")
+            .subscribe(Subscription::all("parcels"))
+            .max_concurrency(2)
+            .start(move |msg| {
+                let (h, r, m) = (h.clone(), r.clone(), m.clone());
+                async move {
+                    m.fetch_max(r.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    r.fetch_sub(1, Ordering::SeqCst);
+                    *h.lock()
+                        .unwrap()
+                        .entry(String::from_utf8_lossy(msg.body()).into_owned())
+                        .or_insert(0) += 1;
+                    Ok::<(), String>(())
+                }
+            })
+            .await
+            .unwrap();
+        while handled.lock().unwrap().len() < 20 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        consumer.shutdown().await;
+        assert!(handled.lock().unwrap().values().all(|&n| n == 1));
+        assert!(most.load(Ordering::SeqCst) <= 2);
+    })
+    .await;
+    shutdown().await;
 }

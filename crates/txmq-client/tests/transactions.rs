@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{
-    assert_nothing_comes, client, joining_client, start, stored_in_few_writes, topic, within,
+    assert_nothing_comes, client, joining_client, serve, start, stored_in_few_writes, topic, within,
 };
 use txmq_broker::metadata::TopicType;
 use txmq_client::{
@@ -349,48 +349,15 @@ async fn concurrent_transactions_share_requests_both_ways_and_each_is_one_of_its
     server.stop().await.unwrap();
 }
 
-/// A broker on `dir` serving `apache.rocketmq.v2.MessagingService` only, as a RocketMQ
-/// proxy does: none of txmq's additions. Returns where it listens, and what stops it.
-async fn start_without_additions(
-    dir: &std::path::Path,
-) -> (
-    std::net::SocketAddr,
-    Arc<txmq_broker::Broker>,
-    impl AsyncFnOnce(),
-) {
-    let broker = txmq_broker::Broker::open(common::broker_config(dir)).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let background = tokio::spawn(broker.clone().run_background(stopped.clone()));
-    let routes = tonic::service::Routes::new(
-        txmq_broker::grpc::Messaging::new(broker.clone(), addr).into_server(),
-    );
-    let mut until = stopped;
-    let serving = tokio::spawn(txmq_broker::net::serve_grpc(
-        listener,
-        routes,
-        None,
-        txmq_broker::net::ServeOptions::default(),
-        async move {
-            let _ = until.wait_for(|s| *s).await;
-        },
-    ));
-    let b = broker.clone();
-    let shutdown = async move || {
-        b.begin_shutdown();
-        stop.send_replace(true);
-        serving.await.unwrap();
-        background.await.unwrap();
-        b.shutdown().await.unwrap();
-    };
-    (addr, broker, shutdown)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn decisions_go_one_by_one_to_a_server_without_end_transactions() {
     let dir = tempfile::tempdir().unwrap();
-    let (addr, broker, shutdown) = start_without_additions(dir.path()).await;
+    // Only `apache.rocketmq.v2.MessagingService`, as a RocketMQ proxy serves: none of
+    // txmq's additions.
+    let (addr, broker, shutdown) = serve(dir.path(), |broker, addr| {
+        tonic::service::Routes::new(txmq_broker::grpc::Messaging::new(broker, addr).into_server())
+    })
+    .await;
     broker
         .metadata()
         .create_topic("payments", TopicType::Transaction, 4)

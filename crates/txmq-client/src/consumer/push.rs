@@ -372,16 +372,27 @@ impl Worker {
     }
 
     /// Starts handling a batch; each message takes one of `permits` (extra ones go back).
-    fn dispatch(
-        self: &Arc<Self>,
-        messages: Vec<MessageView>,
-        mut permits: Vec<OwnedSemaphorePermit>,
-    ) {
-        permits.truncate(messages.len());
+    /// A server that answered with more messages than asked for gets them all handled:
+    /// each extra one waits on its task for a permit of its own.
+    fn dispatch(self: &Arc<Self>, messages: Vec<MessageView>, permits: Vec<OwnedSemaphorePermit>) {
+        if messages.len() > permits.len() {
+            tracing::debug!(
+                asked = permits.len(),
+                got = messages.len(),
+                "the server answered with more messages than asked for"
+            );
+        }
+        let mut permits = permits.into_iter();
+        let paired: Vec<(MessageView, Option<OwnedSemaphorePermit>)> =
+            messages.into_iter().map(|m| (m, permits.next())).collect();
+        drop(permits);
         if !self.fifo {
-            for (m, permit) in messages.into_iter().zip(permits) {
+            for (m, permit) in paired {
                 let worker = self.clone();
                 tokio::spawn(async move {
+                    let Some(permit) = worker.permit(permit).await else {
+                        return;
+                    };
                     worker.consume(m).await;
                     drop(permit);
                 });
@@ -389,9 +400,9 @@ impl Worker {
             return;
         }
         // FIFO: one task per message group, taking its messages in order.
-        let mut groups: Vec<Vec<(MessageView, OwnedSemaphorePermit)>> = Vec::new();
+        let mut groups: Vec<Vec<(MessageView, Option<OwnedSemaphorePermit>)>> = Vec::new();
         let mut index: HashMap<String, usize> = HashMap::new();
-        for (m, permit) in messages.into_iter().zip(permits) {
+        for (m, permit) in paired {
             match m.message_group().map(str::to_string) {
                 Some(g) => {
                     let i = *index.entry(g).or_insert_with(|| {
@@ -408,6 +419,9 @@ impl Worker {
             tokio::spawn(async move {
                 let mut rest = group.into_iter();
                 for (m, permit) in rest.by_ref() {
+                    let Some(permit) = worker.permit(permit).await else {
+                        break;
+                    };
                     let done = worker.consume_in_order(m).await;
                     drop(permit);
                     if !done {
@@ -416,6 +430,18 @@ impl Worker {
                     }
                 }
             });
+        }
+    }
+
+    /// `held`, or a permit waited for; `None` once the consumer stops (the message stays
+    /// unacknowledged and comes back).
+    async fn permit(&self, held: Option<OwnedSemaphorePermit>) -> Option<OwnedSemaphorePermit> {
+        if held.is_some() {
+            return held;
+        }
+        tokio::select! {
+            p = self.permits.clone().acquire_owned() => p.ok(),
+            () = stopped(self.stopped.clone()) => None,
         }
     }
 

@@ -33,9 +33,13 @@ pub enum ProcessError<E> {
         "the database rolled the handler's transaction back before its commit (a failed statement inside it was caught); nothing processed"
     )]
     Aborted,
-    /// The message arrived damaged (its body does not match its digest); the handler did
+    /// The message arrived damaged ([`MessageView::corrupted`]: its body does not match its
+    /// digest, or does not decompress within [`crate::MAX_INFLATED_BODY`]); the handler did
     /// not run and nothing was recorded, so an intact delivery is still processed.
-    #[error("message {0} arrived damaged (body digest mismatch); nothing processed")]
+    #[error(
+        "message {0} arrived damaged (body digest mismatch, or a compressed body that does \
+         not inflate within the limit); nothing processed"
+    )]
     Corrupted(String),
     /// The handler failed; its transaction was rolled back.
     #[error("handler failed, rolled back: {0}")]

@@ -3,12 +3,14 @@
 #![allow(dead_code)]
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
-use txmq_broker::BrokerConfig;
 use txmq_broker::metadata::TopicType;
 use txmq_broker::server::Server;
+use txmq_broker::{Broker, BrokerConfig};
 use txmq_client::{Batching, ClientConfig, Message, Producer, SimpleConsumer};
 
 /// Broker settings for tests: quick check-backs, small segments.
@@ -29,6 +31,38 @@ pub async fn start(dir: &Path) -> Server {
     Server::start(broker_config(dir))
         .await
         .expect("broker starts")
+}
+
+/// A broker on `dir` serving the gRPC services `routes` makes of it (given the address it
+/// listens on). Returns that address, the broker, and what stops it.
+pub async fn serve(
+    dir: &Path,
+    routes: impl FnOnce(Arc<Broker>, SocketAddr) -> tonic::service::Routes,
+) -> (SocketAddr, Arc<Broker>, impl AsyncFnOnce()) {
+    let broker = Broker::open(broker_config(dir)).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let background = tokio::spawn(broker.clone().run_background(stopped.clone()));
+    let mut until = stopped;
+    let serving = tokio::spawn(txmq_broker::net::serve_grpc(
+        listener,
+        routes(broker.clone(), addr),
+        None,
+        txmq_broker::net::ServeOptions::default(),
+        async move {
+            let _ = until.wait_for(|s| *s).await;
+        },
+    ));
+    let b = broker.clone();
+    let shutdown = async move || {
+        b.begin_shutdown();
+        stop.send_replace(true);
+        serving.await.unwrap();
+        background.await.unwrap();
+        b.shutdown().await.unwrap();
+    };
+    (addr, broker, shutdown)
 }
 
 /// Client settings for `server`, with a short long poll so that empty receives are quick.
