@@ -42,7 +42,9 @@ pub enum TransactionResolution {
 /// [`TransactionResolution::Unknown`], for which nothing is sent. At most
 /// [`ClientConfig::max_concurrent_checks`](crate::ClientConfig::max_concurrent_checks) calls
 /// run at once, and never two for one transaction: a check-back that comes while one of
-/// the same transaction is waiting or running is dropped (the server asks again later).
+/// the same transaction is waiting or running is dropped (the server asks again later). A
+/// call that takes more than 30 s is dropped, with no answer sent: bound the checker's own
+/// waits (a database pool's acquire timeout, say) well below that.
 ///
 /// # Example
 /// ```

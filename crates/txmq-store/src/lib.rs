@@ -547,7 +547,8 @@ impl Store {
         }
     }
 
-    /// The store's atomically replaced state files (in `DIR/state`).
+    /// The store's atomically replaced state files (in `DIR/state`). The names `checkpoint`
+    /// and `queue-floors` are the store's own.
     pub fn state_files(&self) -> &StateFiles {
         &self.shared.state
     }

@@ -202,11 +202,26 @@ pub(crate) fn recover(
     let index_dir = cfg.dir.join("index");
     io.create_dir_all(&log_dir).at(&log_dir)?;
     io.create_dir_all(&index_dir).at(&index_dir)?;
-    // The entries of the directories just made (`log`, `index`, `state`, and the data
-    // directory itself) are durable before any record written under them is acknowledged.
-    io.sync_dir(&cfg.dir).at(&cfg.dir)?;
-    if let Some(parent) = cfg.dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-        io.sync_dir(parent).at(parent)?;
+    // The entries of the directories just made (`log`, `index`, `state`, the data directory
+    // itself and any directory made above it) are durable before any record written under
+    // them is acknowledged. A directory above the data directory's parent that cannot be
+    // opened (no read permission) is passed over: such a directory is hardly a new one.
+    for (depth, dir) in cfg.dir.ancestors().enumerate() {
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
+        match io.sync_dir(dir) {
+            Ok(()) => {}
+            Err(e) if depth >= 2 => {
+                tracing::debug!(dir = %dir.display(), error = %e, "cannot sync a directory above the data directory");
+            }
+            Err(e) => return Err((dir.to_path_buf(), e).into()),
+        }
+        if dir == Path::new(".") {
+            break;
+        }
     }
     let mut segments = open_segments(io, &log_dir)?;
     let fresh = segments.is_empty();
@@ -438,6 +453,9 @@ fn replay(
                     .all_files()
                     .first()
                     .map_or(r.next, |f| f.first.min(r.next));
+                // Slots below the checkpoint's min may hold entries of records lost after
+                // it was written (a queue moved up to its floor skips their offsets).
+                let lowest = lowest.max(cp.queues.get(&r.index.key()).map_or(0, |m| m.min));
                 r.min = r
                     .index
                     .first_at_or_after(log_start, lowest, r.next)
@@ -728,12 +746,14 @@ fn finish(
             continue;
         }
         if r.min == r.next {
+            // Offsets from `r.next` to the floor are skipped: their records, if any, were
+            // lost with an un-synced tail (async durability), or by a repair.
             r.min = floor;
             r.next = floor;
             r.staged_from = floor;
         } else {
-            // Only a repair or a log cut short by hand gets here: the records of offsets
-            // from `r.next` were durable once and are gone.
+            // A repair, a log cut short by hand, or in async durability the loss of an
+            // un-synced tail gets here: records of offsets from `r.next` were once written.
             tracing::warn!(
                 topic = %key.0, queue = key.1, next = r.next, floor,
                 "queue offsets below its floor will be used again"

@@ -119,3 +119,23 @@ fn full_disk_fails_appends_cleanly_and_they_resume_once_space_is_freed() {
     assert_eq!(store.queue_range("f", 0), Some(0..acked.len() as u64 + 1));
     assert_index_agrees_with_log(&store);
 }
+
+#[test]
+fn a_store_made_under_new_directories_survives_a_power_loss() {
+    let io = SimIo::new();
+    let cfg = small_config("/srv/txmq/data");
+    let store = open_sim(&io, &cfg);
+    let acked: Vec<_> = (0..5)
+        .map(|n| store.append_blocking(vec![record("p", 0, n)]).unwrap()[0])
+        .collect();
+    drop(store);
+    let image = io.crash(11);
+    let store = open_sim(&image, &cfg);
+    assert_eq!(store.queue_range("p", 0), Some(0..5));
+    for (n, at) in acked.iter().enumerate() {
+        assert_eq!(
+            store.read(at.position).unwrap().data,
+            record("p", 0, n as u64)
+        );
+    }
+}

@@ -181,8 +181,9 @@ mod mysql {
     pub const DELETE_INBOX: &str = "DELETE FROM txmq_inbox WHERE processed_at < ? LIMIT ?";
 
     /// InnoDB's lock wait is per session, in whole seconds: the session's own value is kept
-    /// aside (assignments run left to right) and put back after the fence, so a pooled
-    /// connection goes back with the lock wait it had.
+    /// aside (the statement's expressions are read before any variable is set, and it sets
+    /// all or none) and put back after the fence, so a pooled connection goes back with the
+    /// lock wait it had.
     pub fn lock_wait(d: std::time::Duration) -> Option<String> {
         Some(format!(
             "SET @txmq_lock_wait = @@SESSION.innodb_lock_wait_timeout, \

@@ -4,17 +4,25 @@
 //! After an outage the server checks back every transaction it holds open, possibly
 //! thousands within seconds. Each check may take a database connection, from the same pool
 //! that new transactions need; run all at once, they would starve the application. A
-//! check-back that is not admitted is not lost: the server asks again later.
+//! check-back that is not admitted is not lost: the server asks again later (though each one
+//! sent counts towards the server's maximum). A turn covers the checker call only, at most
+//! [`CHECK_TIMEOUT`]; the answer is sent after it.
 
 use std::collections::HashSet;
+use std::future::Future;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::lock;
+use crate::transaction::TransactionResolution;
 
 /// Most check-backs waiting or running per client; more are dropped until some finish.
 pub(crate) const MAX_OPEN_CHECKS: usize = 4096;
+/// Longest a checker call may take; past it the call is dropped, nothing is answered and
+/// the server asks again later, so that a checker that hangs cannot hold a turn for ever.
+pub(crate) const CHECK_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The check-backs of one client.
 pub(crate) struct CheckBacks {
@@ -65,8 +73,18 @@ impl CheckBacks {
 }
 
 impl Admitted {
+    /// Runs `check` in its turn, for at most [`CHECK_TIMEOUT`]; `None` if it took longer
+    /// (it is dropped). The turn ends with the call.
+    pub(crate) async fn check(
+        &self,
+        check: impl Future<Output = TransactionResolution>,
+    ) -> Option<TransactionResolution> {
+        let _turn = self.turn().await;
+        tokio::time::timeout(CHECK_TIMEOUT, check).await.ok()
+    }
+
     /// Waits for a turn to run.
-    pub(crate) async fn turn(&self) -> OwnedSemaphorePermit {
+    async fn turn(&self) -> OwnedSemaphorePermit {
         // The semaphore is never closed.
         self.owner
             .running
@@ -85,8 +103,6 @@ impl Drop for Admitted {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
 
     #[tokio::test]
@@ -109,6 +125,19 @@ mod tests {
         drop((a, tb));
         // Finished, the transaction may be checked again.
         assert!(checks.admit("a").is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_checker_that_hangs_gives_its_turn_up_after_the_timeout() {
+        let checks = CheckBacks::new(1);
+        let (hung, next) = (checks.admit("hung").unwrap(), checks.admit("next").unwrap());
+        let started = tokio::time::Instant::now();
+        let hanging = hung.check(std::future::pending());
+        let waiting = next.check(async { TransactionResolution::Commit });
+        let (hung_out, next_out) = tokio::join!(hanging, waiting);
+        assert_eq!(hung_out, None);
+        assert_eq!(next_out, Some(TransactionResolution::Commit));
+        assert!(started.elapsed() >= CHECK_TIMEOUT);
     }
 
     #[test]

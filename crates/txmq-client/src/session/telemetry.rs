@@ -9,6 +9,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use txmq_proto::v2::{self as pb, Code, telemetry_command::Command};
 
+use super::check_backs::CHECK_TIMEOUT;
 use super::{Shared, lock};
 use crate::error::{CallError, ConnectError};
 use crate::message::MessageView;
@@ -165,13 +166,20 @@ fn handle(shared: &Arc<Shared>, command: Command) {
             };
             let shared = shared.clone();
             tokio::spawn(async move {
-                let _turn = admitted.turn().await;
                 let view = MessageView::from_proto(message);
-                let resolution = match checker(c.transaction_id.clone(), view.clone()).await {
-                    TransactionResolution::Commit => pb::TransactionResolution::Commit,
-                    TransactionResolution::Rollback => pb::TransactionResolution::Rollback,
+                // The answer goes out after the turn, without holding up the next check.
+                let checked = admitted
+                    .check(checker(c.transaction_id.clone(), view.clone()))
+                    .await;
+                let resolution = match checked {
+                    Some(TransactionResolution::Commit) => pb::TransactionResolution::Commit,
+                    Some(TransactionResolution::Rollback) => pb::TransactionResolution::Rollback,
                     // The server asks again later.
-                    TransactionResolution::Unknown => return,
+                    Some(TransactionResolution::Unknown) => return,
+                    None => {
+                        tracing::warn!(transaction = %c.transaction_id, timeout = ?CHECK_TIMEOUT, "the checker did not answer in time; the server asks again later");
+                        return;
+                    }
                 };
                 let request = shared.end_request(
                     view.topic(),

@@ -287,7 +287,7 @@ impl Io for SimIo {
             Some(Entry::Dir) => return Err(io::Error::other("is a directory")),
             None if create => {
                 let parent = path.parent().unwrap_or(Path::new(""));
-                if st.live.get(parent) != Some(&Entry::Dir) {
+                if !is_root(parent) && st.live.get(parent) != Some(&Entry::Dir) {
                     return Err(io::ErrorKind::NotFound.into());
                 }
                 st.mutate()?;
@@ -328,7 +328,7 @@ impl Io for SimIo {
 
     fn list_dir(&self, path: &Path) -> io::Result<Vec<String>> {
         let st = self.lock();
-        if st.live.get(path) != Some(&Entry::Dir) {
+        if !is_root(path) && st.live.get(path) != Some(&Entry::Dir) {
             return Err(io::ErrorKind::NotFound.into());
         }
         Ok(st
@@ -340,7 +340,7 @@ impl Io for SimIo {
     }
 
     fn exists(&self, path: &Path) -> bool {
-        self.lock().live.contains_key(path)
+        is_root(path) || self.lock().live.contains_key(path)
     }
 
     fn remove_file(&self, path: &Path) -> io::Result<()> {
