@@ -587,7 +587,8 @@ async fn duplicate_delivery_runs_the_handler_once<DB: TestDb>(pool: Pool<DB>) {
 }
 
 /// The fence sets InnoDB's lock wait for itself only: its connection goes back to the
-/// pool with the lock wait it had, not the server's default.
+/// pool with the lock wait it had, not the server's default, also after a fence that was
+/// cut short.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn mariadb_the_fence_gives_its_connection_back_with_the_lock_wait_it_had() {
     with_scratch::<MySql, _, _>(|pool| async move {
@@ -629,6 +630,27 @@ async fn mariadb_the_fence_gives_its_connection_back_with_the_lock_wait_it_had()
             )
             .await;
             let sql = "SELECT CAST(@@SESSION.innodb_lock_wait_timeout AS SIGNED)";
+            assert_eq!(MySql::scalar(&checker_pool, sql.into()).await.unwrap(), 17);
+            // What a fence cut short before its reset leaves on the connection: its own
+            // lock wait kept aside, the fence's in force. The next fence puts it back.
+            MySql::exec_pool(
+                &checker_pool,
+                "SET @txmq_lock_wait = 17, SESSION innodb_lock_wait_timeout = 2".into(),
+            )
+            .await
+            .unwrap();
+            drop(
+                producer
+                    .begin(Message::new("payments", "second orphan"))
+                    .await
+                    .unwrap(),
+            );
+            until_count(
+                &pool,
+                "SELECT COUNT(*) FROM txmq_tx_log WHERE state = 'R'",
+                2,
+            )
+            .await;
             assert_eq!(MySql::scalar(&checker_pool, sql.into()).await.unwrap(), 17);
             producer.shutdown().await;
             checker_pool.close().await;

@@ -183,16 +183,19 @@ mod mysql {
     /// InnoDB's lock wait is per session, in whole seconds: the session's own value is kept
     /// aside (the statement's expressions are read before any variable is set, and it sets
     /// all or none) and put back after the fence, so a pooled connection goes back with the
-    /// lock wait it had.
+    /// lock wait it had. A value already kept aside is kept: a fence cut short before its
+    /// reset leaves it there, and the next fence on that connection puts it back.
     pub fn lock_wait(d: std::time::Duration) -> Option<String> {
         Some(format!(
-            "SET @txmq_lock_wait = @@SESSION.innodb_lock_wait_timeout, \
+            "SET @txmq_lock_wait = COALESCE(@txmq_lock_wait, @@SESSION.innodb_lock_wait_timeout), \
              SESSION innodb_lock_wait_timeout = {}",
             d.as_secs().max(1)
         ))
     }
-    pub const LOCK_WAIT_RESET: Option<&str> =
-        Some("SET SESSION innodb_lock_wait_timeout = @txmq_lock_wait");
+    pub const LOCK_WAIT_RESET: Option<&str> = Some(
+        "SET SESSION innodb_lock_wait_timeout = CAST(@txmq_lock_wait AS UNSIGNED), \
+         @txmq_lock_wait = NULL",
+    );
 }
 
 mod sqlite {
