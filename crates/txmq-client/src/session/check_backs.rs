@@ -83,15 +83,10 @@ impl Admitted {
         tokio::time::timeout(CHECK_TIMEOUT, check).await.ok()
     }
 
-    /// Waits for a turn to run.
-    async fn turn(&self) -> OwnedSemaphorePermit {
-        // The semaphore is never closed.
-        self.owner
-            .running
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("check-back semaphore open")
+    /// Waits for a turn to run (`None` only if the semaphore were closed, which it never
+    /// is).
+    async fn turn(&self) -> Option<OwnedSemaphorePermit> {
+        self.owner.running.clone().acquire_owned().await.ok()
     }
 }
 
