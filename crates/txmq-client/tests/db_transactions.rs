@@ -617,20 +617,20 @@ async fn mariadb_the_fence_gives_its_connection_back_with_the_lock_wait_it_had()
                 .await
                 .unwrap();
             // Left open with no log row: a check-back fences it once it is a second old.
-            drop(
-                producer
-                    .begin(Message::new("payments", "orphan"))
-                    .await
-                    .unwrap(),
-            );
-            until_count(
-                &pool,
-                "SELECT COUNT(*) FROM txmq_tx_log WHERE state = 'R'",
-                1,
-            )
-            .await;
-            let sql = "SELECT CAST(@@SESSION.innodb_lock_wait_timeout AS SIGNED)";
-            assert_eq!(MySql::scalar(&checker_pool, sql.into()).await.unwrap(), 17);
+            // The checker's connection then has the lock wait it had.
+            let fenced_orphan = async |fenced: i64| {
+                drop(
+                    producer
+                        .begin(Message::new("payments", format!("orphan {fenced}")))
+                        .await
+                        .unwrap(),
+                );
+                let sql = "SELECT COUNT(*) FROM txmq_tx_log WHERE state = 'R'";
+                until_count(&pool, sql, fenced).await;
+                let sql = "SELECT CAST(@@SESSION.innodb_lock_wait_timeout AS SIGNED)";
+                assert_eq!(MySql::scalar(&checker_pool, sql.into()).await.unwrap(), 17);
+            };
+            fenced_orphan(1).await;
             // What a fence cut short before its reset leaves on the connection: its own
             // lock wait kept aside, the fence's in force. The next fence puts it back.
             MySql::exec_pool(
@@ -639,19 +639,7 @@ async fn mariadb_the_fence_gives_its_connection_back_with_the_lock_wait_it_had()
             )
             .await
             .unwrap();
-            drop(
-                producer
-                    .begin(Message::new("payments", "second orphan"))
-                    .await
-                    .unwrap(),
-            );
-            until_count(
-                &pool,
-                "SELECT COUNT(*) FROM txmq_tx_log WHERE state = 'R'",
-                2,
-            )
-            .await;
-            assert_eq!(MySql::scalar(&checker_pool, sql.into()).await.unwrap(), 17);
+            fenced_orphan(2).await;
             producer.shutdown().await;
             checker_pool.close().await;
         })
