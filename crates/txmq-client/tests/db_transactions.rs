@@ -90,6 +90,22 @@ async fn payments_server(dir: &std::path::Path) -> txmq_broker::server::Server {
     server
 }
 
+/// A producer of `payments` whose check-backs `checker` answers, and a consumer of
+/// `payments` in group `shipping`.
+async fn payments_clients<DB: TestDb>(
+    server: &txmq_broker::server::Server,
+    checker: DbChecker<DB>,
+) -> (TransactionalProducer, SimpleConsumer) {
+    let producer = TransactionalProducer::connect(client(server), ["payments"], checker)
+        .await
+        .unwrap();
+    let consumer =
+        SimpleConsumer::connect(client(server), "shipping", [Subscription::all("payments")])
+            .await
+            .unwrap();
+    (producer, consumer)
+}
+
 /// The `db` tables and a table `orders (id BIGINT PRIMARY KEY)`.
 async fn orders_schema<DB: TestDb>(pool: &Pool<DB>) {
     db::migrate(pool).await.unwrap();
@@ -143,13 +159,7 @@ async fn every_outcome_of_a_transactional_send<DB: TestDb>(pool: Pool<DB>) {
         let checker = DbChecker::new(pool.clone())
             .with_max_local_transaction(Duration::from_secs(1))
             .with_lock_wait(Duration::from_secs(1));
-        let producer = TransactionalProducer::connect(client(&server), ["payments"], checker)
-            .await
-            .unwrap();
-        let consumer =
-            SimpleConsumer::connect(client(&server), "shipping", [Subscription::all("payments")])
-                .await
-                .unwrap();
+        let (producer, consumer) = payments_clients(&server, checker).await;
 
         // Committed: the row and the message.
         let sent =
@@ -308,17 +318,7 @@ async fn a_transaction_the_database_ended_commits_nothing<DB: TestDb>(pool: Pool
     let server = payments_server(dir.path()).await;
     within(60, async {
         orders_schema(&pool).await;
-        let producer = TransactionalProducer::connect(
-            client(&server),
-            ["payments"],
-            DbChecker::new(pool.clone()),
-        )
-        .await
-        .unwrap();
-        let consumer =
-            SimpleConsumer::connect(client(&server), "shipping", [Subscription::all("payments")])
-                .await
-                .unwrap();
+        let (producer, consumer) = payments_clients(&server, DbChecker::new(pool.clone())).await;
 
         // Ended as InnoDB ends a transaction that hit a deadlock: later statements run on
         // their own.
@@ -420,13 +420,7 @@ async fn a_sender_fenced_by_the_check_back_writes_nothing<DB: TestDb>(pool: Pool
         let checker = DbChecker::new(pool.clone())
             .with_max_local_transaction(Duration::from_secs(1))
             .with_lock_wait(Duration::from_secs(1));
-        let producer = TransactionalProducer::connect(client(&server), ["payments"], checker)
-            .await
-            .unwrap();
-        let consumer =
-            SimpleConsumer::connect(client(&server), "shipping", [Subscription::all("payments")])
-                .await
-                .unwrap();
+        let (producer, consumer) = payments_clients(&server, checker).await;
         // The sender's pool has one connection, and this test holds it.
         let options = (*pool.connect_options()).clone();
         let sender_pool = sqlx::pool::PoolOptions::<DB>::new()
