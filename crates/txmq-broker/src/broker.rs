@@ -51,6 +51,8 @@ pub struct Broker {
     pub(crate) transactions: Arc<Transactions>,
     pub(crate) delivery: Delivery,
     pub(crate) sessions: Sessions,
+    /// Check-backs sent and not answered yet.
+    pub(crate) open_checks: crate::transactions::check_back::OpenChecks,
     /// Held (shared) by every change of broker state from before its record is appended
     /// until it is applied in memory; a snapshot takes it exclusively, so the state it saves
     /// is exactly that of the log below the position it names.
@@ -78,6 +80,7 @@ impl Broker {
             transactions: Arc::default(),
             delivery: Delivery::default(),
             sessions: Sessions::default(),
+            open_checks: Default::default(),
             gate: Arc::new(RwLock::new(())),
             nonce,
             snapshot_at: std::sync::atomic::AtomicU64::new(u64::MAX),

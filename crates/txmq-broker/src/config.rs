@@ -40,6 +40,9 @@ pub struct BrokerConfig {
     pub transaction_check_max: u32,
     /// Delay between check-backs, doubling from this (default 6 s) up to 5 minutes.
     pub transaction_check_interval_ms: u64,
+    /// Check-backs a producer's stream is sent at a time, each open until its transaction
+    /// is decided or its interval passes (default 8); more wait, uncounted.
+    pub transaction_checks_per_producer: u32,
     /// Delivery attempts of a consumer group before dead-lettering (default 16).
     pub default_max_attempts: u32,
 }
@@ -62,6 +65,7 @@ impl Default for BrokerConfig {
             transaction_timeout_ms: 6_000,
             transaction_check_max: 15,
             transaction_check_interval_ms: 6_000,
+            transaction_checks_per_producer: 8,
             default_max_attempts: 16,
         }
     }
@@ -115,6 +119,9 @@ impl BrokerConfig {
                 "TRANSACTION_CHECK_INTERVAL_MS" => {
                     self.transaction_check_interval_ms = value.parse().map_err(|e| bad(&e))?
                 }
+                "TRANSACTION_CHECKS_PER_PRODUCER" => {
+                    self.transaction_checks_per_producer = value.parse().map_err(|e| bad(&e))?
+                }
                 "DEFAULT_MAX_ATTEMPTS" => {
                     self.default_max_attempts = value.parse().map_err(|e| bad(&e))?
                 }
@@ -150,6 +157,9 @@ impl BrokerConfig {
         }
         if self.transaction_check_max == 0 {
             return Err("transaction_check_max must be at least 1".into());
+        }
+        if self.transaction_checks_per_producer == 0 {
+            return Err("transaction_checks_per_producer must be at least 1".into());
         }
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return Err("tls_cert and tls_key must be set together".into());

@@ -354,17 +354,21 @@ async fn bad_requests_get_rocketmq_status_codes_and_garbage_does_not_disturb_oth
     server.stop().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_open_transaction_is_checked_back_on_the_telemetry_stream_and_the_answer_commits_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = with_pay_topic(dir.path()).await;
-    let mut c = client(&server).await;
-    // A producer declares the topic on its Telemetry stream and gets settings back.
+/// The Telemetry stream of producer `client_id` that declared `topic`, once the broker
+/// answered its settings: the sender that keeps it open, and what the broker sends on it.
+async fn producer_stream(
+    c: &mut MessagingServiceClient<Channel>,
+    client_id: &str,
+    topic: &str,
+) -> (
+    tokio::sync::mpsc::Sender<pb::TelemetryCommand>,
+    tonic::Streaming<pb::TelemetryCommand>,
+) {
     let (tx, rx) = tokio::sync::mpsc::channel(8);
     let settings = pb::Settings {
         client_type: Some(pb::ClientType::Producer as i32),
         pub_sub: Some(pb::settings::PubSub::Publishing(pb::Publishing {
-            topics: vec![resource("pay").unwrap()],
+            topics: vec![resource(topic).unwrap()],
             ..Default::default()
         })),
         ..Default::default()
@@ -377,7 +381,7 @@ async fn an_open_transaction_is_checked_back_on_the_telemetry_stream_and_the_ans
     .unwrap();
     let mut inbound = c
         .telemetry(req(
-            "producer-1",
+            client_id,
             tokio_stream::wrappers::ReceiverStream::new(rx),
         ))
         .await
@@ -392,6 +396,29 @@ async fn an_open_transaction_is_checked_back_on_the_telemetry_stream_and_the_ans
         matches!(first.command, Some(telemetry_command::Command::Settings(_))),
         "{first:?}"
     );
+    (tx, inbound)
+}
+
+/// The next check-back on `inbound` within `wait`: its transaction id, or None.
+async fn next_check(
+    inbound: &mut tonic::Streaming<pb::TelemetryCommand>,
+    wait: Duration,
+) -> Option<String> {
+    let cmd = tokio::time::timeout(wait, inbound.next()).await.ok()?;
+    match cmd.unwrap().unwrap().command {
+        Some(telemetry_command::Command::RecoverOrphanedTransactionCommand(c)) => {
+            Some(c.transaction_id)
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_transaction_is_checked_back_on_the_telemetry_stream_and_the_answer_commits_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = with_pay_topic(dir.path()).await;
+    let mut c = client(&server).await;
+    let (tx, mut inbound) = producer_stream(&mut c, "producer-1", "pay").await;
     let sent = c
         .send_message(req(
             "producer-1",
@@ -714,5 +741,107 @@ async fn end_transactions_decides_each_entry_on_its_own_in_one_call() {
     assert_eq!(bodies, [&b"t1"[..]]);
     let open = server.broker.transactions().get(&ids[2]).unwrap();
     assert_eq!(open.state, txmq_broker::transactions::TxState::Prepared);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_is_sent_a_few_check_backs_at_a_time_and_each_answer_makes_room() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(BrokerConfig {
+        transaction_checks_per_producer: 3,
+        // Long enough that no check closes by its time during the test.
+        transaction_check_interval_ms: 20_000,
+        ..config(dir.path())
+    })
+    .await
+    .unwrap();
+    server
+        .broker
+        .metadata()
+        .create_topic("pay", txmq_broker::metadata::TopicType::Transaction, 2)
+        .unwrap();
+    let mut c = client(&server).await;
+    let (keep, mut inbound) = producer_stream(&mut c, "producer-1", "pay").await;
+    let mut open = std::collections::HashMap::new();
+    for i in 0..8 {
+        let id = format!("m{i}");
+        let sent = c
+            .send_message(req(
+                "producer-1",
+                pb::SendMessageRequest {
+                    messages: vec![message("pay", &id, MessageType::Transaction, vec![1])],
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(code(&sent.status), Code::Ok);
+        open.insert(sent.entries[0].transaction_id.clone(), id);
+    }
+    let checked = |server: &Server| -> u32 {
+        let txs = server
+            .broker
+            .transactions()
+            .list(&[txmq_broker::transactions::TxState::Prepared]);
+        txs.iter().map(|t| t.checks).sum()
+    };
+    // All 8 are due after 300 ms; the producer gets 3, and no more while it answers none.
+    let mut asked = Vec::new();
+    for _ in 0..3 {
+        asked.push(
+            next_check(&mut inbound, Duration::from_secs(5))
+                .await
+                .unwrap(),
+        );
+    }
+    assert_eq!(
+        next_check(&mut inbound, Duration::from_millis(1_500)).await,
+        None
+    );
+    assert_eq!(checked(&server), 3, "only checks sent count");
+    // Each answer, whatever it decides, makes room for one more, until every transaction
+    // was asked once.
+    let mut answered = 0;
+    while let Some(id) = asked.pop() {
+        let message_id = open.remove(&id).expect("each transaction is asked once");
+        let resolution = if answered % 2 == 0 {
+            pb::TransactionResolution::Commit
+        } else {
+            pb::TransactionResolution::Rollback
+        };
+        let end = c
+            .end_transaction(req(
+                "producer-1",
+                pb::EndTransactionRequest {
+                    topic: resource("pay"),
+                    message_id,
+                    transaction_id: id,
+                    resolution: resolution as i32,
+                    source: pb::TransactionSource::SourceServerCheck as i32,
+                    trace_context: String::new(),
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(code(&end.status), Code::Ok);
+        answered += 1;
+        if open.len() > asked.len() {
+            asked.push(
+                next_check(&mut inbound, Duration::from_secs(5))
+                    .await
+                    .unwrap(),
+            );
+        }
+    }
+    assert_eq!(answered, 8);
+    assert!(open.is_empty(), "{open:?}");
+    assert_eq!(
+        next_check(&mut inbound, Duration::from_millis(500)).await,
+        None
+    );
+    let (_, msgs) = receive(&mut c, "g", "pay").await;
+    assert_eq!(msgs.len(), 4, "the four commits, and none of the rollbacks");
+    drop(keep);
     server.stop().await.unwrap();
 }

@@ -514,6 +514,11 @@ impl Broker {
 
     /// [`Broker::end_transactions`], in the caller's task.
     async fn decide_all(&self, ends: &[End]) -> Vec<BrokerResult<TxState>> {
+        // An answer to a check-back, whatever it decides, leaves its producer room for the
+        // next check.
+        for end in ends {
+            self.open_checks.decided(&end.id);
+        }
         let mut outcomes: Vec<Option<BrokerResult<TxState>>> = vec![None; ends.len()];
         let mut mine = Vec::new();
         let mut waiting = Vec::new();
@@ -675,17 +680,24 @@ impl Broker {
         Ok(())
     }
 
-    /// Records that a check-back was sent, and when the next is due.
-    pub(crate) async fn record_check(&self, id: &str) -> BrokerResult<()> {
-        let at = self
-            .store
-            .append(vec![tx_record(RecordKind::TxCheck, id, b"")])
-            .await?;
-        let interval = |checks| self.check_interval_ms(checks);
-        self.transactions.update(id, |tx| {
-            tx.checks += 1;
-            tx.next_check_ms = at[0].store_timestamp + interval(tx.checks);
-        });
+    /// Records that a check-back of each of `ids` was sent, in one append, and when the
+    /// next of each is due.
+    pub(crate) async fn record_checks(&self, ids: &[String]) -> BrokerResult<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let records = ids
+            .iter()
+            .map(|id| tx_record(RecordKind::TxCheck, id, b""))
+            .collect();
+        let stored = self.store.append(records).await?;
+        for (id, at) in ids.iter().zip(stored) {
+            let interval = |checks| self.check_interval_ms(checks);
+            self.transactions.update(id, |tx| {
+                tx.checks += 1;
+                tx.next_check_ms = at.store_timestamp + interval(tx.checks);
+            });
+        }
         Ok(())
     }
 
