@@ -363,30 +363,30 @@ impl Broker {
                     "a FIFO message needs a message group of 1 to 256 characters",
                 ));
             }
-            SendType::Delay => {
+            SendType::Delay if m.delivery_timestamp.is_none() => {
+                return Err(BrokerError::new(
+                    Code::IllegalDeliveryTime,
+                    "a delay message needs a delivery time",
+                ));
+            }
+            // A committed transactional message with a delivery time is delayed too.
+            SendType::Delay | SendType::Transaction => {
                 // A delayed message is kept as long as any other: retention removes its
                 // segment once it is older than the retention time, delivered or not. So it
                 // must be due before then.
                 let now = crate::now_ms();
                 let hours = self.config.retention_hours;
                 let longest = i64::try_from(hours.saturating_mul(3_600_000)).unwrap_or(i64::MAX);
-                match m.delivery_timestamp {
-                    Some(t) if t <= now.saturating_add(longest) => {}
-                    Some(_) => {
-                        return Err(BrokerError::new(
-                            Code::IllegalDeliveryTime,
-                            format!(
-                                "delivery time is more than {hours} hours ahead, the log's \
-                                 retention time (retention_hours)"
-                            ),
-                        ));
-                    }
-                    None => {
-                        return Err(BrokerError::new(
-                            Code::IllegalDeliveryTime,
-                            "a delay message needs a delivery time",
-                        ));
-                    }
+                if m.delivery_timestamp
+                    .is_some_and(|t| t > now.saturating_add(longest))
+                {
+                    return Err(BrokerError::new(
+                        Code::IllegalDeliveryTime,
+                        format!(
+                            "delivery time is more than {hours} hours ahead, the log's \
+                             retention time (retention_hours)"
+                        ),
+                    ));
                 }
             }
             _ => {}

@@ -23,17 +23,50 @@ pub fn dlq_topic(group: &str) -> String {
     format!("{DLQ_PREFIX}{group}")
 }
 
+/// Longest name of a topic's directory in the store: one file name.
+const MAX_STORED_NAME: usize = 255;
+
+/// The length of `topic`'s directory name in the store, which spells each byte other than
+/// `[A-Za-z0-9_-]` in three.
+fn stored_len(topic: &str) -> usize {
+    topic
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' {
+                1
+            } else {
+                3
+            }
+        })
+        .sum()
+}
+
 fn charset_ok(s: &str) -> bool {
     s.bytes()
         .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'%' || b == b'|')
 }
 
 /// Checks a topic name a client wants to send to or create.
+///
+/// A group's dead-letter topic, `%DLQ%<group>`, is checked as its group is: it may be
+/// longer than other topics.
 pub fn check_topic(topic: &str) -> Result<(), BrokerError> {
-    if topic.is_empty() || topic.len() > MAX_TOPIC_LEN || !charset_ok(topic) {
+    if let Some(group) = topic.strip_prefix(DLQ_PREFIX)
+        && check_group(group).is_ok()
+    {
+        return Ok(());
+    }
+    if topic.is_empty()
+        || topic.len() > MAX_TOPIC_LEN
+        || !charset_ok(topic)
+        || stored_len(topic) > MAX_STORED_NAME
+    {
         return Err(BrokerError::new(
             Code::IllegalTopic,
-            format!("illegal topic {topic:?}: 1 to {MAX_TOPIC_LEN} characters of [A-Za-z0-9_-%|]"),
+            format!(
+                "illegal topic {topic:?}: 1 to {MAX_TOPIC_LEN} characters of [A-Za-z0-9_-%|], \
+                 each % and | counting three towards {MAX_STORED_NAME}"
+            ),
         ));
     }
     if topic.starts_with(SYSTEM_PREFIX) {
@@ -51,11 +84,14 @@ pub fn check_group(group: &str) -> Result<(), BrokerError> {
         || group.len() > MAX_GROUP_LEN
         || !charset_ok(group)
         || group.starts_with(SYSTEM_PREFIX)
+        || stored_len(&dlq_topic(group)) > MAX_STORED_NAME
     {
         return Err(BrokerError::new(
             Code::IllegalConsumerGroup,
             format!(
-                "illegal consumer group {group:?}: 1 to {MAX_GROUP_LEN} characters of [A-Za-z0-9_-%|]"
+                "illegal consumer group {group:?}: 1 to {MAX_GROUP_LEN} characters of \
+                 [A-Za-z0-9_-%|], and its dead-letter topic %DLQ%<group> at most \
+                 {MAX_STORED_NAME} with each % and | counting three"
             ),
         ));
     }
@@ -100,6 +136,29 @@ mod tests {
         assert!(check_topic("%SYS%TX").is_err());
         assert!(check_topic(&"x".repeat(128)).is_err());
         assert_eq!(check_topic("a/b").unwrap_err().code, Code::IllegalTopic);
+        // Each % and | takes three bytes of the topic's directory name in the store.
+        assert!(check_topic(&"%".repeat(85)).is_ok());
+        assert!(check_topic(&"%".repeat(86)).is_err());
+    }
+
+    #[test]
+    fn every_group_that_is_accepted_has_a_dead_letter_topic_that_is_too() {
+        for group in [
+            "g".to_string(),
+            "g".repeat(246),
+            "%".repeat(82),
+            format!("{}|", "g".repeat(243)),
+        ] {
+            assert!(check_group(&group).is_ok(), "{group}");
+            assert!(check_topic(&dlq_topic(&group)).is_ok(), "{group}");
+        }
+        for group in ["g".repeat(247), "%".repeat(83), "g".repeat(256)] {
+            assert_eq!(
+                check_group(&group).unwrap_err().code,
+                Code::IllegalConsumerGroup
+            );
+            assert!(check_topic(&dlq_topic(&group)).is_err(), "{group}");
+        }
     }
 
     #[test]

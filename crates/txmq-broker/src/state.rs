@@ -97,7 +97,16 @@ impl Broker {
         config: BrokerConfig,
         store_config: StoreConfig,
     ) -> anyhow::Result<Arc<Self>> {
-        let store = Arc::new(Store::open(store_config)?);
+        Self::open_on(config, Store::open(store_config)?)
+    }
+
+    /// As [`Broker::open`], on a store the caller opened (through an I/O layer of its own,
+    /// for instance).
+    ///
+    /// # Errors
+    /// As [`Broker::open`], but for the store's own.
+    pub fn open_on(config: BrokerConfig, store: Store) -> anyhow::Result<Arc<Self>> {
+        let store = Arc::new(store);
         let metadata = Metadata::load(store.state_files().clone())?;
         let mut broker = Self::assemble(config, store, metadata);
         let files = broker.store.state_files().clone();
@@ -229,7 +238,14 @@ impl Broker {
             .iter()
             .partition(|f| f.newest_ms < keep_after);
         let upto = decisions.upto;
+        let store = self.store.clone();
         let (listed, oldest_open) = tokio::task::spawn_blocking(move || {
+            // The snapshot stands for the log up to `position`, so that part of the log is
+            // made durable first (it may not be yet with async durability). Otherwise a power
+            // loss would leave the snapshot past the log's end: the records written next
+            // would land below its position, and the replay after a second loss would skip
+            // them.
+            store.sync_blocking()?;
             let (open, decided) = transactions.split(upto);
             let oldest_open = open.iter().map(|t| t.half_position).min();
             if !decided.is_empty() {

@@ -9,6 +9,8 @@ use txmq_broker::metadata::TopicType;
 use txmq_broker::transactions::{Resolution, TxState};
 use txmq_broker::{Broker, BrokerConfig};
 use txmq_proto::v2::Code;
+use txmq_store::Store;
+use txmq_store::io::SimIo;
 
 fn config(dir: &std::path::Path) -> BrokerConfig {
     BrokerConfig {
@@ -25,6 +27,16 @@ fn config(dir: &std::path::Path) -> BrokerConfig {
 
 fn open(dir: &std::path::Path) -> Arc<Broker> {
     Broker::open(config(dir)).expect("open broker")
+}
+
+/// A broker on a simulated file system, where the disk can fill and the power go.
+fn open_sim(io: &SimIo) -> Arc<Broker> {
+    open_sim_with(io, config(std::path::Path::new("/srv/txmq")))
+}
+
+fn open_sim_with(io: &SimIo, cfg: BrokerConfig) -> Arc<Broker> {
+    let store = Store::open_with(cfg.store_config(), Arc::new(io.clone())).expect("open store");
+    Broker::open_on(cfg, store).expect("open broker")
 }
 
 fn msg(topic: &str, id: &str, send_type: SendType) -> NewMessage {
@@ -1125,6 +1137,16 @@ async fn delays_and_backoffs_longer_than_the_broker_keeps_or_allows_are_refused(
     assert_eq!(err.code, Code::IllegalDeliveryTime);
     assert!(err.message.contains("retention"), "{}", err.message);
     b.send(vec![delayed(71)]).await.unwrap();
+    // So must a transactional message with a delivery time, delayed once committed.
+    b.metadata()
+        .create_topic("pay-later", TopicType::Transaction, 1)
+        .unwrap();
+    let mut half = msg("pay-later", "h", SendType::Transaction);
+    half.delivery_timestamp = Some(txmq_broker::now_ms() + 73 * hour);
+    let err = b.send(vec![half.clone()]).await.unwrap_err();
+    assert_eq!(err.code, Code::IllegalDeliveryTime);
+    half.delivery_timestamp = Some(txmq_broker::now_ms() + 71 * hour);
+    b.send(vec![half]).await.unwrap();
     // A backoff step is a ChangeInvisibleDuration: 12 hours at most.
     let err = b
         .metadata()
@@ -1151,4 +1173,119 @@ async fn a_recheck_whose_caller_goes_away_leaves_nothing_stuck() {
     .expect("the commit waits for a recheck whose caller went away");
     assert_eq!(commit.unwrap(), TxState::Committed);
     assert_eq!(drain(&b, "g", "pay").await, vec![message.clone()]);
+}
+
+#[tokio::test]
+async fn a_dead_letter_move_that_fails_leaves_its_message_to_be_moved_or_acknowledged_later() {
+    let io = SimIo::new();
+    let b = open_sim(&io);
+    // Group g fails "poison" once, its max; group h has "forwarded" out with a consumer.
+    b.metadata().put_group("g", 1, false, Vec::new()).unwrap();
+    b.send(vec![msg("t", "poison", SendType::Normal)])
+        .await
+        .unwrap();
+    let got = b.receive(&receive("g", "t", 30_000)).await.unwrap();
+    b.change_invisible("g", "t", &got[0].handle, 0).unwrap();
+    b.send(vec![msg("f", "forwarded", SendType::Normal)])
+        .await
+        .unwrap();
+    let out = b.receive(&receive("h", "f", 30_000)).await.unwrap();
+    let handle = out[0].handle.clone();
+    // The disk is full: neither dead-letter topic can be made.
+    io.set_capacity(Some(io.used_bytes()));
+    assert!(b.receive(&receive("g", "t", 30_000)).await.is_err());
+    assert!(b.forward_to_dead_letter("h", "f", &handle).await.is_err());
+    assert_eq!(b.group_stats("g").dead_lettered, 0);
+    io.set_capacity(None);
+    // The failed move is made by the next receive; the failed forward left the message
+    // out with its consumer, whose handle still acknowledges it.
+    assert!(
+        b.receive(&receive("g", "t", 30_000))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(b.group_stats("g").dead_lettered, 1);
+    assert_eq!(
+        drain(&b, "dlq-reader", "%DLQ%g").await,
+        vec!["poison".to_string()]
+    );
+    assert!(b.ack("h", "f", &[handle]).await[0].is_ok());
+    let h = b.group_stats("h");
+    assert_eq!((h.lag, h.in_flight, h.dead_lettered), (0, 0, 0));
+}
+
+#[tokio::test]
+async fn a_redrive_cut_short_by_a_power_loss_sends_each_message_back_once() {
+    let mut cut = 0;
+    loop {
+        let io = SimIo::new();
+        let b = open_sim(&io);
+        b.metadata().put_group("g", 1, false, Vec::new()).unwrap();
+        b.send(vec![msg("t", "poison", SendType::Normal)])
+            .await
+            .unwrap();
+        let got = b.receive(&receive("g", "t", 30_000)).await.unwrap();
+        b.change_invisible("g", "t", &got[0].handle, 0).unwrap();
+        assert!(
+            b.receive(&receive("g", "t", 30_000))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(b.group_stats("g").dead_lettered, 1);
+        let before = io.mutations();
+        io.cut_power_after(before + cut);
+        let redriven = b.redrive("g", 10).await;
+        let whole = redriven.is_ok() && io.mutations() < before + cut;
+        for seed in 0..3 {
+            let image = io.crash(seed);
+            let b = open_sim(&image);
+            // Whatever the first redrive left, one more sends back what it did not.
+            b.redrive("g", 10).await.unwrap();
+            assert_eq!(
+                drain(&b, "g", "t").await,
+                vec!["poison".to_string()],
+                "power cut after {cut} of the redrive's writes, seed {seed}"
+            );
+        }
+        if whole {
+            break;
+        }
+        cut += 1;
+        assert!(cut < 500, "the redrive never finished");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_async_durability_a_snapshot_never_stands_for_log_a_power_loss_takes() {
+    let lazy = BrokerConfig {
+        durability: "async".into(),
+        // No flush of its own during the test.
+        async_flush_ms: 3_600_000,
+        ..config(std::path::Path::new("/srv/txmq"))
+    };
+    for seed in 0..4 {
+        let io = SimIo::new();
+        let b = open_sim_with(&io, lazy.clone());
+        let mut big = msg("t", "big", SendType::Normal);
+        big.body = vec![7; 32 << 10];
+        b.send(vec![big]).await.unwrap();
+        b.snapshot().await.unwrap();
+        let io = io.crash(seed);
+        drop(b);
+        // Next run: a transaction opened and made durable, then the power goes again
+        // before any snapshot.
+        let b = open_sim_with(&io, config(std::path::Path::new("/srv/txmq")));
+        let opened = halves(&b, "pay", 1).await;
+        let io = io.crash(seed);
+        drop(b);
+        let b = open_sim_with(&io, config(std::path::Path::new("/srv/txmq")));
+        let tx = b.transactions().get(&opened[0].1);
+        assert_eq!(
+            tx.map(|t| t.state),
+            Some(TxState::Prepared),
+            "seed {seed}: the durable half message opens its transaction after the restart"
+        );
+    }
 }

@@ -184,6 +184,31 @@ struct DeadLetter {
     epoch: u32,
 }
 
+/// Acknowledgements being written: the outcome of each handle so far, and the messages
+/// settled for them, with the index of their handle and how they were.
+struct Acks {
+    outcomes: Vec<BrokerResult<()>>,
+    taken: Vec<(usize, ReceiptHandle, Pending)>,
+}
+
+impl Acks {
+    /// The records that store the acknowledgements of a group.
+    fn records(&self, group: &str) -> Vec<RecordData> {
+        self.taken
+            .iter()
+            .map(|(_, h, _)| {
+                let body = format!("ack {}", origin(group, &h.topic, h.queue, h.offset));
+                RecordData::new(
+                    RecordKind::DeliveryState,
+                    DELIVERY_TOPIC,
+                    0,
+                    body.into_bytes(),
+                )
+            })
+            .collect()
+    }
+}
+
 /// What one look at a group's queues found.
 struct Collected {
     delivered: Vec<Delivered>,
@@ -719,8 +744,38 @@ impl Broker {
             .ok_or_else(|| BrokerError::internal(format!("{topic}/{queue}@{offset} is missing")))
     }
 
-    /// Moves messages past their max attempts to the group's dead-letter topic.
+    /// Moves messages past their max attempts to the group's dead-letter topic. When the
+    /// move fails, nothing was stored, and the messages are due again.
     async fn dead_letter(&self, group: &str, dead: Vec<DeadLetter>) -> BrokerResult<()> {
+        let Err(e) = self.move_to_dead_letter(group, &dead).await else {
+            return Ok(());
+        };
+        // Not moved: they stay due and are tried again on the next receive.
+        let mut groups = self.delivery.lock();
+        let states = groups.entry(group.to_string()).or_default();
+        for d in dead {
+            let st = states
+                .entry((d.record.data.topic.clone(), d.record.data.queue_id))
+                .or_default();
+            st.pending.insert(
+                d.record.queue_offset,
+                Pending {
+                    visible_at: 0,
+                    attempt: d.attempts,
+                    epoch: d.epoch,
+                    delivered: false,
+                    message_group: sys(&d.record.data, prop::MESSAGE_GROUP).map(str::to_string),
+                    renew_for: None,
+                    renew_until: 0,
+                },
+            );
+        }
+        Err(e)
+    }
+
+    /// Stores copies of `dead` in the group's dead-letter topic and takes them out of their
+    /// queues. On an error nothing was stored, and nothing changed in memory.
+    async fn move_to_dead_letter(&self, group: &str, dead: &[DeadLetter]) -> BrokerResult<()> {
         if dead.is_empty() {
             return Ok(());
         }
@@ -749,57 +804,29 @@ impl Broker {
                 )
             })
             .collect();
-        match self.store.append(records).await {
-            Ok(_) => {
-                let mut groups = self.delivery.lock();
-                let states = groups.entry(group.to_string()).or_default();
-                for d in &dead {
-                    let st = states
-                        .entry((d.record.data.topic.clone(), d.record.data.queue_id))
-                        .or_default();
-                    st.progress.dead += 1;
-                    st.ack(d.record.queue_offset);
-                }
-                drop(groups);
-                tracing::info!(
-                    group,
-                    count = dead.len(),
-                    "moved messages to the dead-letter topic"
-                );
-                self.arrived(&topic);
-                // A move may free the next message of a FIFO message group.
-                let sources: BTreeSet<&str> =
-                    dead.iter().map(|d| d.record.data.topic.as_str()).collect();
-                for source in sources {
-                    self.arrived(source);
-                }
-                Ok(())
-            }
-            Err(e) => {
-                // Not moved: they stay due and are tried again on the next receive.
-                let mut groups = self.delivery.lock();
-                let states = groups.entry(group.to_string()).or_default();
-                for d in dead {
-                    let st = states
-                        .entry((d.record.data.topic.clone(), d.record.data.queue_id))
-                        .or_default();
-                    st.pending.insert(
-                        d.record.queue_offset,
-                        Pending {
-                            visible_at: 0,
-                            attempt: d.attempts,
-                            epoch: d.epoch,
-                            delivered: false,
-                            message_group: sys(&d.record.data, prop::MESSAGE_GROUP)
-                                .map(str::to_string),
-                            renew_for: None,
-                            renew_until: 0,
-                        },
-                    );
-                }
-                Err(e.into())
-            }
+        self.store.append(records).await?;
+        let mut groups = self.delivery.lock();
+        let states = groups.entry(group.to_string()).or_default();
+        for d in dead {
+            let st = states
+                .entry((d.record.data.topic.clone(), d.record.data.queue_id))
+                .or_default();
+            st.progress.dead += 1;
+            st.ack(d.record.queue_offset);
         }
+        drop(groups);
+        tracing::info!(
+            group,
+            count = dead.len(),
+            "moved messages to the dead-letter topic"
+        );
+        self.arrived(&topic);
+        // A move may free the next message of a FIFO message group.
+        let sources: BTreeSet<&str> = dead.iter().map(|d| d.record.data.topic.as_str()).collect();
+        for source in sources {
+            self.arrived(source);
+        }
+        Ok(())
     }
 
     /// Changes the message a handle names, under the delivery lock, after checking that the
@@ -882,7 +909,18 @@ impl Broker {
     /// [`Broker::ack`], in the caller's task.
     async fn ack_now(&self, group: &str, topic: &str, handles: &[String]) -> Vec<BrokerResult<()>> {
         let _gate = self.gate.read().await;
-        let mut results: Vec<BrokerResult<()>> = Vec::with_capacity(handles.len());
+        let acks = self.take_acks(group, topic, handles);
+        if acks.taken.is_empty() {
+            return acks.outcomes;
+        }
+        let stored = self.store.append(acks.records(group)).await;
+        self.finish_acks(group, topic, acks, stored.map(drop).map_err(Into::into))
+    }
+
+    /// Settles the messages `handles` name, for their acknowledgements to be written (under
+    /// the snapshot gate).
+    fn take_acks(&self, group: &str, topic: &str, handles: &[String]) -> Acks {
+        let mut outcomes: Vec<BrokerResult<()>> = Vec::with_capacity(handles.len());
         let mut taken = Vec::new();
         for (i, raw) in handles.iter().enumerate() {
             match ReceiptHandle::parse(raw)
@@ -890,28 +928,29 @@ impl Broker {
             {
                 Ok((h, p)) => {
                     taken.push((i, h, p));
-                    results.push(Ok(()));
+                    outcomes.push(Ok(()));
                 }
-                Err(e) => results.push(Err(e)),
+                Err(e) => outcomes.push(Err(e)),
             }
         }
-        if taken.is_empty() {
-            return results;
-        }
-        let records = taken
-            .iter()
-            .map(|(_, h, _)| {
-                let body = format!("ack {}", origin(group, &h.topic, h.queue, h.offset));
-                RecordData::new(
-                    RecordKind::DeliveryState,
-                    DELIVERY_TOPIC,
-                    0,
-                    body.into_bytes(),
-                )
-            })
-            .collect();
-        match self.store.append(records).await {
-            Ok(_) => {
+        Acks { outcomes, taken }
+    }
+
+    /// Applies acknowledgements whose records were `stored`, or puts their messages back as
+    /// they were if not: the outcome of each handle.
+    fn finish_acks(
+        &self,
+        group: &str,
+        topic: &str,
+        acks: Acks,
+        stored: BrokerResult<()>,
+    ) -> Vec<BrokerResult<()>> {
+        let Acks {
+            mut outcomes,
+            taken,
+        } = acks;
+        match stored {
+            Ok(()) => {
                 let mut groups = self.delivery.lock();
                 let states = groups.entry(group.to_string()).or_default();
                 for (_, h, _) in &taken {
@@ -924,15 +963,14 @@ impl Broker {
                 // An ack may free the next message of a FIFO message group.
                 self.arrived(topic);
             }
-            Err(e) => {
-                let err = BrokerError::from(e);
+            Err(err) => {
                 for (i, h, p) in taken {
                     self.put_back(group, &h, p);
-                    results[i] = Err(err.clone());
+                    outcomes[i] = Err(err.clone());
                 }
             }
         }
-        results
+        outcomes
     }
 
     /// Changes how long a delivered message stays invisible (a negative acknowledgement when
@@ -1000,15 +1038,19 @@ impl Broker {
                 return Err(e);
             }
         };
-        self.dead_letter(
-            group,
-            vec![DeadLetter {
-                record,
-                attempts: p.attempt,
-                epoch: p.epoch.wrapping_add(1),
-            }],
-        )
-        .await
+        let dead = DeadLetter {
+            record,
+            attempts: p.attempt,
+            epoch: p.epoch.wrapping_add(1),
+        };
+        let moved = self
+            .move_to_dead_letter(group, std::slice::from_ref(&dead))
+            .await;
+        if moved.is_err() {
+            // As it was: still in flight, and the same handle acknowledges it.
+            self.put_back(group, &h, p);
+        }
+        moved
     }
 
     /// Copies dead-lettered messages of a group back to their topics, as new messages
@@ -1048,6 +1090,7 @@ impl Broker {
             renew_for: None,
         };
         let batch = self.receive(&req).await?;
+        // Each copy with the handle that marks its message done.
         let mut copies = Vec::new();
         let mut handles = Vec::new();
         for d in &batch {
@@ -1079,13 +1122,40 @@ impl Broker {
                 )],
             ));
         }
+        if copies.is_empty() {
+            return Ok(0);
+        }
+        // The copies and the marks that they were made go in one append: a crash or a
+        // failed write leaves both or neither, so no message goes back twice.
+        let _gate = self.gate.read().await;
+        let acks = self.take_acks(&redrive_group, &dlq, &handles);
+        let copies: Vec<RecordData> = copies
+            .into_iter()
+            .zip(&acks.outcomes)
+            .filter(|(_, taken)| taken.is_ok())
+            .map(|(copy, _)| copy)
+            .collect();
         let n = copies.len();
         let topics: BTreeSet<String> = copies.iter().map(|c| c.topic.clone()).collect();
-        if !copies.is_empty() {
-            self.store.append(copies).await?;
+        let mut records = copies;
+        records.extend(acks.records(&redrive_group));
+        let stored = if n == 0 {
+            Ok(())
+        } else {
+            self.store
+                .append(records)
+                .await
+                .map(drop)
+                .map_err(Into::into)
+        };
+        let failed = stored.as_ref().err().cloned();
+        let outcomes = self.finish_acks(&redrive_group, &dlq, acks, stored);
+        if let Some(e) = failed {
+            return Err(e);
         }
-        for r in self.ack_now(&redrive_group, &dlq, &handles).await {
-            r?;
+        for e in outcomes.iter().filter_map(|o| o.as_ref().err()) {
+            // Delivered to the redrive again meanwhile: it goes back with a later redrive.
+            tracing::warn!(group, error = %e, "a dead-lettered message was not redriven");
         }
         for t in topics {
             self.arrived(&t);
@@ -1111,13 +1181,16 @@ fn hand_out(
     nonce: u32,
 ) -> Delivered {
     p.attempt += 1;
-    p.epoch += 1;
+    p.epoch = p.epoch.wrapping_add(1);
     p.delivered = true;
     p.visible_at = now + req.invisible_ms;
-    if let Some(client) = &req.renew_for {
-        p.renew_for = Some(client.clone());
-        p.renew_until = now + RENEW_MAX_MS;
-    }
+    // Renewed for this receive's client only, if it asked: never for an earlier one.
+    p.renew_for = req.renew_for.clone();
+    p.renew_until = if p.renew_for.is_some() {
+        now + RENEW_MAX_MS
+    } else {
+        0
+    };
     let handle = ReceiptHandle {
         nonce,
         queue: rec.data.queue_id,
@@ -1135,5 +1208,74 @@ fn hand_out(
         attempt,
         handle: handle.encode(),
         invisible_ms: req.invisible_ms,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(renew_for: Option<&str>, invisible_ms: i64) -> ReceiveRequest {
+        ReceiveRequest {
+            group: "g".into(),
+            topic: "t".into(),
+            queue: None,
+            filter: Filter::All,
+            batch: 1,
+            invisible_ms,
+            long_poll: Duration::ZERO,
+            renew_for: renew_for.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn a_message_delivered_again_is_renewed_only_for_the_client_that_received_it() {
+        let record = Record {
+            position: 0,
+            queue_offset: 0,
+            store_timestamp: 0,
+            data: RecordData::new(RecordKind::Normal, "t", 0, b"x".to_vec()),
+        };
+        let new = Pending {
+            visible_at: 0,
+            attempt: 0,
+            epoch: 0,
+            delivered: false,
+            message_group: None,
+            renew_for: None,
+            renew_until: 0,
+        };
+        let mut st = QueueState::default();
+        // A push consumer receives it, and loses its stream: its invisible time runs out.
+        hand_out(
+            &mut st,
+            0,
+            record.clone(),
+            new,
+            &request(Some("push-a"), 30_000),
+            1_000,
+            1,
+        );
+        let out = st.pending[&0].clone();
+        assert_eq!(out.renew_for.as_deref(), Some("push-a"));
+        // A simple consumer receives it; then the push consumer connects again.
+        let now = 100_000;
+        hand_out(&mut st, 0, record, out, &request(None, 5_000), now, 1);
+        let delivery = Delivery::default();
+        delivery
+            .lock()
+            .entry("g".into())
+            .or_default()
+            .insert(("t".into(), 0), st);
+        let connected = HashSet::from(["push-a".to_string()]);
+        delivery.renew(now + 4_000, &connected, 30_000);
+        let groups = delivery.lock();
+        let p = &groups["g"][&("t".to_string(), 0)].pending[&0];
+        assert_eq!(
+            p.visible_at,
+            now + 5_000,
+            "back after the simple consumer's invisible time, not kept out by the push consumer"
+        );
+        assert_eq!((p.renew_for.as_deref(), p.renew_until), (None, 0));
     }
 }
