@@ -12,6 +12,10 @@
 //!   `UPDATE ... RETURNING` (atomic under the database's write lock) and marks them after
 //!   publishing; a dead relay's rows are due again when the lease ends.
 //!
+//! A lease (SQLite claims, and fast-path rows everywhere) is marked only by its holder:
+//! the marks require `claimed_by` to still name it, so a holder whose lease ran out cannot
+//! mark a row that someone else has taken since.
+//!
 //! Ordered rows: a row with a key and `ordered = 1` is due only when no earlier row of its
 //! key is pending or dead.
 
@@ -104,6 +108,11 @@ pub struct Claimed<DB: sqlx::Database> {
 /// A database the outbox works with: [`sqlx::Postgres`], [`sqlx::MySql`] (MySQL and
 /// MariaDB) or [`sqlx::Sqlite`]. Sealed; its methods are the crate's building blocks.
 pub trait OutboxDb: sqlx::Database + sealed::Sealed {
+    /// Whether the relay claims rows with a lease (`claimed_by`, `claimed_until`) rather
+    /// than with row locks held while it publishes.
+    #[doc(hidden)]
+    const LEASED_CLAIMS: bool = false;
+
     /// Creates the table and its indexes if missing; on PostgreSQL also creates the
     /// NOTIFY trigger (`notify`) or drops it.
     #[doc(hidden)]
@@ -130,11 +139,13 @@ pub trait OutboxDb: sqlx::Database + sealed::Sealed {
     ) -> impl Future<Output = Result<Claimed<Self>, sqlx::Error>> + Send;
 
     /// Marks published rows delivered and failed ones for retry (or dead after
-    /// `max_attempts`), and releases the claim.
+    /// `max_attempts`), and releases the claim. With `holder`, only the rows whose lease
+    /// `claimed_by` still names it are marked.
     #[doc(hidden)]
     fn finish(
         pool: &Pool<Self>,
         claimed: Option<sqlx::Transaction<'static, Self>>,
+        holder: Option<&str>,
         delivered: &[i64],
         failed: &[Failure<'_>],
         now: i64,
@@ -267,11 +278,23 @@ const INSERT: &str = "INSERT INTO txmq_outbox (id, destination, msg_key, ordered
     status, attempts, next_attempt_at, claimed_by, claimed_until, created_at)
     VALUES (?, ?, ?, ?, ?, ?, 'P', 0, ?, ?, ?, ?)";
 
+/// Binds: max attempts, error, next attempt (twice), seq. The next attempt never moves
+/// earlier: a row is not retried before its `not_before`.
 const FAIL: &str = "UPDATE txmq_outbox SET
     status = CASE WHEN attempts + 1 >= ? THEN 'X' ELSE 'P' END,
-    attempts = attempts + 1, last_error = ?, next_attempt_at = ?,
+    attempts = attempts + 1, last_error = ?,
+    next_attempt_at = CASE WHEN next_attempt_at > ? THEN next_attempt_at ELSE ? END,
     claimed_by = NULL, claimed_until = 0
     WHERE seq = ? AND status = 'P'";
+
+/// What the marks add for a lease's `holder` (bound last).
+fn held_by(holder: Option<&str>) -> &'static str {
+    if holder.is_some() {
+        " AND claimed_by = ?"
+    } else {
+        ""
+    }
+}
 
 const LIST: &str = "SELECT seq, id, destination, msg_key, attempts, last_error, created_at
     FROM txmq_outbox WHERE status = ? ORDER BY seq LIMIT ?";
@@ -330,7 +353,10 @@ mod pg {
 }
 
 mod mysql {
-    // Indexes inline: MySQL has no CREATE INDEX IF NOT EXISTS.
+    // Indexes inline: MySQL has no CREATE INDEX IF NOT EXISTS. The character set and
+    // collation are the table's own, not the database's defaults (often latin1, or
+    // case-insensitive): any Unicode text fits, and ids, keys and destinations match byte
+    // for byte, as on PostgreSQL and SQLite.
     pub const DDL: &[&str] = &["CREATE TABLE IF NOT EXISTS txmq_outbox (
             seq BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
             id VARCHAR(128) NOT NULL,
@@ -349,7 +375,25 @@ mod mysql {
             delivered_at BIGINT,
             UNIQUE KEY txmq_outbox_id (id),
             KEY txmq_outbox_status_seq (status, seq),
-            KEY txmq_outbox_key_seq (msg_key, seq)) ENGINE=InnoDB"];
+            KEY txmq_outbox_key_seq (msg_key, seq))
+        ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin"];
+
+    // The server flags a text column of a binary collation as binary, and sqlx then
+    // refuses to decode it as a `String`: text columns are read converted, which gives
+    // them the character set's default collation (whatever the table's, so tables made
+    // before it had its own collation read the same).
+
+    /// [`COLUMNS`](super::COLUMNS), decodable.
+    pub const COLUMNS: &str = "seq, CONVERT(id USING utf8mb4),
+        CONVERT(destination USING utf8mb4), CONVERT(msg_key USING utf8mb4),
+        CONVERT(headers USING utf8mb4), payload, attempts, created_at";
+
+    /// [`LIST`](super::LIST), decodable.
+    pub const LIST: &str = "SELECT seq, CONVERT(id USING utf8mb4),
+        CONVERT(destination USING utf8mb4), CONVERT(msg_key USING utf8mb4), attempts,
+        CONVERT(last_error USING utf8mb4), created_at
+        FROM txmq_outbox WHERE status = ? ORDER BY seq LIMIT ?";
+
     /// Claims and cleanups read committed rows and lock only the rows they take (no gap
     /// locks that would hold up inserts). `SET TRANSACTION` applies to the next
     /// transaction only.
@@ -383,7 +427,7 @@ mod sqlite {
 
 /// The statements every database shares, written against one driver's concrete types.
 macro_rules! common {
-    ($sql:expr) => {
+    ($sql:expr, $list:expr) => {
         async fn list(
             pool: &Pool<Self>,
             status: &str,
@@ -397,7 +441,7 @@ macro_rules! common {
                 i64,
                 Option<String>,
                 i64,
-            )> = sqlx::query_as(&$sql(LIST))
+            )> = sqlx::query_as(&$sql(&$list))
                 .bind(status)
                 .bind(limit)
                 .fetch_all(pool)
@@ -481,30 +525,38 @@ macro_rules! bind_row {
     };
 }
 
-/// Marks rows on `conn`: the delivered ones in one statement, the failed ones each.
+/// Marks rows on `conn`: the delivered ones in one statement, the failed ones each; with
+/// a `holder`, only the rows its lease still holds.
 macro_rules! mark {
-    ($conn:expr, $sql:expr, $delivered:expr, $failed:expr, $now:expr, $max:expr) => {{
+    ($conn:expr, $sql:expr, $holder:expr, $delivered:expr, $failed:expr, $now:expr, $max:expr) => {{
         if !$delivered.is_empty() {
             let sql = $sql(&format!(
                 "UPDATE txmq_outbox SET status = 'D', delivered_at = ?, claimed_by = NULL,
-                 claimed_until = 0 WHERE status = 'P' AND seq IN ({})",
-                marks($delivered.len())
+                 claimed_until = 0 WHERE status = 'P' AND seq IN ({}){}",
+                marks($delivered.len()),
+                held_by($holder)
             ));
             let mut q = sqlx::query(&sql).bind($now);
             for seq in $delivered {
                 q = q.bind(*seq);
             }
+            if let Some(h) = $holder {
+                q = q.bind(h);
+            }
             q.execute(&mut *$conn).await?;
         }
-        let fail = $sql(FAIL);
+        let fail = $sql(&format!("{FAIL}{}", held_by($holder)));
         for f in $failed {
-            sqlx::query(&fail)
+            let mut q = sqlx::query(&fail)
                 .bind(i64::from($max))
                 .bind(clip(f.error))
                 .bind(f.next_attempt_at)
-                .bind(f.seq)
-                .execute(&mut *$conn)
-                .await?;
+                .bind(f.next_attempt_at)
+                .bind(f.seq);
+            if let Some(h) = $holder {
+                q = q.bind(h);
+            }
+            q.execute(&mut *$conn).await?;
         }
         Ok::<(), sqlx::Error>(())
     }};
@@ -516,6 +568,7 @@ macro_rules! finish_with_question_marks {
         async fn finish(
             pool: &Pool<Self>,
             claimed: Option<sqlx::Transaction<'static, Self>>,
+            holder: Option<&str>,
             delivered: &[i64],
             failed: &[Failure<'_>],
             now: i64,
@@ -528,6 +581,7 @@ macro_rules! finish_with_question_marks {
             mark!(
                 tx,
                 |s: &str| s.to_string(),
+                holder,
                 delivered,
                 failed,
                 now,
@@ -588,6 +642,7 @@ impl OutboxDb for Postgres {
     async fn finish(
         pool: &Pool<Self>,
         claimed: Option<sqlx::Transaction<'static, Self>>,
+        holder: Option<&str>,
         delivered: &[i64],
         failed: &[Failure<'_>],
         now: i64,
@@ -599,17 +654,27 @@ impl OutboxDb for Postgres {
         };
         if !delivered.is_empty() {
             // One statement for any number of rows, found through the index.
-            sqlx::query(
-                "UPDATE txmq_outbox SET status = 'D', delivered_at = $1, claimed_by = NULL,
-                 claimed_until = 0 WHERE status = 'P' AND seq = ANY($2)",
-            )
-            .bind(now)
-            .bind(delivered)
-            .execute(&mut *tx)
-            .await?;
+            let sql = numbered(&format!(
+                "UPDATE txmq_outbox SET status = 'D', delivered_at = ?, claimed_by = NULL,
+                 claimed_until = 0 WHERE status = 'P' AND seq = ANY(?){}",
+                held_by(holder)
+            ));
+            let mut q = sqlx::query(&sql).bind(now).bind(delivered);
+            if let Some(h) = holder {
+                q = q.bind(h);
+            }
+            q.execute(&mut *tx).await?;
         }
         let none: &[i64] = &[];
-        mark!(tx, |s: &str| numbered(s), none, failed, now, max_attempts)?;
+        mark!(
+            tx,
+            |s: &str| numbered(s),
+            holder,
+            none,
+            failed,
+            now,
+            max_attempts
+        )?;
         tx.commit().await
     }
 
@@ -632,7 +697,7 @@ impl OutboxDb for Postgres {
         Ok(r.rows_affected())
     }
 
-    common!(|s: &str| numbered(s));
+    common!(|s: &str| numbered(s), LIST);
 
     fn listen(pool: &Pool<Self>, wake: Arc<Notify>) -> Option<tokio::task::JoinHandle<()>> {
         let pool = pool.clone();
@@ -722,10 +787,11 @@ impl OutboxDb for MySql {
             });
         }
         let sql = format!(
-            "SELECT {COLUMNS} FROM txmq_outbox o
+            "SELECT {} FROM txmq_outbox o
              WHERE o.seq IN ({}) AND o.status = 'P' AND o.next_attempt_at <= ?
                 AND o.claimed_until <= ?
              ORDER BY o.seq LIMIT ? FOR UPDATE SKIP LOCKED",
+            mysql::COLUMNS,
             marks(candidates.len())
         );
         let mut q = sqlx::query_as::<_, RawRow>(&sql);
@@ -763,10 +829,12 @@ impl OutboxDb for MySql {
         Ok(r.rows_affected())
     }
 
-    common!(|s: &str| s.to_string());
+    common!(|s: &str| s.to_string(), mysql::LIST);
 }
 
 impl OutboxDb for Sqlite {
+    const LEASED_CLAIMS: bool = true;
+
     async fn migrate(pool: &Pool<Self>, _notify: bool) -> Result<(), sqlx::Error> {
         for ddl in sqlite::DDL {
             sqlx::query(ddl).execute(pool).await?;
@@ -826,7 +894,7 @@ impl OutboxDb for Sqlite {
         Ok(r.rows_affected())
     }
 
-    common!(|s: &str| s.to_string());
+    common!(|s: &str| s.to_string(), LIST);
 }
 
 #[cfg(test)]

@@ -33,7 +33,7 @@ pub use dialect::{OutboxDb, RowSummary, TableStats};
 pub use message::{OutboxMessage, OutboxRow};
 pub use metrics::Metrics;
 pub use outbox::{EnqueueError, FastPath, FastPathReport, Outbox};
-pub use relay::{Relay, RelayConfig, cleanup};
+pub use relay::{Relay, RelayConfig, RelayConfigError, cleanup};
 pub use sink::{Sink, SinkError};
 
 /// Backoff of a failing row: the n-th retry waits `initial * 2^(n-1)`, capped at `max`,

@@ -14,6 +14,9 @@ use crate::{OutboxMessage, OutboxRow, RetryPolicy, now_ms};
 const MAX_ID: usize = 128;
 const MAX_NAME: usize = 255;
 
+/// The lease holder of fast-path rows.
+const FAST_PATH: &str = "fast-path";
+
 /// Why a message was not enqueued. The caller's transaction is untouched by a validation
 /// error; after a database error it should be rolled back, as after any failed statement.
 #[derive(Debug, thiserror::Error)]
@@ -63,12 +66,20 @@ impl Default for Outbox {
 #[derive(Debug, Clone)]
 pub struct FastPath {
     row: OutboxRow,
+    /// Enqueued for the relay alone (see [`Outbox::enqueue_fast`]).
+    relay_only: bool,
 }
 
 impl FastPath {
     /// The message id.
     pub fn id(&self) -> &str {
         &self.row.id
+    }
+
+    /// Whether the message was left to the relay: `commit_and_publish` does not publish
+    /// it (a future `not_before`, or an ordered message).
+    pub fn left_to_relay(&self) -> bool {
+        self.relay_only
     }
 }
 
@@ -77,7 +88,8 @@ impl FastPath {
 pub struct FastPathReport {
     /// Published and marked delivered.
     pub published: usize,
-    /// Not published (or not marked): left to the relay, after a backoff (or the lease).
+    /// Not published (or not marked): left to the relay, after a backoff (or the lease),
+    /// or from the start ([`FastPath::left_to_relay`]).
     pub left_to_relay: usize,
 }
 
@@ -122,6 +134,10 @@ impl Outbox {
     /// Like [`enqueue`](Self::enqueue), for publishing right after the commit with
     /// [`commit_and_publish`](Self::commit_and_publish); the relay is the safety net.
     ///
+    /// A message with a `not_before` in the future, or an ordered one (which must wait for
+    /// the earlier messages of its key), is enqueued as by [`enqueue`](Self::enqueue) and
+    /// left to the relay: `commit_and_publish` only commits it.
+    ///
     /// # Errors
     /// [`EnqueueError`].
     pub async fn enqueue_fast<DB: OutboxDb>(
@@ -129,9 +145,13 @@ impl Outbox {
         tx: &mut Transaction<'_, DB>,
         message: OutboxMessage,
     ) -> Result<FastPath, EnqueueError> {
-        let lease_until = now_ms().saturating_add(millis(self.fast_path_lease));
-        let seq = insert(tx, &message, Some(lease_until)).await?;
+        let now = now_ms();
+        let relay_only =
+            message.ordered || message.not_before.is_some_and(|t| crate::epoch_ms(t) > now);
+        let lease_until = (!relay_only).then(|| now.saturating_add(millis(self.fast_path_lease)));
+        let seq = insert(tx, &message, lease_until).await?;
         Ok(FastPath {
+            relay_only,
             row: OutboxRow {
                 seq,
                 id: message.id,
@@ -148,8 +168,8 @@ impl Outbox {
     /// Commits `tx`, then publishes the fast-path messages enqueued on it through `sink`
     /// and marks them delivered on `pool`. A publish that fails is recorded as a failed
     /// attempt and left to the relay; so is everything if this process dies on the way.
-    /// Ordered messages (`OutboxMessage::ordered`) should not take the fast path: it does
-    /// not wait for earlier messages of their key.
+    /// Messages [`enqueue_fast`](Self::enqueue_fast) left to the relay (a future
+    /// `not_before`, ordered) are not published here.
     ///
     /// # Errors
     /// The commit's error: then nothing was published, and whether the rows committed is
@@ -163,27 +183,33 @@ impl Outbox {
         messages: Vec<FastPath>,
     ) -> Result<FastPathReport, sqlx::Error> {
         tx.commit().await?;
-        let rows: Vec<OutboxRow> = messages.into_iter().map(|m| m.row).collect();
+        let total = messages.len();
+        let rows: Vec<OutboxRow> = messages
+            .into_iter()
+            .filter(|m| !m.relay_only)
+            .map(|m| m.row)
+            .collect();
         if rows.is_empty() {
-            return Ok(FastPathReport::default());
+            return Ok(FastPathReport {
+                published: 0,
+                left_to_relay: total,
+            });
         }
         // Past the lease the relay may publish them too: wait no longer than that.
         let results = relay::publish(sink, &rows, self.fast_path_lease).await;
-        Ok(
-            match relay::mark_published(pool, None, &rows, &results, &self.retry).await {
-                Ok(m) => FastPathReport {
-                    published: rows.len() - m.failed,
-                    left_to_relay: m.failed,
-                },
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot mark fast-path rows; the relay publishes them again after the lease");
-                    FastPathReport {
-                        published: 0,
-                        left_to_relay: rows.len(),
-                    }
-                }
-            },
-        )
+        let marked =
+            relay::mark_published(pool, None, Some(FAST_PATH), &rows, &results, &self.retry).await;
+        let published = match marked {
+            Ok(m) => rows.len() - m.failed,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot mark fast-path rows; the relay publishes them again after the lease");
+                0
+            }
+        };
+        Ok(FastPathReport {
+            published,
+            left_to_relay: total - published,
+        })
     }
 }
 
@@ -207,7 +233,7 @@ async fn insert<DB: OutboxDb>(
         payload: &m.payload,
         next_attempt_at: not_before,
         created_at: now,
-        claimed_by: lease_until.map(|_| "fast-path"),
+        claimed_by: lease_until.map(|_| FAST_PATH),
         claimed_until: lease_until.unwrap_or(0),
     };
     DB::insert(&mut **tx, &row).await.map_err(|e| match e {

@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use sqlx::Pool;
@@ -26,12 +27,12 @@ pub struct RelayConfig {
     /// also wake the workers at once through LISTEN/NOTIFY; this is the fallback.
     pub poll_interval: Duration,
     /// SQLite only: how long a claimed batch stays with this relay before another may
-    /// take it (default 60 s). Keep it above `publish_timeout`.
+    /// take it (default 60 s). Must be longer than `publish_timeout`.
     pub lease: Duration,
     /// Longest wait for the sink's confirmations of one batch (default 30 s); past it the
     /// batch counts as failed.
     pub publish_timeout: Duration,
-    /// Backoff and maximum attempts of a failing row.
+    /// Backoff and maximum attempts of a failing row; the waits must be above zero.
     pub retry: RetryPolicy,
     /// Delivered rows older than this are deleted (default 1 h); `None` keeps them.
     pub keep_delivered: Option<Duration>,
@@ -41,8 +42,49 @@ pub struct RelayConfig {
     pub cleanup_batch: i64,
     /// Listen for inserts on PostgreSQL (default true).
     pub listen: bool,
-    /// This relay's name in leases (SQLite) and logs (default a fresh UUIDv7).
+    /// This relay's name in leases (SQLite: `<instance>.<claim number>`) and logs (default a
+    /// fresh UUIDv7). Give relays that run at once different names.
     pub instance: String,
+}
+
+/// Why [`Relay::try_new`] refused a [`RelayConfig`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RelayConfigError {
+    /// A backoff wait (`retry.initial` or `retry.max`) is zero: a failing row would be
+    /// retried back to back.
+    #[error("retry.{0} must be above zero: a failing row would be retried back to back")]
+    ZeroBackoff(&'static str),
+    /// On SQLite the lease is not longer than the publish timeout: another relay could
+    /// take and publish a batch while this one still waits for its confirmations.
+    #[error(
+        "the lease ({lease:?}) must be longer than publish_timeout ({publish_timeout:?}) on SQLite"
+    )]
+    LeaseNotAbovePublishTimeout {
+        /// The lease given.
+        lease: Duration,
+        /// The publish timeout given.
+        publish_timeout: Duration,
+    },
+}
+
+impl RelayConfig {
+    /// Checks the settings for a relay on `DB`.
+    fn check<DB: OutboxDb>(&self) -> Result<(), RelayConfigError> {
+        if self.retry.initial.is_zero() {
+            return Err(RelayConfigError::ZeroBackoff("initial"));
+        }
+        if self.retry.max.is_zero() {
+            return Err(RelayConfigError::ZeroBackoff("max"));
+        }
+        if DB::LEASED_CLAIMS && self.lease <= self.publish_timeout {
+            return Err(RelayConfigError::LeaseNotAbovePublishTimeout {
+                lease: self.lease,
+                publish_timeout: self.publish_timeout,
+            });
+        }
+        Ok(())
+    }
 }
 
 impl Default for RelayConfig {
@@ -74,7 +116,7 @@ impl Default for RelayConfig {
 /// let pool = sqlx::PgPool::connect("postgres://postgres@127.0.0.1/shop").await?;
 /// txmq_outbox::migrate(&pool).await?;
 /// let sink = sink::connect("amqp://guest:guest@127.0.0.1:5672/%2f").await?;
-/// let relay = Relay::new(pool, sink, RelayConfig::default());
+/// let relay = Relay::try_new(pool, sink, RelayConfig::default())?;
 /// relay.run(async { tokio::signal::ctrl_c().await.ok(); }).await;
 /// # Ok(()) }
 /// ```
@@ -83,17 +125,38 @@ pub struct Relay<DB: OutboxDb> {
     sink: Arc<dyn Sink>,
     config: RelayConfig,
     metrics: Arc<Metrics>,
+    /// Claims made so far: each lease (SQLite) is named apart, so that two workers of this
+    /// relay never mark each other's.
+    claims: AtomicU64,
 }
 
 impl<DB: OutboxDb> Relay<DB> {
     /// A relay of `pool`'s outbox to `sink`.
-    pub fn new(pool: Pool<DB>, sink: Box<dyn Sink>, config: RelayConfig) -> Self {
-        Self {
+    ///
+    /// # Errors
+    /// [`RelayConfigError`]: a zero backoff, or on SQLite a lease not longer than the
+    /// publish timeout.
+    pub fn try_new(
+        pool: Pool<DB>,
+        sink: Box<dyn Sink>,
+        config: RelayConfig,
+    ) -> Result<Self, RelayConfigError> {
+        config.check::<DB>()?;
+        Ok(Self {
             pool,
             sink: Arc::from(sink),
             config,
             metrics: Arc::new(Metrics::default()),
-        }
+            claims: AtomicU64::new(0),
+        })
+    }
+
+    /// Like [`try_new`](Self::try_new), for settings known to be valid.
+    ///
+    /// # Panics
+    /// If `config` is refused by [`try_new`](Self::try_new).
+    pub fn new(pool: Pool<DB>, sink: Box<dyn Sink>, config: RelayConfig) -> Self {
+        Self::try_new(pool, sink, config).unwrap_or_else(|e| panic!("bad relay settings: {e}"))
     }
 
     /// The relay's counters, for a metrics endpoint.
@@ -111,7 +174,9 @@ impl<DB: OutboxDb> Relay<DB> {
         let now = now_ms();
         let lease_until = now.saturating_add(millis(self.config.lease));
         let limit = i64::try_from(self.config.batch_size.max(1)).unwrap_or(i64::MAX);
-        let claimed = DB::claim(&self.pool, &self.config.instance, now, lease_until, limit).await?;
+        let claim = self.claims.fetch_add(1, Ordering::Relaxed);
+        let worker = format!("{}.{claim}", self.config.instance);
+        let claimed = DB::claim(&self.pool, &worker, now, lease_until, limit).await?;
         let rows = claimed.rows;
         if rows.is_empty() {
             if let Some(tx) = claimed.tx {
@@ -124,8 +189,17 @@ impl<DB: OutboxDb> Relay<DB> {
         let results = publish(&*self.sink, &rows, self.config.publish_timeout).await;
         let publishing = started.elapsed();
         self.metrics.observe_publish(publishing);
-        let marked =
-            mark_published(&self.pool, claimed.tx, &rows, &results, &self.config.retry).await?;
+        // A lease is marked only while it is still this claim's; row locks need no check.
+        let holder = claimed.tx.is_none().then_some(worker.as_str());
+        let marked = mark_published(
+            &self.pool,
+            claimed.tx,
+            holder,
+            &rows,
+            &results,
+            &self.config.retry,
+        )
+        .await?;
         tracing::debug!(
             rows = rows.len(),
             failed = marked.failed,
@@ -272,13 +346,15 @@ pub(crate) struct Marked {
 
 /// Marks the rows of one publish from the sink's `results`: delivered, or failed with
 /// `retry`'s backoff (dead after the last attempt). The marks commit with `claimed` (the
-/// claim's transaction) or in a transaction of their own.
+/// claim's transaction) or in a transaction of their own. With `holder`, rows whose lease
+/// no longer names it (taken by another relay since) are left as they are.
 ///
 /// # Errors
 /// The database's error; then nothing is marked and the rows are published again later.
 pub(crate) async fn mark_published<DB: OutboxDb>(
     pool: &Pool<DB>,
     claimed: Option<sqlx::Transaction<'static, DB>>,
+    holder: Option<&str>,
     rows: &[OutboxRow],
     results: &[Result<(), SinkError>],
     retry: &RetryPolicy,
@@ -313,6 +389,7 @@ pub(crate) async fn mark_published<DB: OutboxDb>(
     DB::finish(
         pool,
         claimed,
+        holder,
         &delivered,
         &failed,
         acked,
@@ -347,5 +424,60 @@ pub async fn cleanup<DB: OutboxDb>(
             return Ok(total);
         }
         tokio::task::yield_now().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use sqlx::Sqlite;
+    use txmq_testkit::ScratchDb;
+
+    use super::mark_published;
+    use crate::dialect::OutboxDb;
+    use crate::sink::SinkError;
+    use crate::{Outbox, OutboxMessage, RetryPolicy, now_ms};
+
+    /// Relay A's lease runs out while it publishes, relay B takes the row and publishes
+    /// it; A's late failure must not count against B's claim (with one attempt allowed,
+    /// it would make the row dead), and B's delivery is recorded.
+    #[tokio::test]
+    async fn an_expired_lease_cannot_mark_a_row_another_relay_took() {
+        let scratch = Sqlite::scratch("txmq_ob_lease", 2).await.expect("SQLite");
+        let pool = scratch.pool.clone();
+        crate::migrate(&pool).await.unwrap();
+        let mut tx = pool.begin().await.unwrap();
+        Outbox::new()
+            .enqueue(&mut tx, OutboxMessage::new("d", "x").with_id("m1"))
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+
+        let now = now_ms();
+        let a = Sqlite::claim(&pool, "a", now, now + 10, 10).await.unwrap();
+        let b = Sqlite::claim(&pool, "b", now + 20, now + 60_000, 10)
+            .await
+            .unwrap();
+        assert_eq!((a.rows.len(), b.rows.len()), (1, 1));
+        let once = RetryPolicy {
+            max_attempts: 1,
+            ..RetryPolicy::default()
+        };
+        let timed_out = [Err(SinkError::new("no confirmation in time"))];
+        mark_published(&pool, None, Some("a"), &a.rows, &timed_out, &once)
+            .await
+            .unwrap();
+        mark_published(&pool, None, Some("b"), &b.rows, &[Ok(())], &once)
+            .await
+            .unwrap();
+
+        let delivered = Sqlite::list(&pool, "D", 10).await.unwrap();
+        assert_eq!(
+            delivered.len(),
+            1,
+            "{:?}",
+            Sqlite::list(&pool, "X", 10).await
+        );
+        assert_eq!((delivered[0].id.as_str(), delivered[0].attempts), ("m1", 0));
+        scratch.drop().await;
     }
 }

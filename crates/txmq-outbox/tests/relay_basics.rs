@@ -1,19 +1,24 @@
 //! The outbox and relay on each real database (PostgreSQL, MariaDB, SQLite) with a real
 //! sink (Redis Streams): rolled-back rows never published, transactions committing out of
-//! order, per-key order, a poison row going dead, redrive and drop, cleanup, the fast path.
+//! order, per-key order, a poison row going dead, redrive and drop, cleanup, the fast path
+//! (and what it leaves to the relay), ids compared byte for byte on MariaDB, and the relay
+//! settings refused.
 //!
 //! Each test makes its own schema (PostgreSQL), database (MariaDB) or file (SQLite) and
 //! Redis keys, and removes them. A service that is not running skips the test, except
 //! under `CI=true`, where it fails.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::future::Future;
+use std::time::{Duration, SystemTime};
 
 use redis::AsyncCommands;
 use sqlx::{MySql, Pool, Postgres, Sqlite};
 use txmq_outbox::sink::redis::RedisSink;
-use txmq_outbox::{Outbox, OutboxDb, OutboxMessage, Relay, RelayConfig, RetryPolicy, Sink};
-use txmq_testkit::{ScratchDb, down, unique};
+use txmq_outbox::{
+    Outbox, OutboxDb, OutboxMessage, Relay, RelayConfig, RelayConfigError, RetryPolicy, Sink,
+};
+use txmq_testkit::{ScratchDb, down, guarded, unique};
 
 const REDIS: &str = "redis://127.0.0.1:6379";
 
@@ -243,32 +248,213 @@ async fn everything<DB: TestDb>(pool: Pool<DB>) {
     let _: () = conn.del(&[&stream, &poison]).await.unwrap();
 }
 
-/// Runs [`everything`] on a scratch database of `DB`, dropping it afterwards even if it
-/// fails.
-async fn with_scratch<DB: TestDb>() {
+/// Runs `test` on a scratch database of `DB`, dropping it afterwards even if it fails.
+async fn on_scratch<DB: TestDb, F, Fut>(test: F)
+where
+    F: FnOnce(Pool<DB>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let Some(scratch) = DB::scratch("txmq_ob", DB::POOL_SIZE).await else {
         return;
     };
     scratch
-        .run(|pool| async move {
-            tokio::time::timeout(Duration::from_secs(120), everything(pool))
-                .await
-                .expect("finished in time");
+        .run(|pool| {
+            let body = test(pool);
+            async move {
+                tokio::time::timeout(Duration::from_secs(120), body)
+                    .await
+                    .expect("finished in time");
+            }
         })
         .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_outbox_and_relay() {
-    with_scratch::<Postgres>().await;
+    on_scratch(everything::<Postgres>).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mariadb_outbox_and_relay() {
-    with_scratch::<MySql>().await;
+    on_scratch(everything::<MySql>).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_outbox_and_relay() {
-    with_scratch::<Sqlite>().await;
+    on_scratch(everything::<Sqlite>).await;
+}
+
+/// The fast path publishes only what may go out now: a message with a future `not_before`
+/// and an ordered one are left to the relay, which publishes the ordered one at once and the
+/// others not before their time; none of them counts a failed attempt.
+async fn fast_path_leaves_to_the_relay<DB: TestDb>(pool: Pool<DB>) {
+    let Some(mut conn) = redis().await else {
+        return;
+    };
+    let stream = unique("txmq_ob_stream");
+    let poison = unique("txmq_ob_poison");
+    let _: () = conn.set(&poison, "not a stream").await.unwrap();
+    txmq_outbox::migrate(&pool).await.unwrap();
+    let relay = Relay::new(
+        pool.clone(),
+        Box::new(RedisSink::connect(REDIS).await.unwrap()),
+        config(),
+    );
+    let in_an_hour = SystemTime::now() + Duration::from_secs(3600);
+    let m = |id: &str, dest: &str| OutboxMessage::new(dest, id.as_bytes().to_vec()).with_id(id);
+
+    let sink = RedisSink::connect(REDIS).await.unwrap();
+    let outbox = Outbox::new().with_retry(config().retry);
+    let mut tx = pool.begin().await.unwrap();
+    let mut fast = Vec::new();
+    for message in [
+        m("later", &stream).not_before(in_an_hour),
+        m("later-poison", &poison).not_before(in_an_hour),
+        m("keyed", &stream).with_key("order-9").ordered(),
+        m("now", &stream),
+    ] {
+        fast.push(outbox.enqueue_fast(&mut tx, message).await.unwrap());
+    }
+    let left: Vec<bool> = fast.iter().map(|f| f.left_to_relay()).collect();
+    assert_eq!(left, [true, true, true, false]);
+    let report = outbox
+        .commit_and_publish(tx, &pool, &sink as &dyn Sink, fast)
+        .await
+        .unwrap();
+    assert_eq!((report.published, report.left_to_relay), (1, 3));
+    assert_eq!(ids(&mut conn, &stream).await, ["now"]);
+
+    // The relay publishes the ordered row; the others wait for their time, also past the
+    // backoff a failed attempt would have had.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drain_to(&relay, &pool, 2).await;
+    assert_eq!(ids(&mut conn, &stream).await, ["now", "keyed"]);
+    let s = txmq_outbox::stats(&pool).await.unwrap();
+    assert_eq!((s.pending, s.retrying, s.dead), (2, 0, 0));
+
+    let _: () = conn.del(&[&stream, &poison]).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_fast_path_leaves_future_and_ordered_messages_to_the_relay() {
+    on_scratch(fast_path_leaves_to_the_relay::<Postgres>).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mariadb_fast_path_leaves_future_and_ordered_messages_to_the_relay() {
+    on_scratch(fast_path_leaves_to_the_relay::<MySql>).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_fast_path_leaves_future_and_ordered_messages_to_the_relay() {
+    on_scratch(fast_path_leaves_to_the_relay::<Sqlite>).await;
+}
+
+/// In a MariaDB database whose default character set is latin1 (case-insensitive
+/// collation), the outbox table still compares ids byte for byte and holds any Unicode
+/// text: ids differing only by case are two messages, dropping or redriving one leaves the
+/// other, and non-Latin-1 ids, keys and headers go out unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mariadb_ids_differing_only_by_case_are_different_messages() {
+    const ADMIN: &str = "mysql://root@127.0.0.1:3306/test";
+    let admin = match sqlx::MySqlPool::connect(ADMIN).await {
+        Ok(p) => p,
+        Err(e) => return down("MariaDB at 127.0.0.1:3306", e),
+    };
+    let Some(mut conn) = redis().await else {
+        return;
+    };
+    let name = unique("txmq_ob_latin1");
+    sqlx::query(&format!("CREATE DATABASE {name} CHARACTER SET latin1"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    let pool = MySql::connect(&format!("mysql://root@127.0.0.1:3306/{name}"), 4).await;
+    let body_pool = pool.clone();
+    let body = async move {
+        let pool = body_pool;
+        let stream = unique("txmq_ob_stream");
+        let poison = unique("txmq_ob_poison");
+        let _: () = conn.set(&poison, "not a stream").await.unwrap();
+        txmq_outbox::migrate(&pool).await.unwrap();
+        let mut once = config();
+        once.retry.max_attempts = 1;
+        let relay = Relay::new(
+            pool.clone(),
+            Box::new(RedisSink::connect(REDIS).await.unwrap()),
+            once,
+        );
+        let dead = |id: &str| OutboxMessage::new(poison.as_str(), "x").with_id(id);
+        enqueue_committed(
+            &pool,
+            vec![
+                dead("Order-1"),
+                dead("order-1"),
+                OutboxMessage::new(stream.as_str(), "x")
+                    .with_id("заказ-1")
+                    .with_key("ключ-€")
+                    .with_header("名前", "値"),
+            ],
+        )
+        .await;
+        drain_to(&relay, &pool, 0).await;
+        let entries: redis::streams::StreamRangeReply = conn.xrange_all(&stream).await.unwrap();
+        assert_eq!(entries.ids.len(), 1);
+        let entry = &entries.ids[0];
+        assert_eq!(entry.get::<String>("id").as_deref(), Some("заказ-1"));
+        assert_eq!(entry.get::<String>("key").as_deref(), Some("ключ-€"));
+        assert_eq!(entry.get::<String>("h:名前").as_deref(), Some("値"));
+
+        let dead_ids = |rows: Vec<txmq_outbox::RowSummary>| -> Vec<String> {
+            rows.into_iter().map(|r| r.id).collect()
+        };
+        let rows = txmq_outbox::dead(&pool, 10).await.unwrap();
+        assert_eq!(dead_ids(rows), ["Order-1", "order-1"]);
+        let upper = ["ORDER-1".to_string()];
+        assert_eq!(txmq_outbox::redrive(&pool, Some(&upper)).await.unwrap(), 0);
+        let lower = ["order-1".to_string()];
+        assert_eq!(txmq_outbox::drop_dead(&pool, &lower).await.unwrap(), 1);
+        let rows = txmq_outbox::dead(&pool, 10).await.unwrap();
+        assert_eq!(dead_ids(rows), ["Order-1"]);
+
+        let _: () = conn.del(&[&stream, &poison]).await.unwrap();
+    };
+    guarded(body, async move {
+        pool.close().await;
+        sqlx::query(&format!("DROP DATABASE {name}"))
+            .execute(&admin)
+            .await
+            .unwrap();
+    })
+    .await;
+}
+
+/// A zero backoff, and on SQLite a lease not longer than the publish timeout, are refused
+/// with the setting named; PostgreSQL and MariaDB relays use no lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_refuses_a_zero_backoff_and_a_sqlite_lease_within_the_publish_timeout() {
+    if redis().await.is_none() {
+        return;
+    }
+    let sqlite = sqlx::SqlitePool::connect_lazy("sqlite::memory:").unwrap();
+    let sink = async || txmq_outbox::sink::connect(REDIS).await.unwrap();
+    let mut zero = config();
+    zero.retry.initial = Duration::ZERO;
+    let e = Relay::try_new(sqlite.clone(), sink().await, zero).err();
+    assert_eq!(e, Some(RelayConfigError::ZeroBackoff("initial")));
+    assert!(e.unwrap().to_string().contains("retry.initial"));
+
+    let mut short = config();
+    short.lease = short.publish_timeout;
+    let e = Relay::try_new(sqlite.clone(), sink().await, short.clone()).err();
+    assert!(
+        matches!(
+            e,
+            Some(RelayConfigError::LeaseNotAbovePublishTimeout { .. })
+        ),
+        "{e:?}"
+    );
+    assert!(e.unwrap().to_string().contains("publish_timeout"));
+    let postgres = sqlx::PgPool::connect_lazy("postgres://postgres@127.0.0.1:5432/test").unwrap();
+    assert!(Relay::try_new(postgres, sink().await, short).is_ok());
 }

@@ -177,6 +177,14 @@ fn settings(args: &RelayArgs) -> anyhow::Result<(String, String, Option<SocketAd
     if c.batch_size == 0 || c.workers == 0 || c.retry.max_attempts == 0 {
         bail!("batch size, workers and max attempts must be at least 1");
     }
+    for (name, wait) in [
+        ("backoff_initial_ms", c.retry.initial),
+        ("backoff_max_ms", c.retry.max),
+    ] {
+        if wait.is_zero() {
+            bail!("{name} must be at least 1: a failing row would be retried back to back");
+        }
+    }
     if db.starts_with("sqlite:") && c.publish_timeout >= c.lease {
         bail!("the publish timeout must be shorter than the lease (lease_ms) on SQLite");
     }
@@ -216,7 +224,7 @@ async fn run_relay<DB: OutboxDb>(
                 txmq_outbox::sink::redact_url(sink_url, false)
             )
         })?;
-    let relay = Relay::new(pool.clone(), sink, config);
+    let relay = Relay::try_new(pool.clone(), sink, config)?;
     let metrics = relay.metrics();
     let server = match http {
         Some(addr) => {
@@ -374,4 +382,36 @@ async fn table_command<DB: OutboxDb>(pool: &Pool<DB>, cmd: &OutboxCommand) -> an
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::settings;
+    use crate::cli::RelayArgs;
+
+    /// `txmq relay` with `file` as its configuration file.
+    fn args(file: &tempfile::NamedTempFile) -> RelayArgs {
+        RelayArgs {
+            db: Some("postgres://app@db/shop".into()),
+            sink: Some("redis://127.0.0.1:6379".into()),
+            config: Some(file.path().to_path_buf()),
+            http: None,
+            batch_size: None,
+            workers: None,
+            max_attempts: None,
+        }
+    }
+
+    #[test]
+    fn zero_backoff_is_refused_with_the_setting_named() {
+        for setting in ["backoff_initial_ms", "backoff_max_ms"] {
+            let file = tempfile::NamedTempFile::new().unwrap();
+            std::fs::write(file.path(), format!("{setting} = 0\n")).unwrap();
+            let e = settings(&args(&file)).unwrap_err().to_string();
+            assert!(e.contains(setting), "{setting}: {e}");
+        }
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), "backoff_initial_ms = 1\nbackoff_max_ms = 1\n").unwrap();
+        settings(&args(&file)).unwrap();
+    }
 }
