@@ -12,8 +12,8 @@ mod common;
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{client, start, within};
@@ -24,7 +24,10 @@ use txmq_client::db::{
     self, BoxFuture, DbChecker, DbTransaction, Dialect, ProcessError, Processed,
     SendInTransactionError,
 };
-use txmq_client::{Message, MessageView, SimpleConsumer, Subscription, TransactionalProducer};
+use txmq_client::{
+    Message, MessageView, SimpleConsumer, Subscription, TransactionChecker, TransactionResolution,
+    TransactionalProducer,
+};
 use txmq_testkit::ScratchDb;
 
 /// A database for these tests: the size of its scratch pool, and portable SQL.
@@ -92,9 +95,9 @@ async fn payments_server(dir: &std::path::Path) -> txmq_broker::server::Server {
 
 /// A producer of `payments` whose check-backs `checker` answers, and a consumer of
 /// `payments` in group `shipping`.
-async fn payments_clients<DB: TestDb>(
+async fn payments_clients(
     server: &txmq_broker::server::Server,
-    checker: DbChecker<DB>,
+    checker: impl TransactionChecker,
 ) -> (TransactionalProducer, SimpleConsumer) {
     let producer = TransactionalProducer::connect(client(server), ["payments"], checker)
         .await
@@ -104,6 +107,96 @@ async fn payments_clients<DB: TestDb>(
             .await
             .unwrap();
     (producer, consumer)
+}
+
+/// A [`DbChecker`] whose answers are recorded by message body, and which answers UNKNOWN
+/// without asking it while `paused`.
+struct Watched<DB: Dialect> {
+    checker: Arc<DbChecker<DB>>,
+    paused: Arc<AtomicBool>,
+    answers: Arc<Mutex<Vec<(String, TransactionResolution)>>>,
+}
+
+// Not derived: that would ask `DB: Clone`.
+impl<DB: Dialect> Clone for Watched<DB> {
+    fn clone(&self) -> Self {
+        Self {
+            checker: self.checker.clone(),
+            paused: self.paused.clone(),
+            answers: self.answers.clone(),
+        }
+    }
+}
+
+impl<DB: Dialect> Watched<DB> {
+    fn new(checker: DbChecker<DB>, paused: bool) -> Self {
+        Self {
+            checker: Arc::new(checker),
+            paused: Arc::new(AtomicBool::new(paused)),
+            answers: Arc::default(),
+        }
+    }
+
+    /// The checker's answers so far about the message with `body`.
+    fn answers_to(&self, body: &str) -> Vec<TransactionResolution> {
+        let answers = self.answers.lock().unwrap();
+        answers
+            .iter()
+            .filter(|(b, _)| b == body)
+            .map(|(_, r)| *r)
+            .collect()
+    }
+
+    /// Waits until the message with `body` is answered `resolution`.
+    async fn until_answered(&self, body: &str, resolution: TransactionResolution) {
+        while !self.answers_to(body).contains(&resolution) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until each message of `bodies` is answered once more than now, or anything
+    /// but UNKNOWN; then every answer to them.
+    async fn next_answers(&self, bodies: &[&str]) -> Vec<TransactionResolution> {
+        let seen: Vec<usize> = bodies.iter().map(|b| self.answers_to(b).len()).collect();
+        loop {
+            let answers: Vec<_> = bodies.iter().map(|b| self.answers_to(b)).collect();
+            let all = answers.concat();
+            let asked_again = answers.iter().zip(&seen).all(|(a, n)| a.len() > *n);
+            if asked_again || all.iter().any(|r| *r != TransactionResolution::Unknown) {
+                return all;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl<DB: Dialect> TransactionChecker for Watched<DB> {
+    async fn check(&self, transaction_id: &str, message: &MessageView) -> TransactionResolution {
+        if self.paused.load(Ordering::SeqCst) {
+            return TransactionResolution::Unknown;
+        }
+        let r = self.checker.check(transaction_id, message).await;
+        let body = String::from_utf8_lossy(message.body()).into_owned();
+        self.answers.lock().unwrap().push((body, r));
+        r
+    }
+}
+
+/// Sends `body` with `send_in_transaction` and crashes right after the half message: the
+/// transaction has no log row, and this log's check-back fences it.
+async fn send_orphan<DB: TestDb>(producer: &TransactionalProducer, pool: &Pool<DB>, body: &str) {
+    let err = fault::inject(
+        Crash::AfterHalf,
+        db::send_in_transaction(producer, pool, Message::new("payments", body), |_tx| {
+            Box::pin(async { Ok::<_, sqlx::Error>(()) })
+        }),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(err, SendInTransactionError::Crashed(Crash::AfterHalf)),
+        "{err:?}"
+    );
 }
 
 /// The `db` tables and a table `orders (id BIGINT PRIMARY KEY)`.
@@ -421,7 +514,8 @@ async fn a_sender_fenced_by_the_check_back_writes_nothing<DB: TestDb>(pool: Pool
             .with_max_local_transaction(Duration::from_secs(1))
             .with_lock_wait(Duration::from_secs(1));
         let (producer, consumer) = payments_clients(&server, checker).await;
-        // The sender's pool has one connection, and this test holds it.
+        // The sender's pool has one connection, and this test holds it. The pool's first
+        // send read the log's id; the next one sends its half message without the pool.
         let options = (*pool.connect_options()).clone();
         let sender_pool = sqlx::pool::PoolOptions::<DB>::new()
             .max_connections(1)
@@ -429,6 +523,16 @@ async fn a_sender_fenced_by_the_check_back_writes_nothing<DB: TestDb>(pool: Pool
             .connect_with(options)
             .await
             .unwrap();
+        db::send_in_transaction(
+            &producer,
+            &sender_pool,
+            Message::new("payments", "early"),
+            |_tx| Box::pin(async { Ok::<_, sqlx::Error>(()) }),
+        )
+        .await
+        .unwrap()
+        .message_commit
+        .unwrap();
         let held = sender_pool.acquire().await.unwrap();
         let send = {
             let (producer, sender_pool) = (producer.clone(), sender_pool.clone());
@@ -463,13 +567,231 @@ async fn a_sender_fenced_by_the_check_back_writes_nothing<DB: TestDb>(pool: Pool
             .await
             .unwrap();
         assert_eq!(orders, 0);
-        assert!(drain(&consumer, Duration::from_secs(3)).await.is_empty());
+        assert_eq!(
+            drain(&consumer, Duration::from_secs(3)).await,
+            HashMap::from([("early".to_string(), 1)])
+        );
         sender_pool.close().await;
         producer.shutdown().await;
         consumer.shutdown().await;
     })
     .await;
     server.stop().await.unwrap();
+}
+
+/// A check-back fences only transactions `send_in_transaction` marked with its own log: one
+/// sent with `begin` by hand, or recorded in another database's log, is answered UNKNOWN
+/// and left for its own sender (here: committed by hand), with no row written.
+async fn only_transactions_marked_with_its_own_log_are_fenced<DB: TestDb>(pool: Pool<DB>) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = payments_server(dir.path()).await;
+    within(60, async {
+        orders_schema(&pool).await;
+        let checker = DbChecker::new(pool.clone())
+            .with_max_local_transaction(Duration::from_secs(1))
+            .with_lock_wait(Duration::from_secs(1));
+        let watched = Watched::new(checker, false);
+        let (producer, consumer) = payments_clients(&server, watched.clone()).await;
+
+        // Its sender committed its own database and crashed before the message commit.
+        let plain = producer
+            .begin(Message::new("payments", "plain"))
+            .await
+            .unwrap();
+        // The property's name is a wire format between versions: spelled out.
+        let foreign = producer
+            .begin(Message::new("payments", "foreign").with_property("txmq-db-log", "elsewhere"))
+            .await
+            .unwrap();
+        let resumable = [&plain, &foreign].map(|t| {
+            let ids = (t.topic(), t.message_id(), t.transaction_id());
+            (ids.0.to_string(), ids.1.to_string(), ids.2.to_string())
+        });
+        drop((plain, foreign));
+        send_orphan(&producer, &pool, "orphan").await;
+
+        // Once this log's orphan is fenced, the others are older than
+        // max_local_transaction too; ask each once more.
+        watched
+            .until_answered("orphan", TransactionResolution::Rollback)
+            .await;
+        let answers = watched.next_answers(&["plain", "foreign"]).await;
+        assert!(
+            answers.iter().all(|r| *r == TransactionResolution::Unknown),
+            "{answers:?}"
+        );
+        let rows = DB::scalar(&pool, "SELECT COUNT(*) FROM txmq_tx_log".into())
+            .await
+            .unwrap();
+        assert_eq!(rows, 1, "only the orphan's fence row");
+
+        for (topic, message_id, transaction_id) in resumable {
+            producer
+                .resume(topic, message_id, transaction_id)
+                .commit()
+                .await
+                .unwrap();
+        }
+        let got = drain(&consumer, Duration::from_secs(3)).await;
+        assert_eq!(
+            got,
+            HashMap::from([("plain".to_string(), 1), ("foreign".to_string(), 1)])
+        );
+        producer.shutdown().await;
+        consumer.shutdown().await;
+    })
+    .await;
+    server.stop().await.unwrap();
+}
+
+/// A transaction whose database transaction committed, whose log row a cleanup deleted
+/// before any check-back came, is answered UNKNOWN (left for an operator), not fenced; a
+/// transaction born after the cleanup is fenced as before.
+async fn a_committed_transaction_whose_log_row_was_cleaned_up_is_not_rolled_back<DB: TestDb>(
+    pool: Pool<DB>,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = payments_server(dir.path()).await;
+    within(60, async {
+        orders_schema(&pool).await;
+        let checker = DbChecker::new(pool.clone())
+            .with_max_local_transaction(Duration::from_secs(1))
+            .with_lock_wait(Duration::from_secs(1));
+        let watched = Watched::new(checker, true);
+        let (producer, consumer) = payments_clients(&server, watched.clone()).await;
+
+        let err = fault::inject(
+            Crash::AfterDbCommit,
+            db::send_in_transaction(
+                &producer,
+                &pool,
+                Message::new("payments", "committed"),
+                |tx| {
+                    Box::pin(async move {
+                        DB::exec(tx, "INSERT INTO orders (id) VALUES (1)".into()).await
+                    })
+                },
+            ),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, SendInTransactionError::Crashed(_)), "{err:?}");
+        // Older than the cut-off by the database's clock, to the millisecond.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(db::cleanup_log(&pool, Duration::ZERO).await.unwrap(), 1);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        send_orphan(&producer, &pool, "orphan").await;
+        watched.paused.store(false, Ordering::SeqCst);
+
+        watched
+            .until_answered("orphan", TransactionResolution::Rollback)
+            .await;
+        let answers = watched.next_answers(&["committed"]).await;
+        assert!(
+            answers.iter().all(|r| *r == TransactionResolution::Unknown),
+            "{answers:?}"
+        );
+        let fenced = DB::scalar(
+            &pool,
+            "SELECT COUNT(*) FROM txmq_tx_log WHERE state = 'R'".into(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(fenced, 1, "only the orphan's fence row");
+        let orders = DB::scalar(&pool, "SELECT COUNT(*) FROM orders".into())
+            .await
+            .unwrap();
+        assert_eq!(orders, 1);
+        assert!(drain(&consumer, Duration::from_secs(1)).await.is_empty());
+        producer.shutdown().await;
+        consumer.shutdown().await;
+    })
+    .await;
+    server.stop().await.unwrap();
+}
+
+/// Log and inbox rows are stamped, and aged by the cleanups, with the database's clock,
+/// not the client's: a session clock set two days ahead stands for a database whose clock
+/// has moved on while this client's has not (a client clock behind).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mariadb_rows_are_stamped_and_aged_by_the_database_clock() {
+    with_scratch::<MySql, _, _>(|pool| async move {
+        let dir = tempfile::tempdir().unwrap();
+        let server = payments_server(dir.path()).await;
+        within(60, async {
+            orders_schema(&pool).await;
+            let (producer, consumer) =
+                payments_clients(&server, DbChecker::new(pool.clone())).await;
+            let options = (*pool.connect_options()).clone();
+            let later = sqlx::mysql::MySqlPoolOptions::new()
+                .max_connections(2)
+                .after_connect(|conn, _| {
+                    Box::pin(async move {
+                        sqlx::query("SET timestamp = UNIX_TIMESTAMP() + 2 * 86400")
+                            .execute(conn)
+                            .await
+                            .map(drop)
+                    })
+                })
+                .connect_with(options)
+                .await
+                .unwrap();
+
+            // Written now; a day's retention, two days later, deletes them.
+            db::send_in_transaction(&producer, &pool, Message::new("payments", "now"), |tx| {
+                Box::pin(async move {
+                    MySql::exec(tx, "INSERT INTO orders (id) VALUES (1)".into()).await
+                })
+            })
+            .await
+            .unwrap()
+            .message_commit
+            .unwrap();
+            let m = loop {
+                let mut got = consumer.receive(1, Duration::from_secs(30)).await.unwrap();
+                if let Some(m) = got.pop() {
+                    break m;
+                }
+            };
+            consumer.ack(&m).await.unwrap();
+            let done = db::process_once(&pool, "shipping", &m, |_tx, _m| {
+                Box::pin(async { Ok::<_, sqlx::Error>(()) })
+            })
+            .await;
+            assert_eq!(done.unwrap(), Processed::Done(()));
+            let day = Duration::from_secs(86400);
+            assert_eq!(db::cleanup_log(&later, day).await.unwrap(), 1);
+            assert_eq!(db::cleanup_inbox(&later, day).await.unwrap(), 1);
+
+            // Written two days later: stamped then.
+            db::send_in_transaction(&producer, &later, Message::new("payments", "later"), |tx| {
+                Box::pin(async move {
+                    MySql::exec(tx, "INSERT INTO orders (id) VALUES (2)".into()).await
+                })
+            })
+            .await
+            .unwrap()
+            .message_commit
+            .unwrap();
+            let done = db::process_once(&later, "billing", &m, |_tx, _m| {
+                Box::pin(async { Ok::<_, sqlx::Error>(()) })
+            })
+            .await;
+            assert_eq!(done.unwrap(), Processed::Done(()));
+            for sql in [
+                "SELECT COUNT(*) FROM txmq_tx_log WHERE created_at > (UNIX_TIMESTAMP() - 60) * 1000",
+                "SELECT COUNT(*) FROM txmq_inbox WHERE processed_at > (UNIX_TIMESTAMP() - 60) * 1000",
+            ] {
+                assert_eq!(MySql::scalar(&later, sql.into()).await.unwrap(), 1, "{sql}");
+            }
+            later.close().await;
+            producer.shutdown().await;
+            consumer.shutdown().await;
+        })
+        .await;
+        server.stop().await.unwrap();
+    })
+    .await;
 }
 
 /// A handler writing one shipment per message, counting its runs, failing if `fail`.
@@ -613,12 +935,7 @@ async fn mariadb_the_fence_gives_its_connection_back_with_the_lock_wait_it_had()
             // Left open with no log row: a check-back fences it once it is a second old.
             // The checker's connection then has the lock wait it had.
             let fenced_orphan = async |fenced: i64| {
-                drop(
-                    producer
-                        .begin(Message::new("payments", format!("orphan {fenced}")))
-                        .await
-                        .unwrap(),
-                );
+                send_orphan(&producer, &pool, &format!("orphan {fenced}")).await;
                 let sql = "SELECT COUNT(*) FROM txmq_tx_log WHERE state = 'R'";
                 until_count(&pool, sql, fenced).await;
                 let sql = "SELECT CAST(@@SESSION.innodb_lock_wait_timeout AS SIGNED)";
@@ -701,4 +1018,43 @@ async fn mariadb_a_transaction_the_database_ended_commits_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sqlite_a_transaction_the_database_ended_commits_nothing() {
     with_scratch::<Sqlite, _, _>(a_transaction_the_database_ended_commits_nothing).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_only_transactions_marked_with_its_own_log_are_fenced() {
+    with_scratch::<Postgres, _, _>(only_transactions_marked_with_its_own_log_are_fenced).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mariadb_only_transactions_marked_with_its_own_log_are_fenced() {
+    with_scratch::<MySql, _, _>(only_transactions_marked_with_its_own_log_are_fenced).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_only_transactions_marked_with_its_own_log_are_fenced() {
+    with_scratch::<Sqlite, _, _>(only_transactions_marked_with_its_own_log_are_fenced).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_a_committed_transaction_whose_log_row_was_cleaned_up_is_not_rolled_back() {
+    with_scratch::<Postgres, _, _>(
+        a_committed_transaction_whose_log_row_was_cleaned_up_is_not_rolled_back,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mariadb_a_committed_transaction_whose_log_row_was_cleaned_up_is_not_rolled_back() {
+    with_scratch::<MySql, _, _>(
+        a_committed_transaction_whose_log_row_was_cleaned_up_is_not_rolled_back,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_a_committed_transaction_whose_log_row_was_cleaned_up_is_not_rolled_back() {
+    with_scratch::<Sqlite, _, _>(
+        a_committed_transaction_whose_log_row_was_cleaned_up_is_not_rolled_back,
+    )
+    .await;
 }

@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime};
 use crate::message::MessageView;
 use crate::transaction::{TransactionChecker, TransactionResolution};
 
-use super::{Dialect, epoch_ms};
+use super::{Dialect, LOG_PROPERTY, epoch_ms};
 
 /// Log state written by the sender in its database transaction.
 pub(crate) const COMMITTED: &str = "C";
@@ -14,7 +14,9 @@ pub(crate) const FENCED: &str = "R";
 
 /// Answers check-backs from `txmq_tx_log`: COMMIT if the sender's row exists, ROLLBACK
 /// once the transaction is older than `max_local_transaction` and fenced off, UNKNOWN
-/// otherwise. The rule and why it is safe are in the [module docs](super).
+/// otherwise. Only transactions [`send_in_transaction`](super::send_in_transaction) marked
+/// with this database's log, born after the latest [`cleanup_log`](super::cleanup_log)
+/// cut-off, are fenced. The rule and why it is safe are in the [module docs](super).
 ///
 /// Database errors answer UNKNOWN (the server asks again).
 ///
@@ -76,13 +78,42 @@ impl<DB: Dialect> DbChecker<DB> {
         if age.is_none_or(|a| a < self.max_local_transaction) {
             return Ok(TransactionResolution::Unknown);
         }
+        // A row missing for another reason than a sender that never got to insert it must
+        // not be fenced: its transaction may well have committed.
+        let Some(mark) = message.properties().get(LOG_PROPERTY) else {
+            tracing::warn!(
+                transaction_id,
+                topic = message.topic(),
+                "check-back: no log row and no log mark (not sent with send_in_transaction), answering UNKNOWN"
+            );
+            return Ok(TransactionResolution::Unknown);
+        };
+        // Read after the row was found missing: cleanup records its cut-off before deleting.
+        let (log_id, cleaned_before) = DB::log_meta(&self.pool).await?;
+        if *mark != log_id {
+            tracing::debug!(transaction_id, log = %mark,
+                "check-back: recorded in another database's log, answering UNKNOWN");
+            return Ok(TransactionResolution::Unknown);
+        }
+        // The earliest clock: a sender's clock running ahead alone does not move it past
+        // the cut-off.
+        let earliest = [message.born_timestamp(), message.store_timestamp()]
+            .into_iter()
+            .flatten()
+            .min();
+        if earliest.is_none_or(|t| epoch_ms(t) < cleaned_before) {
+            tracing::warn!(
+                transaction_id,
+                "check-back: no log row for a message born before the log's cleanup cut-off, answering UNKNOWN"
+            );
+            return Ok(TransactionResolution::Unknown);
+        }
         let mut tx = self.pool.begin().await?;
         let fenced = DB::fence_log(
             &mut tx,
             transaction_id,
             message.message_id(),
             message.topic(),
-            epoch_ms(SystemTime::now()),
             self.lock_wait,
         )
         .await?;

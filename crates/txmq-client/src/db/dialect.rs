@@ -1,4 +1,5 @@
-//! The SQL of each database: DDL, the log and inbox statements, lock waits.
+//! The SQL of each database: DDL, the log and inbox statements, the database's clock, lock
+//! waits.
 //!
 //! The statements differ only in placeholders, DDL details and how a duplicate key is
 //! swallowed; one macro writes the same code against each driver's concrete types.
@@ -19,11 +20,29 @@ mod sealed {
 /// MariaDB) or [`sqlx::Sqlite`]. Sealed; its methods are the module's building blocks and
 /// not meant to be called directly.
 pub trait Dialect: sqlx::Database + sealed::Sealed {
-    /// Creates the tables and indexes if missing.
+    /// Creates the tables and indexes if missing, and the log's meta row with a new log id
+    /// if missing.
     #[doc(hidden)]
     fn migrate(pool: &Pool<Self>) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
 
-    /// Inserts a log row; a duplicate key is an error.
+    /// The database's clock, in milliseconds since the Unix epoch.
+    #[doc(hidden)]
+    fn now_ms(pool: &Pool<Self>) -> impl Future<Output = Result<i64, sqlx::Error>> + Send;
+
+    /// The log's id and the cut-off of its latest cleanup (epoch ms, 0 if none).
+    #[doc(hidden)]
+    fn log_meta(
+        pool: &Pool<Self>,
+    ) -> impl Future<Output = Result<(String, i64), sqlx::Error>> + Send;
+
+    /// Raises the recorded cleanup cut-off to `cutoff_ms` if it is lower.
+    #[doc(hidden)]
+    fn record_cleanup(
+        pool: &Pool<Self>,
+        cutoff_ms: i64,
+    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
+
+    /// Inserts a log row stamped with the database's clock; a duplicate key is an error.
     #[doc(hidden)]
     fn insert_log(
         conn: &mut Self::Connection,
@@ -31,7 +50,6 @@ pub trait Dialect: sqlx::Database + sealed::Sealed {
         message_id: &str,
         topic: &str,
         state: &str,
-        now_ms: i64,
     ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
 
     /// Inserts a log row unless the key exists; `true` if inserted. Waits for row locks
@@ -42,7 +60,6 @@ pub trait Dialect: sqlx::Database + sealed::Sealed {
         transaction_id: &str,
         message_id: &str,
         topic: &str,
-        now_ms: i64,
         lock_wait: Duration,
     ) -> impl Future<Output = Result<bool, sqlx::Error>> + Send;
 
@@ -62,13 +79,13 @@ pub trait Dialect: sqlx::Database + sealed::Sealed {
         transaction_id: &str,
     ) -> impl Future<Output = Result<bool, sqlx::Error>> + Send;
 
-    /// Inserts an inbox row unless the key exists; `true` if inserted.
+    /// Inserts an inbox row stamped with the database's clock unless the key exists;
+    /// `true` if inserted.
     #[doc(hidden)]
     fn insert_inbox(
         conn: &mut Self::Connection,
         group: &str,
         message_id: &str,
-        now_ms: i64,
     ) -> impl Future<Output = Result<bool, sqlx::Error>> + Send;
 
     /// Whether the inbox row of `(group, message_id)` is there, read inside the caller's
@@ -117,6 +134,13 @@ fn inserted<R>(
 }
 
 mod pg {
+    /// The database's clock in epoch milliseconds (the transaction's start).
+    macro_rules! now_ms {
+        () => {
+            "CAST(EXTRACT(EPOCH FROM now()) * 1000 AS BIGINT)"
+        };
+    }
+
     pub const DDL: &[&str] = &[
         "CREATE TABLE IF NOT EXISTS txmq_tx_log (
             transaction_id VARCHAR(128) PRIMARY KEY,
@@ -131,13 +155,34 @@ mod pg {
             processed_at BIGINT NOT NULL,
             PRIMARY KEY (consumer_group, message_id))",
         "CREATE INDEX IF NOT EXISTS txmq_inbox_processed_at ON txmq_inbox (processed_at)",
+        "CREATE TABLE IF NOT EXISTS txmq_tx_log_meta (
+            id SMALLINT PRIMARY KEY,
+            log_id VARCHAR(64) NOT NULL,
+            cleaned_before BIGINT NOT NULL)",
     ];
-    pub const INSERT_LOG: &str = "INSERT INTO txmq_tx_log (transaction_id, message_id, topic, state, created_at) VALUES ($1, $2, $3, $4, $5)";
-    pub const FENCE_LOG: &str = "INSERT INTO txmq_tx_log (transaction_id, message_id, topic, state, created_at) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (transaction_id) DO NOTHING";
+    pub const INSERT_META: &str = "INSERT INTO txmq_tx_log_meta (id, log_id, cleaned_before) VALUES (1, $1, 0) ON CONFLICT (id) DO NOTHING";
+    pub const LOG_META: &str = "SELECT log_id, cleaned_before FROM txmq_tx_log_meta WHERE id = 1";
+    pub const RECORD_CLEANUP: &str =
+        "UPDATE txmq_tx_log_meta SET cleaned_before = GREATEST(cleaned_before, $1) WHERE id = 1";
+    pub const NOW: &str = concat!("SELECT ", now_ms!());
+    pub const INSERT_LOG: &str = concat!(
+        "INSERT INTO txmq_tx_log (transaction_id, message_id, topic, state, created_at) VALUES ($1, $2, $3, $4, ",
+        now_ms!(),
+        ")"
+    );
+    pub const FENCE_LOG: &str = concat!(
+        "INSERT INTO txmq_tx_log (transaction_id, message_id, topic, state, created_at) VALUES ($1, $2, $3, $4, ",
+        now_ms!(),
+        ") ON CONFLICT (transaction_id) DO NOTHING"
+    );
     pub const LOG_STATE: &str = "SELECT state FROM txmq_tx_log WHERE transaction_id = $1";
     pub const INBOX_ROW: &str =
         "SELECT 1 FROM txmq_inbox WHERE consumer_group = $1 AND message_id = $2";
-    pub const INSERT_INBOX: &str = "INSERT INTO txmq_inbox (consumer_group, message_id, processed_at) VALUES ($1, $2, $3) ON CONFLICT (consumer_group, message_id) DO NOTHING";
+    pub const INSERT_INBOX: &str = concat!(
+        "INSERT INTO txmq_inbox (consumer_group, message_id, processed_at) VALUES ($1, $2, ",
+        now_ms!(),
+        ") ON CONFLICT (consumer_group, message_id) DO NOTHING"
+    );
     pub const DELETE_LOG: &str = "DELETE FROM txmq_tx_log WHERE transaction_id IN (SELECT transaction_id FROM txmq_tx_log WHERE created_at < $1 LIMIT $2)";
     pub const DELETE_INBOX: &str = "DELETE FROM txmq_inbox WHERE (consumer_group, message_id) IN (SELECT consumer_group, message_id FROM txmq_inbox WHERE processed_at < $1 LIMIT $2)";
 
@@ -152,6 +197,14 @@ mod pg {
 }
 
 mod mysql {
+    /// The database's clock in epoch milliseconds. `UNIX_TIMESTAMP(NOW(3))` would go through
+    /// the session's time zone and be an hour off in the hour a daylight-saving clock repeats.
+    macro_rules! now_ms {
+        () => {
+            "CAST(TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6)) DIV 1000 AS SIGNED)"
+        };
+    }
+
     // Indexes inline: MySQL has no CREATE INDEX IF NOT EXISTS (MariaDB has).
     pub const DDL: &[&str] = &[
         "CREATE TABLE IF NOT EXISTS txmq_tx_log (
@@ -167,16 +220,33 @@ mod mysql {
             processed_at BIGINT NOT NULL,
             PRIMARY KEY (consumer_group, message_id),
             INDEX txmq_inbox_processed_at (processed_at)) ENGINE=InnoDB",
+        "CREATE TABLE IF NOT EXISTS txmq_tx_log_meta (
+            id SMALLINT NOT NULL PRIMARY KEY,
+            log_id VARCHAR(64) NOT NULL,
+            cleaned_before BIGINT NOT NULL) ENGINE=InnoDB",
     ];
-    pub const INSERT_LOG: &str = "INSERT INTO txmq_tx_log (transaction_id, message_id, topic, state, created_at) VALUES (?, ?, ?, ?, ?)";
+    // Not INSERT IGNORE, which would also swallow unrelated errors.
+    pub const INSERT_META: &str = "INSERT INTO txmq_tx_log_meta (id, log_id, cleaned_before) VALUES (1, ?, 0) ON DUPLICATE KEY UPDATE id = id";
+    pub const LOG_META: &str = "SELECT log_id, cleaned_before FROM txmq_tx_log_meta WHERE id = 1";
+    pub const RECORD_CLEANUP: &str =
+        "UPDATE txmq_tx_log_meta SET cleaned_before = GREATEST(cleaned_before, ?) WHERE id = 1";
+    pub const NOW: &str = concat!("SELECT ", now_ms!());
+    pub const INSERT_LOG: &str = concat!(
+        "INSERT INTO txmq_tx_log (transaction_id, message_id, topic, state, created_at) VALUES (?, ?, ?, ?, ",
+        now_ms!(),
+        ")"
+    );
     // A duplicate key fails only the statement in InnoDB; `inserted` maps it to `false`.
     // (INSERT IGNORE would also swallow unrelated errors.)
     pub const FENCE_LOG: &str = INSERT_LOG;
     pub const LOG_STATE: &str = "SELECT state FROM txmq_tx_log WHERE transaction_id = ?";
     pub const INBOX_ROW: &str =
         "SELECT 1 FROM txmq_inbox WHERE consumer_group = ? AND message_id = ?";
-    pub const INSERT_INBOX: &str =
-        "INSERT INTO txmq_inbox (consumer_group, message_id, processed_at) VALUES (?, ?, ?)";
+    pub const INSERT_INBOX: &str = concat!(
+        "INSERT INTO txmq_inbox (consumer_group, message_id, processed_at) VALUES (?, ?, ",
+        now_ms!(),
+        ")"
+    );
     pub const DELETE_LOG: &str = "DELETE FROM txmq_tx_log WHERE created_at < ? LIMIT ?";
     pub const DELETE_INBOX: &str = "DELETE FROM txmq_inbox WHERE processed_at < ? LIMIT ?";
 
@@ -199,6 +269,14 @@ mod mysql {
 }
 
 mod sqlite {
+    /// The database's clock in epoch milliseconds, on any SQLite version (`unixepoch` needs
+    /// 3.38, its `'subsec'` 3.42). `'now'` is the same throughout a statement.
+    macro_rules! now_ms {
+        () => {
+            "CAST(ROUND((julianday('now') - 2440587.5) * 86400000) AS INTEGER)"
+        };
+    }
+
     pub const DDL: &[&str] = &[
         "CREATE TABLE IF NOT EXISTS txmq_tx_log (
             transaction_id TEXT NOT NULL PRIMARY KEY,
@@ -213,13 +291,34 @@ mod sqlite {
             processed_at INTEGER NOT NULL,
             PRIMARY KEY (consumer_group, message_id))",
         "CREATE INDEX IF NOT EXISTS txmq_inbox_processed_at ON txmq_inbox (processed_at)",
+        "CREATE TABLE IF NOT EXISTS txmq_tx_log_meta (
+            id INTEGER NOT NULL PRIMARY KEY,
+            log_id TEXT NOT NULL,
+            cleaned_before INTEGER NOT NULL)",
     ];
-    pub const INSERT_LOG: &str = "INSERT INTO txmq_tx_log (transaction_id, message_id, topic, state, created_at) VALUES (?, ?, ?, ?, ?)";
-    pub const FENCE_LOG: &str = "INSERT INTO txmq_tx_log (transaction_id, message_id, topic, state, created_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT (transaction_id) DO NOTHING";
+    pub const INSERT_META: &str = "INSERT INTO txmq_tx_log_meta (id, log_id, cleaned_before) VALUES (1, ?, 0) ON CONFLICT (id) DO NOTHING";
+    pub const LOG_META: &str = "SELECT log_id, cleaned_before FROM txmq_tx_log_meta WHERE id = 1";
+    pub const RECORD_CLEANUP: &str =
+        "UPDATE txmq_tx_log_meta SET cleaned_before = max(cleaned_before, ?) WHERE id = 1";
+    pub const NOW: &str = concat!("SELECT ", now_ms!());
+    pub const INSERT_LOG: &str = concat!(
+        "INSERT INTO txmq_tx_log (transaction_id, message_id, topic, state, created_at) VALUES (?, ?, ?, ?, ",
+        now_ms!(),
+        ")"
+    );
+    pub const FENCE_LOG: &str = concat!(
+        "INSERT INTO txmq_tx_log (transaction_id, message_id, topic, state, created_at) VALUES (?, ?, ?, ?, ",
+        now_ms!(),
+        ") ON CONFLICT (transaction_id) DO NOTHING"
+    );
     pub const LOG_STATE: &str = "SELECT state FROM txmq_tx_log WHERE transaction_id = ?";
     pub const INBOX_ROW: &str =
         "SELECT 1 FROM txmq_inbox WHERE consumer_group = ? AND message_id = ?";
-    pub const INSERT_INBOX: &str = "INSERT INTO txmq_inbox (consumer_group, message_id, processed_at) VALUES (?, ?, ?) ON CONFLICT (consumer_group, message_id) DO NOTHING";
+    pub const INSERT_INBOX: &str = concat!(
+        "INSERT INTO txmq_inbox (consumer_group, message_id, processed_at) VALUES (?, ?, ",
+        now_ms!(),
+        ") ON CONFLICT (consumer_group, message_id) DO NOTHING"
+    );
     pub const DELETE_LOG: &str = "DELETE FROM txmq_tx_log WHERE transaction_id IN (SELECT transaction_id FROM txmq_tx_log WHERE created_at < ? LIMIT ?)";
     pub const DELETE_INBOX: &str = "DELETE FROM txmq_inbox WHERE rowid IN (SELECT rowid FROM txmq_inbox WHERE processed_at < ? LIMIT ?)";
 
@@ -237,7 +336,27 @@ macro_rules! dialect {
                 for ddl in $sql::DDL {
                     sqlx::query(ddl).execute(pool).await?;
                 }
-                Ok(())
+                sqlx::query($sql::INSERT_META)
+                    .bind(uuid::Uuid::now_v7().to_string())
+                    .execute(pool)
+                    .await
+                    .map(drop)
+            }
+
+            async fn now_ms(pool: &Pool<Self>) -> Result<i64, sqlx::Error> {
+                sqlx::query_scalar($sql::NOW).fetch_one(pool).await
+            }
+
+            async fn log_meta(pool: &Pool<Self>) -> Result<(String, i64), sqlx::Error> {
+                sqlx::query_as($sql::LOG_META).fetch_one(pool).await
+            }
+
+            async fn record_cleanup(pool: &Pool<Self>, cutoff_ms: i64) -> Result<(), sqlx::Error> {
+                sqlx::query($sql::RECORD_CLEANUP)
+                    .bind(cutoff_ms)
+                    .execute(pool)
+                    .await
+                    .map(drop)
             }
 
             async fn insert_log(
@@ -246,14 +365,12 @@ macro_rules! dialect {
                 message_id: &str,
                 topic: &str,
                 state: &str,
-                now_ms: i64,
             ) -> Result<(), sqlx::Error> {
                 sqlx::query($sql::INSERT_LOG)
                     .bind(transaction_id)
                     .bind(message_id)
                     .bind(topic)
                     .bind(state)
-                    .bind(now_ms)
                     .execute(conn)
                     .await
                     .map(drop)
@@ -264,7 +381,6 @@ macro_rules! dialect {
                 transaction_id: &str,
                 message_id: &str,
                 topic: &str,
-                now_ms: i64,
                 lock_wait: Duration,
             ) -> Result<bool, sqlx::Error> {
                 if let Some(set) = $sql::lock_wait(lock_wait) {
@@ -275,7 +391,6 @@ macro_rules! dialect {
                     .bind(message_id)
                     .bind(topic)
                     .bind(super::checker::FENCED)
-                    .bind(now_ms)
                     .execute(&mut *conn)
                     .await;
                 if let Some(reset) = $sql::LOCK_WAIT_RESET {
@@ -322,12 +437,10 @@ macro_rules! dialect {
                 conn: &mut $conn,
                 group: &str,
                 message_id: &str,
-                now_ms: i64,
             ) -> Result<bool, sqlx::Error> {
                 let result = sqlx::query($sql::INSERT_INBOX)
                     .bind(group)
                     .bind(message_id)
-                    .bind(now_ms)
                     .execute(conn)
                     .await;
                 inserted(result, |r| r.rows_affected())

@@ -1,11 +1,11 @@
 //! Where a consumed message is recorded as processed, once per consumer group.
 
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use crate::message::MessageView;
 
 use super::dialect::ended_by_database;
-use super::{BoxFuture, CLEANUP_BATCH, DbTransaction, Dialect, cutoff_ms, epoch_ms};
+use super::{BoxFuture, CLEANUP_BATCH, DbTransaction, Dialect, cutoff_ms};
 
 /// What [`process_once`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,13 +98,7 @@ where
         return Err(ProcessError::Corrupted(message.message_id().to_string()));
     }
     let mut tx = pool.begin().await.map_err(ProcessError::Database)?;
-    let fresh = DB::insert_inbox(
-        &mut tx,
-        group,
-        message.message_id(),
-        epoch_ms(SystemTime::now()),
-    )
-    .await;
+    let fresh = DB::insert_inbox(&mut tx, group, message.message_id()).await;
     let failure = match fresh {
         Ok(false) => {
             let _ = tx.rollback().await;
@@ -132,8 +126,8 @@ where
     Err(failure)
 }
 
-/// Deletes inbox rows processed more than `older_than` ago, [`CLEANUP_BATCH`] rows per
-/// statement; returns how many were deleted.
+/// Deletes inbox rows processed more than `older_than` ago by the database's clock,
+/// [`CLEANUP_BATCH`] rows per statement; returns how many were deleted.
 ///
 /// After its row is gone, a redelivered duplicate is processed again: keep rows longer
 /// than any redelivery can come (the group's maximum delivery attempts times its longest
@@ -149,7 +143,7 @@ pub async fn cleanup_inbox<DB: Dialect>(
     pool: &sqlx::Pool<DB>,
     older_than: Duration,
 ) -> Result<u64, sqlx::Error> {
-    let cutoff = cutoff_ms(older_than);
+    let cutoff = cutoff_ms::<DB>(pool, older_than).await?;
     let mut total = 0;
     loop {
         let n = DB::delete_inbox_batch(pool, cutoff, CLEANUP_BATCH).await?;

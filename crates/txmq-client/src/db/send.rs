@@ -1,7 +1,9 @@
 //! Where a message is sent together with a database transaction, and where old log rows
 //! are deleted.
 
-use std::time::{Duration, SystemTime};
+use std::any::Any;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::Duration;
 
 use crate::error::{EndTransactionError, SendError};
 use crate::message::{Message, SendReceipt};
@@ -10,7 +12,7 @@ use crate::transaction::{Transaction, TransactionalProducer};
 use super::checker::COMMITTED;
 use super::dialect::ended_by_database;
 use super::fault::{self, Crash};
-use super::{BoxFuture, CLEANUP_BATCH, DbTransaction, Dialect, cutoff_ms, epoch_ms};
+use super::{BoxFuture, CLEANUP_BATCH, DbTransaction, Dialect, LOG_PROPERTY, cutoff_ms};
 
 /// A transactional send whose database transaction committed.
 #[derive(Debug)]
@@ -28,6 +30,11 @@ pub struct Committed<T> {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum SendInTransactionError<E> {
+    /// The log's id, which marks the half message, could not be read (has
+    /// [`migrate`](super::migrate) run since the upgrade that added `txmq_tx_log_meta`?);
+    /// nothing was sent or written.
+    #[error("could not read the transaction log's id (has db::migrate run?), nothing sent: {0}")]
+    LogId(sqlx::Error),
     /// The half message was not sent; the database was not touched.
     #[error("half message not sent: {0}")]
     Send(SendError),
@@ -88,9 +95,12 @@ enum Local<T, E> {
 /// commits the message.
 ///
 /// The half message is sent before the database transaction begins, so no database lock
-/// is held while it travels. The log row is inserted first in the transaction: it fences
-/// the transaction against a check-back that answers ROLLBACK (see the
-/// [module docs](super)). `local` gets the transaction, like `sqlx::Connection::transaction`:
+/// is held while it travels. It carries the log's id (read from `pool` on the pool's first
+/// send) in the user property [`LOG_PROPERTY`]: a [`DbChecker`](super::DbChecker) fences
+/// only transactions marked with its own log. The log row is inserted first in the
+/// transaction: it fences the transaction against a check-back that answers ROLLBACK (see
+/// the [module docs](super)). `local` gets the transaction, like
+/// `sqlx::Connection::transaction`:
 /// `|tx| Box::pin(async move { sqlx::query(..).execute(&mut **tx).await?; Ok(..) })`;
 /// it must not commit or roll back itself, and what it captures must be owned.
 ///
@@ -115,8 +125,9 @@ where
     DB: Dialect,
     F: for<'c> FnOnce(&'c mut DbTransaction<DB>) -> BoxFuture<'c, Result<T, E>>,
 {
+    let log_id = log_id(pool).await.map_err(SendInTransactionError::LogId)?;
     let half = producer
-        .begin(message)
+        .begin(message.with_property(LOG_PROPERTY, log_id))
         .await
         .map_err(SendInTransactionError::Send)?;
     let receipt = half.receipt().clone();
@@ -159,6 +170,31 @@ where
     }
 }
 
+/// The log ids [`send_in_transaction`] read, one per pool, found by the address of the
+/// pool's connect options (shared by its clones); the `Weak` keeps that address from being
+/// reused while the entry is there.
+static LOG_IDS: Mutex<Vec<(Weak<dyn Any + Send + Sync>, String)>> = Mutex::new(Vec::new());
+
+/// The id of the log in `pool`'s database, read on the pool's first send.
+async fn log_id<DB: Dialect>(pool: &sqlx::Pool<DB>) -> Result<String, sqlx::Error> {
+    let options: Arc<dyn Any + Send + Sync> = pool.connect_options();
+    let key = Arc::downgrade(&options);
+    let cached = LOG_IDS
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .iter()
+        .find(|(k, _)| k.ptr_eq(&key))
+        .map(|(_, id)| id.clone());
+    if let Some(id) = cached {
+        return Ok(id);
+    }
+    let (id, _) = DB::log_meta(pool).await?;
+    let mut ids = LOG_IDS.lock().unwrap_or_else(PoisonError::into_inner);
+    ids.retain(|(k, _)| k.strong_count() > 0);
+    ids.push((key, id.clone()));
+    Ok(id)
+}
+
 /// The database part: log row, business writes, commit.
 async fn run_local<DB, F, T, E>(pool: &sqlx::Pool<DB>, half: &Transaction, local: F) -> Local<T, E>
 where
@@ -175,7 +211,6 @@ where
         half.message_id(),
         half.topic(),
         COMMITTED,
-        epoch_ms(SystemTime::now()),
     )
     .await;
     let failure = match logged {
@@ -224,15 +259,17 @@ where
     Local::RolledBack(failure)
 }
 
-/// Deletes transaction-log rows older than `older_than`, [`CLEANUP_BATCH`] rows per
-/// statement; returns how many were deleted.
+/// Deletes transaction-log rows older than `older_than` by the database's clock,
+/// [`CLEANUP_BATCH`] rows per statement; returns how many were deleted.
 ///
-/// Keep rows well beyond the server's check-back horizon (its transaction timeout plus
-/// check interval times maximum checks; a day is ample for txmq's defaults): a check-back
-/// that finds no row treats the transaction as never committed and rolls its message back.
+/// The cut-off is recorded in `txmq_tx_log_meta` before any row goes, and a check-back
+/// never fences a message born before it: a transaction whose row was deleted is answered
+/// UNKNOWN, and is left for an operator once the server stops asking. Keep rows well
+/// beyond the server's check-back horizon (its transaction timeout plus check interval
+/// times maximum checks; a day is ample for txmq's defaults) so that this does not happen.
 ///
 /// # Cancel safety
-/// Cancel safe: batches already deleted stay deleted.
+/// Cancel safe: batches already deleted stay deleted, and the cut-off stays recorded.
 ///
 /// # Errors
 /// The database's error; earlier batches stay deleted.
@@ -240,7 +277,9 @@ pub async fn cleanup_log<DB: Dialect>(
     pool: &sqlx::Pool<DB>,
     older_than: Duration,
 ) -> Result<u64, sqlx::Error> {
-    let cutoff = cutoff_ms(older_than);
+    let cutoff = cutoff_ms::<DB>(pool, older_than).await?;
+    // Recorded first: a check-back that finds a row gone finds the cut-off too.
+    DB::record_cleanup(pool, cutoff).await?;
     let mut total = 0;
     loop {
         let n = DB::delete_log_batch(pool, cutoff, CLEANUP_BATCH).await?;
