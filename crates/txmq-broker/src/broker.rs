@@ -148,17 +148,19 @@ impl Broker {
     /// A group's settings; unknown groups get the defaults (created on first use when topics
     /// are auto-created).
     pub(crate) fn group_or_default(&self, name: &str) -> BrokerResult<Group> {
-        names::check_group(name)?;
-        if let Some(g) = self.metadata.group(name) {
-            return Ok(g);
-        }
-        if name.starts_with("%REDRIVE%") {
+        if let Some(of) = name.strip_prefix(names::REDRIVE_PREFIX) {
+            // Where the redrive of a group's dead letters reads: it never dead-letters.
+            names::check_group(of)?;
             return Ok(Group {
                 name: name.into(),
                 max_attempts: u32::MAX,
                 fifo: false,
                 backoff_ms: Vec::new(),
             });
+        }
+        names::check_group(name)?;
+        if let Some(g) = self.metadata.group(name) {
+            return Ok(g);
         }
         if !self.config.auto_create_topics {
             return Err(BrokerError::group_not_found(name));

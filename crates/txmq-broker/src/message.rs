@@ -26,7 +26,9 @@ pub mod prop {
     pub const DLQ_ORIGIN: &str = "dlq_origin";
     /// On dead-lettered copies: the delivery attempts made.
     pub const DLQ_ATTEMPTS: &str = "dlq_attempts";
-    /// On redriven copies: the dead-lettered message they came from.
+    /// On redriven copies: `group topic queue offset` of the dead-lettered message they
+    /// came from, as the redrive's group read it; the copy is also the mark that it was
+    /// redriven (written before by a separate acknowledgement, and as `topic queue offset`).
     pub const REDRIVEN_FROM: &str = "redriven_from";
 }
 

@@ -13,6 +13,10 @@ pub const SYSTEM_PREFIX: &str = "%SYS%";
 /// Prefix of dead-letter topics: `%DLQ%<group>`.
 pub const DLQ_PREFIX: &str = "%DLQ%";
 
+/// Prefix of the group a redrive of `<group>`'s dead letters reads them as:
+/// `%REDRIVE%<group>`.
+pub const REDRIVE_PREFIX: &str = "%REDRIVE%";
+
 /// Longest topic name.
 pub const MAX_TOPIC_LEN: usize = 127;
 /// Longest consumer group name.
@@ -26,19 +30,9 @@ pub fn dlq_topic(group: &str) -> String {
 /// Longest name of a topic's directory in the store: one file name.
 const MAX_STORED_NAME: usize = 255;
 
-/// The length of `topic`'s directory name in the store, which spells each byte other than
-/// `[A-Za-z0-9_-]` in three.
+/// The length of `topic`'s directory name in the store.
 fn stored_len(topic: &str) -> usize {
-    topic
-        .bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' {
-                1
-            } else {
-                3
-            }
-        })
-        .sum()
+    txmq_store::escape_topic(topic).len()
 }
 
 fn charset_ok(s: &str) -> bool {

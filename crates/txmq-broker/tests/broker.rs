@@ -163,13 +163,36 @@ async fn a_message_past_its_max_attempts_moves_to_the_dead_letter_topic_and_can_
 /// once: the next receive moves it to the dead-letter topic.
 async fn failed_once(dir: &std::path::Path) -> Arc<Broker> {
     let b = open(dir);
-    b.metadata().put_group("g", 1, false, Vec::new()).unwrap();
-    b.send(vec![msg("t", "poison", SendType::Normal)])
-        .await
-        .unwrap();
-    let got = b.receive(&receive("g", "t", 30_000)).await.unwrap();
-    b.change_invisible("g", "t", &got[0].handle, 0).unwrap();
+    fail_once(&b, "g").await;
     b
+}
+
+/// Has `group` of `b` (one attempt at most) fail message `poison` of topic `t` once. Its
+/// body takes a few sectors of the disk.
+async fn fail_once(b: &Arc<Broker>, group: &str) {
+    b.metadata().put_group(group, 1, false, Vec::new()).unwrap();
+    let mut poison = msg("t", "poison", SendType::Normal);
+    poison.body = vec![b'p'; 3000];
+    b.send(vec![poison]).await.unwrap();
+    let got = b.receive(&receive(group, "t", 30_000)).await.unwrap();
+    b.change_invisible(group, "t", &got[0].handle, 0).unwrap();
+}
+
+#[tokio::test]
+async fn a_group_of_the_longest_name_dead_letters_and_redrives() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = open(dir.path());
+    let group = "g".repeat(246);
+    fail_once(&b, &group).await;
+    assert!(
+        b.receive(&receive(&group, "t", 0))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(b.group_stats(&group).dead_lettered, 1);
+    assert_eq!(b.redrive(&group, 10).await.unwrap(), 1);
+    assert_eq!(drain(&b, &group, "t").await, vec!["poison".to_string()]);
 }
 
 #[tokio::test]
@@ -1180,12 +1203,7 @@ async fn a_dead_letter_move_that_fails_leaves_its_message_to_be_moved_or_acknowl
     let io = SimIo::new();
     let b = open_sim(&io);
     // Group g fails "poison" once, its max; group h has "forwarded" out with a consumer.
-    b.metadata().put_group("g", 1, false, Vec::new()).unwrap();
-    b.send(vec![msg("t", "poison", SendType::Normal)])
-        .await
-        .unwrap();
-    let got = b.receive(&receive("g", "t", 30_000)).await.unwrap();
-    b.change_invisible("g", "t", &got[0].handle, 0).unwrap();
+    fail_once(&b, "g").await;
     b.send(vec![msg("f", "forwarded", SendType::Normal)])
         .await
         .unwrap();
@@ -1221,12 +1239,7 @@ async fn a_redrive_cut_short_by_a_power_loss_sends_each_message_back_once() {
     loop {
         let io = SimIo::new();
         let b = open_sim(&io);
-        b.metadata().put_group("g", 1, false, Vec::new()).unwrap();
-        b.send(vec![msg("t", "poison", SendType::Normal)])
-            .await
-            .unwrap();
-        let got = b.receive(&receive("g", "t", 30_000)).await.unwrap();
-        b.change_invisible("g", "t", &got[0].handle, 0).unwrap();
+        fail_once(&b, "g").await;
         assert!(
             b.receive(&receive("g", "t", 30_000))
                 .await

@@ -454,14 +454,7 @@ async fn an_open_transaction_is_checked_back_on_the_telemetry_stream_and_the_ans
     let end = c
         .end_transaction(req(
             "producer-1",
-            pb::EndTransactionRequest {
-                topic: resource("pay"),
-                message_id: "t1".into(),
-                transaction_id: tx_id.clone(),
-                resolution: pb::TransactionResolution::Commit as i32,
-                source: pb::TransactionSource::SourceServerCheck as i32,
-                trace_context: String::new(),
-            },
+            answer("pay", "t1", &tx_id, pb::TransactionResolution::Commit),
         ))
         .await
         .unwrap()
@@ -620,6 +613,19 @@ fn end(
         resolution: resolution as i32,
         source: pb::TransactionSource::SourceClient as i32,
         trace_context: String::new(),
+    }
+}
+
+/// [`end`], as the answer to a check-back.
+fn answer(
+    topic: &str,
+    message_id: &str,
+    tx_id: &str,
+    resolution: pb::TransactionResolution,
+) -> pb::EndTransactionRequest {
+    pb::EndTransactionRequest {
+        source: pb::TransactionSource::SourceServerCheck as i32,
+        ..end(topic, message_id, tx_id, resolution)
     }
 }
 
@@ -812,14 +818,7 @@ async fn a_producer_is_sent_a_few_check_backs_at_a_time_and_each_answer_makes_ro
         let end = c
             .end_transaction(req(
                 "producer-1",
-                pb::EndTransactionRequest {
-                    topic: resource("pay"),
-                    message_id,
-                    transaction_id: id,
-                    resolution: resolution as i32,
-                    source: pb::TransactionSource::SourceServerCheck as i32,
-                    trace_context: String::new(),
-                },
+                answer("pay", &message_id, &id, resolution),
             ))
             .await
             .unwrap()

@@ -199,6 +199,27 @@ async fn send_orphan<DB: TestDb>(producer: &TransactionalProducer, pool: &Pool<D
     );
 }
 
+/// Sends `body` with `send_in_transaction`, inserting order `order`, and crashes right
+/// after the database committed: the message is left to the check-back.
+async fn send_and_crash_after_commit<DB: TestDb>(
+    producer: &TransactionalProducer,
+    pool: &Pool<DB>,
+    body: &str,
+    order: i64,
+) {
+    let err = fault::inject(
+        Crash::AfterDbCommit,
+        db::send_in_transaction(producer, pool, Message::new("payments", body), |tx| {
+            Box::pin(async move {
+                DB::exec(tx, format!("INSERT INTO orders (id) VALUES ({order})")).await
+            })
+        }),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, SendInTransactionError::Crashed(_)), "{err:?}");
+}
+
 /// The `db` tables and a table `orders (id BIGINT PRIMARY KEY)`.
 async fn orders_schema<DB: TestDb>(pool: &Pool<DB>) {
     db::migrate(pool).await.unwrap();
@@ -282,22 +303,7 @@ async fn every_outcome_of_a_transactional_send<DB: TestDb>(pool: Pool<DB>) {
         assert!(matches!(err, SendInTransactionError::Local(_)), "{err:?}");
 
         // Crash after the database commit: the check-back commits the message.
-        let err = fault::inject(
-            Crash::AfterDbCommit,
-            db::send_in_transaction(
-                &producer,
-                &pool,
-                Message::new("payments", "crash-after"),
-                |tx| {
-                    Box::pin(async move {
-                        DB::exec(tx, "INSERT INTO orders (id) VALUES (3)".into()).await
-                    })
-                },
-            ),
-        )
-        .await
-        .unwrap_err();
-        assert!(matches!(err, SendInTransactionError::Crashed(_)), "{err:?}");
+        send_and_crash_after_commit(&producer, &pool, "crash-after", 3).await;
 
         // Crash right after the half message: no row; the check-back fences it and rolls
         // back.
@@ -660,22 +666,7 @@ async fn a_committed_transaction_whose_log_row_was_cleaned_up_is_not_rolled_back
         let watched = Watched::new(checker, true);
         let (producer, consumer) = payments_clients(&server, watched.clone()).await;
 
-        let err = fault::inject(
-            Crash::AfterDbCommit,
-            db::send_in_transaction(
-                &producer,
-                &pool,
-                Message::new("payments", "committed"),
-                |tx| {
-                    Box::pin(async move {
-                        DB::exec(tx, "INSERT INTO orders (id) VALUES (1)".into()).await
-                    })
-                },
-            ),
-        )
-        .await
-        .unwrap_err();
-        assert!(matches!(err, SendInTransactionError::Crashed(_)), "{err:?}");
+        send_and_crash_after_commit(&producer, &pool, "committed", 1).await;
         // Older than the cut-off by the database's clock, to the millisecond.
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert_eq!(db::cleanup_log(&pool, Duration::ZERO).await.unwrap(), 1);

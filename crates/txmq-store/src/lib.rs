@@ -50,7 +50,7 @@ use std::thread::JoinHandle;
 pub use commit_log::SEGMENT_HEADER_LEN;
 pub use config::{Durability, Retention, StoreConfig};
 pub use error::{AppendError, MaintenanceError, OpenError, ReadError};
-pub use queue_index::IndexEntry;
+pub use queue_index::{IndexEntry, escape_topic};
 pub use record::{
     FORMAT_VERSION, HEADER_LEN, MAX_TOPIC_LEN, Record, RecordData, RecordKind, tag_hash,
 };

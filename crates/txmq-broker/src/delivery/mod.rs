@@ -33,7 +33,7 @@ use crate::broker::{Broker, detached, queue_of_group};
 use crate::error::{BrokerError, BrokerResult};
 use crate::message::{copy_record, prop, sys};
 use crate::metadata::{Group, TopicType};
-use crate::names::{DELIVERY_TOPIC, DLQ_PREFIX, dlq_topic};
+use crate::names::{DELIVERY_TOPIC, DLQ_PREFIX, REDRIVE_PREFIX, dlq_topic};
 
 /// A message handed to a consumer.
 #[derive(Debug, Clone)]
@@ -292,11 +292,14 @@ impl Delivery {
                 } else {
                     return;
                 }
-            } else if rec.data.topic.starts_with(DLQ_PREFIX) {
-                let Some(origin) = sys(&rec.data, prop::DLQ_ORIGIN) else {
-                    return;
-                };
+            } else if let Some(origin) =
+                sys(&rec.data, prop::DLQ_ORIGIN).filter(|_| rec.data.topic.starts_with(DLQ_PREFIX))
+            {
                 (origin, Effect::DeadLettered)
+            } else if let Some(from) = sys(&rec.data, prop::REDRIVEN_FROM) {
+                // A redriven copy: its dead-lettered message is done (a copy of an older
+                // broker names no group, and its acknowledgement is a record of its own).
+                (from, Effect::Ack)
             } else {
                 return;
             };
@@ -751,12 +754,7 @@ impl Broker {
             return Ok(());
         };
         // Not moved: they stay due and are tried again on the next receive.
-        let mut groups = self.delivery.lock();
-        let states = groups.entry(group.to_string()).or_default();
-        for d in dead {
-            let st = states
-                .entry((d.record.data.topic.clone(), d.record.data.queue_id))
-                .or_default();
+        self.on_queues_of(group, &dead, |st, d| {
             st.pending.insert(
                 d.record.queue_offset,
                 Pending {
@@ -769,8 +767,24 @@ impl Broker {
                     renew_until: 0,
                 },
             );
-        }
+        });
         Err(e)
+    }
+
+    /// Runs `f` on the state of the queue of each of `dead` in `group`, under the delivery
+    /// lock.
+    fn on_queues_of(
+        &self,
+        group: &str,
+        dead: &[DeadLetter],
+        mut f: impl FnMut(&mut QueueState, &DeadLetter),
+    ) {
+        let mut groups = self.delivery.lock();
+        let states = groups.entry(group.to_string()).or_default();
+        for d in dead {
+            let key = (d.record.data.topic.clone(), d.record.data.queue_id);
+            f(states.entry(key).or_default(), d);
+        }
     }
 
     /// Stores copies of `dead` in the group's dead-letter topic and takes them out of their
@@ -793,7 +807,8 @@ impl Broker {
                     RecordKind::Normal,
                     &topic,
                     0,
-                    &[],
+                    // Where a redriven message came from was done with when it went back.
+                    &[prop::REDRIVEN_FROM],
                     &[
                         (
                             prop::DLQ_ORIGIN,
@@ -805,16 +820,10 @@ impl Broker {
             })
             .collect();
         self.store.append(records).await?;
-        let mut groups = self.delivery.lock();
-        let states = groups.entry(group.to_string()).or_default();
-        for d in dead {
-            let st = states
-                .entry((d.record.data.topic.clone(), d.record.data.queue_id))
-                .or_default();
+        self.on_queues_of(group, dead, |st, d| {
             st.progress.dead += 1;
             st.ack(d.record.queue_offset);
-        }
-        drop(groups);
+        });
         tracing::info!(
             group,
             count = dead.len(),
@@ -1078,7 +1087,7 @@ impl Broker {
         if self.metadata.topic(&dlq).is_none() {
             return Ok(0);
         }
-        let redrive_group = format!("%REDRIVE%{group}");
+        let redrive_group = format!("{REDRIVE_PREFIX}{group}");
         let req = ReceiveRequest {
             group: redrive_group.clone(),
             topic: dlq.clone(),
@@ -1094,8 +1103,8 @@ impl Broker {
         let mut copies = Vec::new();
         let mut handles = Vec::new();
         for d in &batch {
-            let origin = sys(&d.record.data, prop::DLQ_ORIGIN).and_then(parse_origin);
-            let Some(t) = origin.and_then(|(_, topic, _, _)| self.metadata.topic(&topic)) else {
+            let from = sys(&d.record.data, prop::DLQ_ORIGIN).and_then(parse_origin);
+            let Some(t) = from.and_then(|(_, topic, _, _)| self.metadata.topic(&topic)) else {
                 // Not put there by a move (e.g. sent to the dead-letter topic directly): it
                 // stays, not marked done, for an operator to look at.
                 tracing::warn!(group, message_id = %d.record.data.message_id,
@@ -1118,15 +1127,21 @@ impl Broker {
                 &[prop::DLQ_ORIGIN, prop::DLQ_ATTEMPTS],
                 &[(
                     prop::REDRIVEN_FROM,
-                    format!("{dlq} 0 {}", d.record.queue_offset),
+                    origin(
+                        &redrive_group,
+                        &dlq,
+                        d.record.data.queue_id,
+                        d.record.queue_offset,
+                    ),
                 )],
             ));
         }
         if copies.is_empty() {
             return Ok(0);
         }
-        // The copies and the marks that they were made go in one append: a crash or a
-        // failed write leaves both or neither, so no message goes back twice.
+        // Each copy is also the mark that its message was redriven (`REDRIVEN_FROM`, read
+        // back as its acknowledgement): a crash or a failed write keeps both or neither, so
+        // no message goes back twice.
         let _gate = self.gate.read().await;
         let acks = self.take_acks(&redrive_group, &dlq, &handles);
         let copies: Vec<RecordData> = copies
@@ -1137,13 +1152,11 @@ impl Broker {
             .collect();
         let n = copies.len();
         let topics: BTreeSet<String> = copies.iter().map(|c| c.topic.clone()).collect();
-        let mut records = copies;
-        records.extend(acks.records(&redrive_group));
         let stored = if n == 0 {
             Ok(())
         } else {
             self.store
-                .append(records)
+                .append(copies)
                 .await
                 .map(drop)
                 .map_err(Into::into)

@@ -17,7 +17,7 @@
 //!
 //! [`BrokerConfig::transaction_checks_per_producer`]: crate::BrokerConfig::transaction_checks_per_producer
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -72,99 +72,115 @@ impl OpenChecks {
     }
 }
 
+/// Due transactions waiting for room to be checked, by topic, oldest due first.
+type Waiting = HashMap<String, VecDeque<Tx>>;
+
 impl Broker {
     /// Runs check-backs until `stop` fires.
     pub async fn run_check_backs(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
         let mut rotate = 0usize;
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // Due transactions left over by the last pass, oldest due first.
-        let mut due = VecDeque::new();
+        let mut waiting = Waiting::new();
         loop {
+            let mut unresolved = Vec::new();
             tokio::select! {
                 _ = tick.tick() => {
                     let mut found = self.transactions.due(crate::now_ms());
                     found.sort_by_key(|tx| tx.next_check_ms);
-                    due = found.into();
+                    waiting.clear();
+                    for tx in found {
+                        // Past the maximum: declared unresolved, which needs no producer.
+                        if tx.checks >= self.config.transaction_check_max {
+                            unresolved.push(tx.id);
+                        } else {
+                            waiting.entry(tx.topic.clone()).or_default().push_back(tx);
+                        }
+                    }
                 }
                 // Room for a check that waits: it need not wait for the next tick.
                 _ = self.open_checks.closed.notified() => {}
                 _ = stop.changed() => return,
             }
-            if !due.is_empty() {
-                self.check_due(&mut due, &mut rotate).await;
+            if !waiting.is_empty() || !unresolved.is_empty() {
+                self.check_due(&mut waiting, unresolved, &mut rotate).await;
             }
         }
     }
 
-    /// Sends the checks of `due` that producers have room for and records them, and
-    /// declares unresolved those past the maximum. Leaves in `due` the transactions whose
+    /// Sends the checks of `waiting` that producers have room for and records them, and
+    /// declares `unresolved` unresolved. Leaves in `waiting` the transactions whose
     /// producers had no room.
-    async fn check_due(&self, due: &mut VecDeque<Tx>, rotate: &mut usize) {
+    async fn check_due(
+        &self,
+        waiting: &mut Waiting,
+        mut unresolved: Vec<String>,
+        rotate: &mut usize,
+    ) {
         let now = crate::now_ms();
         let limit = self.config.transaction_checks_per_producer as usize;
         let mut open = self.open_checks.by_stream(now);
         let _gate = self.gate.read().await;
         let mut sent = Vec::new();
-        let mut unresolved = Vec::new();
-        let mut waiting = Vec::new();
-        // Topics whose every producer is at its limit in this pass.
-        let mut full = HashSet::new();
-        while let Some(tx) = due.pop_front() {
-            if full.contains(&tx.topic) {
-                waiting.push(tx);
-                continue;
-            }
-            // Decided, checked or put back since it was found due: looked at as it is now.
-            let Some(tx) = self
-                .transactions
-                .get(&tx.id)
-                .filter(|t| t.state == TxState::Prepared && t.next_check_ms <= now)
-            else {
-                continue;
-            };
-            if tx.checks >= self.config.transaction_check_max {
-                unresolved.push(tx.id);
-                continue;
-            }
+        for (topic, txs) in waiting.iter_mut() {
             *rotate = rotate.wrapping_add(1);
-            let producers = self.sessions.producers_of(&tx.topic, *rotate);
+            let producers = self.sessions.producers_of(topic, *rotate);
             if producers.is_empty() {
-                self.retry_later(&tx.id, now);
-                continue;
-            }
-            let with_room: Vec<_> = producers
-                .into_iter()
-                .filter(|p| open.get(&p.id).copied().unwrap_or(0) < limit)
-                .collect();
-            if with_room.is_empty() {
-                full.insert(tx.topic.clone());
-                waiting.push(tx);
-                continue;
-            }
-            let command = match self.check_command(&tx) {
-                Ok(command) => command,
-                Err(e) => {
-                    tracing::warn!(transaction = %tx.id, error = %e, "check-back failed");
+                for tx in txs.drain(..) {
                     self.retry_later(&tx.id, now);
+                }
+                continue;
+            }
+            let mut turn = 0usize;
+            while !txs.is_empty() {
+                let with_room: Vec<_> = producers
+                    .iter()
+                    .filter(|p| open.get(&p.id).copied().unwrap_or(0) < limit)
+                    .collect();
+                if with_room.is_empty() {
+                    break;
+                }
+                let Some(tx) = txs.pop_front() else { break };
+                // Decided, checked or put back since it was found due: looked at as it is now.
+                let Some(tx) = self
+                    .transactions
+                    .get(&tx.id)
+                    .filter(|t| t.state == TxState::Prepared && t.next_check_ms <= now)
+                else {
+                    continue;
+                };
+                if tx.checks >= self.config.transaction_check_max {
+                    unresolved.push(tx.id);
                     continue;
                 }
-            };
-            let Some(p) = with_room
-                .into_iter()
-                .find(|p| p.outbox.try_send(Ok(command.clone())).is_ok())
-            else {
-                // Every producer's stream was full or closing: nothing was sent, nothing counts.
-                self.retry_later(&tx.id, now);
-                continue;
-            };
-            tracing::debug!(transaction = %tx.id, client = %p.client_id, check = tx.checks + 1, "check-back sent");
-            *open.entry(p.id).or_insert(0) += 1;
-            let until = now + self.check_interval_ms(tx.checks + 1);
-            self.open_checks.opened(&tx.id, p.id, until);
-            sent.push(tx.id);
+                let command = match self.check_command(&tx) {
+                    Ok(command) => command,
+                    Err(e) => {
+                        tracing::warn!(transaction = %tx.id, error = %e, "check-back failed");
+                        self.retry_later(&tx.id, now);
+                        continue;
+                    }
+                };
+                // The producers with room take turns.
+                turn = turn.wrapping_add(1);
+                let n = with_room.len();
+                let Some(p) = (0..n)
+                    .map(|i| with_room[(turn + i) % n])
+                    .find(|p| p.outbox.try_send(Ok(command.clone())).is_ok())
+                else {
+                    // Every producer's stream was full or closing: nothing was sent, nothing
+                    // counts.
+                    self.retry_later(&tx.id, now);
+                    continue;
+                };
+                tracing::debug!(transaction = %tx.id, client = %p.client_id, check = tx.checks + 1, "check-back sent");
+                *open.entry(p.id).or_insert(0) += 1;
+                let until = now + self.check_interval_ms(tx.checks + 1);
+                self.open_checks.opened(&tx.id, p.id, until);
+                sent.push(tx.id);
+            }
         }
-        due.extend(waiting);
+        waiting.retain(|_, txs| !txs.is_empty());
         if let Err(e) = self.record_checks(&sent).await {
             tracing::warn!(checks = sent.len(), error = %e, "check-backs sent but not recorded");
         }

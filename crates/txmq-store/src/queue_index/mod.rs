@@ -46,8 +46,10 @@ pub(crate) struct QueueIndex {
     pub next_offset: AtomicU64,
 }
 
-/// Escapes a topic into a directory name: keeps `[A-Za-z0-9_-]`, writes other bytes as `%XX`.
-pub(crate) fn escape_topic(topic: &str) -> String {
+/// Escapes a topic into the name of its directory in the store: keeps `[A-Za-z0-9_-]`,
+/// writes other bytes as `%XX`. A topic whose directory name would be longer than a file
+/// name may be (255 bytes) cannot be stored.
+pub fn escape_topic(topic: &str) -> String {
     let mut out = String::with_capacity(topic.len());
     for b in topic.bytes() {
         if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' {
