@@ -282,7 +282,9 @@ async fn list_dlq(
             }
         })
         .collect();
-    let pending = b.group_stats(&format!("%REDRIVE%{group}")).lag;
+    let pending = b
+        .group_stats(&format!("{}{group}", crate::names::REDRIVE_PREFIX))
+        .lag;
     Ok(Json(
         json!({"group": group, "topic": topic, "count": range.end - range.start, "not_redriven": pending, "messages": messages}),
     ))

@@ -354,12 +354,12 @@ async fn bad_requests_get_rocketmq_status_codes_and_garbage_does_not_disturb_oth
     server.stop().await.unwrap();
 }
 
-/// The Telemetry stream of producer `client_id` that declared `topic`, once the broker
+/// The Telemetry stream of producer `client_id` that declared `topics`, once the broker
 /// answered its settings: the sender that keeps it open, and what the broker sends on it.
 async fn producer_stream(
     c: &mut MessagingServiceClient<Channel>,
     client_id: &str,
-    topic: &str,
+    topics: &[&str],
 ) -> (
     tokio::sync::mpsc::Sender<pb::TelemetryCommand>,
     tonic::Streaming<pb::TelemetryCommand>,
@@ -368,7 +368,7 @@ async fn producer_stream(
     let settings = pb::Settings {
         client_type: Some(pb::ClientType::Producer as i32),
         pub_sub: Some(pb::settings::PubSub::Publishing(pb::Publishing {
-            topics: vec![resource(topic).unwrap()],
+            topics: topics.iter().map(|t| resource(t).unwrap()).collect(),
             ..Default::default()
         })),
         ..Default::default()
@@ -418,7 +418,7 @@ async fn an_open_transaction_is_checked_back_on_the_telemetry_stream_and_the_ans
     let dir = tempfile::tempdir().unwrap();
     let server = with_pay_topic(dir.path()).await;
     let mut c = client(&server).await;
-    let (tx, mut inbound) = producer_stream(&mut c, "producer-1", "pay").await;
+    let (tx, mut inbound) = producer_stream(&mut c, "producer-1", &["pay"]).await;
     let sent = c
         .send_message(req(
             "producer-1",
@@ -750,6 +750,22 @@ async fn end_transactions_decides_each_entry_on_its_own_in_one_call() {
     server.stop().await.unwrap();
 }
 
+/// Sends half message `id` to `topic` as producer-1: its transaction id.
+async fn send_half(c: &mut MessagingServiceClient<Channel>, topic: &str, id: &str) -> String {
+    let sent = c
+        .send_message(req(
+            "producer-1",
+            pb::SendMessageRequest {
+                messages: vec![message(topic, id, MessageType::Transaction, vec![1])],
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(code(&sent.status), Code::Ok);
+    sent.entries[0].transaction_id.clone()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_producer_is_sent_a_few_check_backs_at_a_time_and_each_answer_makes_room() {
     let dir = tempfile::tempdir().unwrap();
@@ -767,22 +783,11 @@ async fn a_producer_is_sent_a_few_check_backs_at_a_time_and_each_answer_makes_ro
         .create_topic("pay", txmq_broker::metadata::TopicType::Transaction, 2)
         .unwrap();
     let mut c = client(&server).await;
-    let (keep, mut inbound) = producer_stream(&mut c, "producer-1", "pay").await;
+    let (keep, mut inbound) = producer_stream(&mut c, "producer-1", &["pay"]).await;
     let mut open = std::collections::HashMap::new();
     for i in 0..8 {
         let id = format!("m{i}");
-        let sent = c
-            .send_message(req(
-                "producer-1",
-                pb::SendMessageRequest {
-                    messages: vec![message("pay", &id, MessageType::Transaction, vec![1])],
-                },
-            ))
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(code(&sent.status), Code::Ok);
-        open.insert(sent.entries[0].transaction_id.clone(), id);
+        open.insert(send_half(&mut c, "pay", &id).await, id);
     }
     let checked = |server: &Server| -> u32 {
         let txs = server
@@ -841,6 +846,56 @@ async fn a_producer_is_sent_a_few_check_backs_at_a_time_and_each_answer_makes_ro
     );
     let (_, msgs) = receive(&mut c, "g", "pay").await;
     assert_eq!(msgs.len(), 4, "the four commits, and none of the rollbacks");
+    drop(keep);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topics_that_share_a_producer_share_its_check_backs_oldest_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(BrokerConfig {
+        transaction_checks_per_producer: 1,
+        transaction_check_interval_ms: 20_000,
+        ..config(dir.path())
+    })
+    .await
+    .unwrap();
+    for topic in ["pay", "ship"] {
+        server
+            .broker
+            .metadata()
+            .create_topic(topic, txmq_broker::metadata::TopicType::Transaction, 1)
+            .unwrap();
+    }
+    let mut c = client(&server).await;
+    let (keep, mut inbound) = producer_stream(&mut c, "producer-1", &["pay", "ship"]).await;
+    // One of ship, then a backlog of pay, then another of ship (a few ms apart, so that
+    // no two are stored in the same millisecond): asked in that order.
+    let mut order = Vec::new();
+    for (topic, id) in [
+        ("ship", "s0"),
+        ("pay", "p0"),
+        ("pay", "p1"),
+        ("pay", "p2"),
+        ("pay", "p3"),
+        ("ship", "s1"),
+    ] {
+        order.push((topic, send_half(&mut c, topic, id).await));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for (topic, tx_id) in &order {
+        let asked = next_check(&mut inbound, Duration::from_secs(5)).await;
+        assert_eq!(asked.as_ref(), Some(tx_id), "{topic}");
+        let end = c
+            .end_transaction(req(
+                "producer-1",
+                answer(topic, "", tx_id, pb::TransactionResolution::Rollback),
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(code(&end.status), Code::Ok);
+    }
     drop(keep);
     server.stop().await.unwrap();
 }

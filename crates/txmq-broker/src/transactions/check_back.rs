@@ -17,7 +17,8 @@
 //!
 //! [`BrokerConfig::transaction_checks_per_producer`]: crate::BrokerConfig::transaction_checks_per_producer
 
-use std::collections::{HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -28,6 +29,7 @@ use super::{Tx, TxState};
 use crate::broker::Broker;
 use crate::error::BrokerResult;
 use crate::grpc::convert;
+use crate::sessions::Session;
 
 /// How often due transactions are looked for.
 const TICK: Duration = Duration::from_millis(250);
@@ -122,63 +124,77 @@ impl Broker {
         let mut open = self.open_checks.by_stream(now);
         let _gate = self.gate.read().await;
         let mut sent = Vec::new();
-        for (topic, txs) in waiting.iter_mut() {
-            *rotate = rotate.wrapping_add(1);
-            let producers = self.sessions.producers_of(topic, *rotate);
-            if producers.is_empty() {
+        // Topics by their oldest waiting transaction: one check at a time goes to the topic
+        // whose turn is oldest, so topics that share producers share their room by age.
+        let mut turns: BinaryHeap<Reverse<(i64, String)>> = waiting
+            .iter()
+            .filter_map(|(topic, txs)| Some(Reverse((txs.front()?.next_check_ms, topic.clone()))))
+            .collect();
+        let mut producers: HashMap<String, Vec<Arc<Session>>> = HashMap::new();
+        let mut turn = 0usize;
+        while let Some(Reverse((_, topic))) = turns.pop() {
+            let Some(txs) = waiting.get_mut(&topic) else {
+                continue;
+            };
+            let of_topic = producers.entry(topic.clone()).or_insert_with(|| {
+                *rotate = rotate.wrapping_add(1);
+                self.sessions.producers_of(&topic, *rotate)
+            });
+            if of_topic.is_empty() {
                 for tx in txs.drain(..) {
                     self.retry_later(&tx.id, now);
                 }
                 continue;
             }
-            let mut turn = 0usize;
-            while !txs.is_empty() {
-                let with_room: Vec<_> = producers
-                    .iter()
-                    .filter(|p| open.get(&p.id).copied().unwrap_or(0) < limit)
-                    .collect();
-                if with_room.is_empty() {
-                    break;
-                }
-                let Some(tx) = txs.pop_front() else { break };
-                // Decided, checked or put back since it was found due: looked at as it is now.
-                let Some(tx) = self
-                    .transactions
-                    .get(&tx.id)
-                    .filter(|t| t.state == TxState::Prepared && t.next_check_ms <= now)
-                else {
-                    continue;
-                };
-                if tx.checks >= self.config.transaction_check_max {
-                    unresolved.push(tx.id);
-                    continue;
-                }
-                let command = match self.check_command(&tx) {
-                    Ok(command) => command,
-                    Err(e) => {
-                        tracing::warn!(transaction = %tx.id, error = %e, "check-back failed");
-                        self.retry_later(&tx.id, now);
-                        continue;
-                    }
-                };
-                // The producers with room take turns.
-                turn = turn.wrapping_add(1);
-                let n = with_room.len();
-                let Some(p) = (0..n)
-                    .map(|i| with_room[(turn + i) % n])
-                    .find(|p| p.outbox.try_send(Ok(command.clone())).is_ok())
-                else {
-                    // Every producer's stream was full or closing: nothing was sent, nothing
-                    // counts.
+            let with_room: Vec<_> = of_topic
+                .iter()
+                .filter(|p| open.get(&p.id).copied().unwrap_or(0) < limit)
+                .collect();
+            if with_room.is_empty() {
+                // Its turn ends for this pass; the others may still have room.
+                continue;
+            }
+            let Some(tx) = txs.pop_front() else { continue };
+            if let Some(next) = txs.front() {
+                turns.push(Reverse((next.next_check_ms, topic.clone())));
+            }
+            // Decided, checked or put back since it was found due: looked at as it is now.
+            let Some(tx) = self
+                .transactions
+                .get(&tx.id)
+                .filter(|t| t.state == TxState::Prepared && t.next_check_ms <= now)
+            else {
+                continue;
+            };
+            if tx.checks >= self.config.transaction_check_max {
+                unresolved.push(tx.id);
+                continue;
+            }
+            let command = match self.check_command(&tx) {
+                Ok(command) => command,
+                Err(e) => {
+                    tracing::warn!(transaction = %tx.id, error = %e, "check-back failed");
                     self.retry_later(&tx.id, now);
                     continue;
-                };
-                tracing::debug!(transaction = %tx.id, client = %p.client_id, check = tx.checks + 1, "check-back sent");
-                *open.entry(p.id).or_insert(0) += 1;
-                let until = now + self.check_interval_ms(tx.checks + 1);
-                self.open_checks.opened(&tx.id, p.id, until);
-                sent.push(tx.id);
-            }
+                }
+            };
+            // The producers with room take turns.
+            turn = turn.wrapping_add(1);
+            let n = with_room.len();
+            let Some(p) = (0..n)
+                .map(|i| with_room[(turn + i) % n])
+                .find(|p| p.outbox.try_send(Ok(command.clone())).is_ok())
+            else {
+                // Every producer's stream was full or closing: nothing was sent, nothing
+                // counts.
+                self.retry_later(&tx.id, now);
+                continue;
+            };
+            tracing::debug!(transaction = %tx.id, client = %p.client_id, check = tx.checks + 1, "check-back sent");
+            *open.entry(p.id).or_insert(0) += 1;
+            let until = now + self.check_interval_ms(tx.checks + 1);
+            self.open_checks.opened(&tx.id, p.id, until);
+            sent.push(tx.id);
         }
         waiting.retain(|_, txs| !txs.is_empty());
         if let Err(e) = self.record_checks(&sent).await {

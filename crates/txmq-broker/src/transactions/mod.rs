@@ -661,6 +661,12 @@ impl Broker {
         ) {
             return Ok(());
         }
+        // Put back to checking by an operator since it was found past the maximum: it stays.
+        let max = self.config.transaction_check_max;
+        if self.transactions.get(id).is_none_or(|t| t.checks < max) {
+            self.transactions.finish(id, |_| {});
+            return Ok(());
+        }
         let stored = self
             .store
             .append(vec![tx_record(RecordKind::TxResolution, id, UNRESOLVED)])
