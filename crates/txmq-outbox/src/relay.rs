@@ -47,7 +47,7 @@ pub struct RelayConfig {
     pub instance: String,
 }
 
-/// Why [`Relay::try_new`] refused a [`RelayConfig`].
+/// Why [`Relay::new`] refused a [`RelayConfig`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum RelayConfigError {
@@ -116,7 +116,7 @@ impl Default for RelayConfig {
 /// let pool = sqlx::PgPool::connect("postgres://postgres@127.0.0.1/shop").await?;
 /// txmq_outbox::migrate(&pool).await?;
 /// let sink = sink::connect("amqp://guest:guest@127.0.0.1:5672/%2f").await?;
-/// let relay = Relay::try_new(pool, sink, RelayConfig::default())?;
+/// let relay = Relay::new(pool, sink, RelayConfig::default())?;
 /// relay.run(async { tokio::signal::ctrl_c().await.ok(); }).await;
 /// # Ok(()) }
 /// ```
@@ -136,7 +136,7 @@ impl<DB: OutboxDb> Relay<DB> {
     /// # Errors
     /// [`RelayConfigError`]: a zero backoff, or on SQLite a lease not longer than the
     /// publish timeout.
-    pub fn try_new(
+    pub fn new(
         pool: Pool<DB>,
         sink: Box<dyn Sink>,
         config: RelayConfig,
@@ -149,14 +149,6 @@ impl<DB: OutboxDb> Relay<DB> {
             metrics: Arc::new(Metrics::default()),
             claims: AtomicU64::new(0),
         })
-    }
-
-    /// Like [`try_new`](Self::try_new), for settings known to be valid.
-    ///
-    /// # Panics
-    /// If `config` is refused by [`try_new`](Self::try_new).
-    pub fn new(pool: Pool<DB>, sink: Box<dyn Sink>, config: RelayConfig) -> Self {
-        Self::try_new(pool, sink, config).unwrap_or_else(|e| panic!("bad relay settings: {e}"))
     }
 
     /// The relay's counters, for a metrics endpoint.

@@ -123,7 +123,8 @@ async fn everything<DB: TestDb>(pool: Pool<DB>) {
         pool.clone(),
         Box::new(RedisSink::connect(REDIS).await.unwrap()),
         config(),
-    );
+    )
+    .expect("valid relay settings");
     let m = |id: &str| OutboxMessage::new(stream.as_str(), id.as_bytes().to_vec()).with_id(id);
 
     // Committed and rolled back.
@@ -299,7 +300,8 @@ async fn fast_path_leaves_to_the_relay<DB: TestDb>(pool: Pool<DB>) {
         pool.clone(),
         Box::new(RedisSink::connect(REDIS).await.unwrap()),
         config(),
-    );
+    )
+    .expect("valid relay settings");
     let in_an_hour = SystemTime::now() + Duration::from_secs(3600);
     let m = |id: &str, dest: &str| OutboxMessage::new(dest, id.as_bytes().to_vec()).with_id(id);
 
@@ -383,7 +385,8 @@ async fn mariadb_ids_differing_only_by_case_are_different_messages() {
             pool.clone(),
             Box::new(RedisSink::connect(REDIS).await.unwrap()),
             once,
-        );
+        )
+        .expect("valid relay settings");
         let dead = |id: &str| OutboxMessage::new(poison.as_str(), "x").with_id(id);
         enqueue_committed(
             &pool,
@@ -440,13 +443,13 @@ async fn relay_refuses_a_zero_backoff_and_a_sqlite_lease_within_the_publish_time
     let sink = async || txmq_outbox::sink::connect(REDIS).await.unwrap();
     let mut zero = config();
     zero.retry.initial = Duration::ZERO;
-    let e = Relay::try_new(sqlite.clone(), sink().await, zero).err();
+    let e = Relay::new(sqlite.clone(), sink().await, zero).err();
     assert_eq!(e, Some(RelayConfigError::ZeroBackoff("initial")));
     assert!(e.unwrap().to_string().contains("retry.initial"));
 
     let mut short = config();
     short.lease = short.publish_timeout;
-    let e = Relay::try_new(sqlite.clone(), sink().await, short.clone()).err();
+    let e = Relay::new(sqlite.clone(), sink().await, short.clone()).err();
     assert!(
         matches!(
             e,
@@ -456,5 +459,5 @@ async fn relay_refuses_a_zero_backoff_and_a_sqlite_lease_within_the_publish_time
     );
     assert!(e.unwrap().to_string().contains("publish_timeout"));
     let postgres = sqlx::PgPool::connect_lazy("postgres://postgres@127.0.0.1:5432/test").unwrap();
-    assert!(Relay::try_new(postgres, sink().await, short).is_ok());
+    assert!(Relay::new(postgres, sink().await, short).is_ok());
 }

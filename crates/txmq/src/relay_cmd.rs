@@ -224,7 +224,7 @@ async fn run_relay<DB: OutboxDb>(
                 txmq_outbox::sink::redact_url(sink_url, false)
             )
         })?;
-    let relay = Relay::try_new(pool.clone(), sink, config)?;
+    let relay = Relay::new(pool.clone(), sink, config)?;
     let metrics = relay.metrics();
     let server = match http {
         Some(addr) => {

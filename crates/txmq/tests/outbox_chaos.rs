@@ -226,7 +226,7 @@ fn spawn_relay<DB: OutboxDb>(
     sink: Box<dyn Sink>,
     config: RelayConfig,
 ) -> RunningRelay {
-    let relay = Relay::new(pool, sink, config);
+    let relay = Relay::new(pool, sink, config).expect("valid relay settings");
     let metrics = relay.metrics();
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(relay.run(async move {

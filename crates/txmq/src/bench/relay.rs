@@ -212,7 +212,7 @@ async fn start_relays(
         let sink = txmq_outbox::sink::connect(sink_url)
             .await
             .with_context(|| format!("cannot connect the sink {sink_url}"))?;
-        let relay = Relay::<Postgres>::new(pool, sink, relay_config(args, i));
+        let relay = Relay::<Postgres>::new(pool, sink, relay_config(args, i))?;
         let mut stopped = stopped.clone();
         tasks.push(tokio::spawn(async move {
             relay
