@@ -340,6 +340,14 @@ pub struct BenchE2eArgs {
     /// After sending, how long to wait for the last messages to arrive.
     #[arg(long, default_value_t = 10, value_name = "SECONDS")]
     pub drain_seconds: u64,
+    /// Send delay messages due this long after their send (the topic is a DELAY topic);
+    /// latency is counted from the time each is due.
+    #[arg(long, default_value_t = 0, value_name = "MS")]
+    pub delay_ms: u64,
+    /// Before the clock starts, send this many delay messages due in an hour, which wait in
+    /// the topic through the run (as order time-outs do); implies delay messages.
+    #[arg(long, default_value_t = 0, value_name = "MESSAGES")]
+    pub backlog: u64,
     /// Print one JSON object on stdout (the table goes to stderr).
     #[arg(long)]
     pub json: bool,

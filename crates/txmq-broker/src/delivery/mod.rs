@@ -18,6 +18,7 @@
 
 mod filter;
 mod handle;
+mod pending;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -25,6 +26,7 @@ use std::time::Duration;
 
 pub use filter::Filter;
 pub use handle::ReceiptHandle;
+use pending::{Pending, Pendings, SETTLING};
 use serde::{Deserialize, Serialize};
 use txmq_proto::v2::Code;
 use txmq_store::{Record, RecordData, RecordKind};
@@ -69,38 +71,6 @@ pub struct ReceiveRequest {
     pub renew_for: Option<String>,
 }
 
-/// A handed-out or held message of a queue.
-#[derive(Debug, Clone)]
-struct Pending {
-    /// Invisible until then (ms); a held message (never delivered) is ready at once.
-    visible_at: i64,
-    /// Deliveries made so far.
-    attempt: u32,
-    /// Bumped on every delivery and invisibility change; a handle names one epoch.
-    epoch: u32,
-    /// Whether it is out with a consumer now (as opposed to held back).
-    delivered: bool,
-    /// FIFO message group.
-    message_group: Option<String>,
-    /// Client whose connection keeps it invisible (push consumers).
-    renew_for: Option<String>,
-    /// When auto-renewal stops, ms.
-    renew_until: i64,
-}
-
-impl Pending {
-    /// This message while its acknowledgement or move is written: no handle names it.
-    fn settling(&self) -> Self {
-        Pending {
-            visible_at: SETTLING,
-            epoch: self.epoch.wrapping_add(1),
-            delivered: true,
-            renew_for: None,
-            ..self.clone()
-        }
-    }
-}
-
 /// What is kept durable per (group, topic, queue).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QueueProgress {
@@ -120,12 +90,12 @@ struct QueueState {
     progress: QueueProgress,
     /// Next offset never looked at.
     next: u64,
-    pending: BTreeMap<u64, Pending>,
+    pending: Pendings,
 }
 
 impl QueueState {
     fn ack(&mut self, offset: u64) {
-        self.pending.remove(&offset);
+        self.pending.remove(offset);
         self.progress.attempts.remove(&offset);
         if offset < self.progress.ack_floor {
             return;
@@ -209,6 +179,14 @@ impl Acks {
     }
 }
 
+/// What the looks of one receive found: what goes out, when a held message becomes
+/// visible, and whether new messages were left unread.
+struct Ready {
+    delivered: Vec<Delivered>,
+    wake_ms: Option<i64>,
+    more: bool,
+}
+
 /// What one look at a group's queues found.
 struct Collected {
     delivered: Vec<Delivered>,
@@ -216,15 +194,23 @@ struct Collected {
     dead: Vec<DeadLetter>,
     /// When the next held message becomes visible, ms.
     wake: Option<i64>,
+    /// Whether new messages were left unread for the next look.
+    more: bool,
     /// The storage failure that stopped the look early.
     failure: Option<BrokerError>,
 }
 
-/// The invisible time of a message whose acknowledgement or move to the dead-letter topic
-/// is being written: it stays in its queue, out with no one, so that a FIFO group holds its
-/// message group meanwhile and no other look takes it; a failed write puts it back as it
-/// was.
-const SETTLING: i64 = i64::MAX;
+/// New messages a look reads per queue that cannot go out now, before it lets go of the
+/// delivery lock: a backlog of delayed messages is read a part at a time.
+const READ_AHEAD: usize = 1024;
+
+/// Messages a FIFO group holds behind busy message groups in one queue before it stops
+/// reading the queue's new messages (as a FIFO consumer of RocketMQ reads nothing past the
+/// message it waits on, only much further).
+const FIFO_LOOKAHEAD: usize = 1024;
+
+/// Body bytes one receive returns at most, past its first message.
+const RECEIVE_BYTES: usize = 64 << 20;
 
 impl Delivery {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, HashMap<QueueKey, QueueState>>> {
@@ -262,7 +248,7 @@ impl Delivery {
                     QueueState {
                         next: progress.ack_floor,
                         progress,
-                        pending: BTreeMap::new(),
+                        pending: Pendings::default(),
                     },
                 );
             }
@@ -332,11 +318,7 @@ impl Delivery {
                 s.lag += end
                     .saturating_sub(st.progress.ack_floor)
                     .saturating_sub(st.progress.acked.len() as u64);
-                s.in_flight += st
-                    .pending
-                    .values()
-                    .filter(|p| p.delivered && p.visible_at > now_ms)
-                    .count() as u64;
+                s.in_flight += st.pending.in_flight(now_ms);
                 s.dead_lettered += st.progress.dead;
             }
         }
@@ -351,7 +333,7 @@ impl Delivery {
         let mut out: HashMap<QueueKey, u64> = HashMap::new();
         for qs in groups.values() {
             for (k, st) in qs {
-                if let Some((&oldest, _)) = st.pending.first_key_value() {
+                if let Some(oldest) = st.pending.first_offset() {
                     let f = out.entry(k.clone()).or_insert(u64::MAX);
                     *f = (*f).min(oldest);
                 }
@@ -365,15 +347,17 @@ impl Delivery {
         let mut groups = self.lock();
         for qs in groups.values_mut() {
             for st in qs.values_mut() {
-                for p in st.pending.values_mut() {
-                    if let Some(client) = &p.renew_for
-                        && p.delivered
-                        && connected.contains(client)
-                        && now_ms < p.renew_until
-                        && p.visible_at - now_ms < extend_ms / 2
-                    {
-                        p.visible_at = now_ms + extend_ms;
-                    }
+                // Only messages about to become visible again; those already back are due.
+                for offset in st.pending.due_before(now_ms + extend_ms / 2) {
+                    st.pending.update(offset, |p| {
+                        if let Some(client) = &p.renew_for
+                            && p.delivered
+                            && connected.contains(client)
+                            && now_ms < p.renew_until
+                        {
+                            p.visible_at = now_ms + extend_ms;
+                        }
+                    });
                 }
             }
         }
@@ -432,9 +416,18 @@ impl Broker {
             let notified = arrivals.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let (delivered, wake_ms) = self.collect_ready(req, &group, topic.queues).await?;
+            let Ready {
+                delivered,
+                wake_ms,
+                more,
+            } = self.collect_ready(req, &group, topic.queues).await?;
             if !delivered.is_empty() {
                 return Ok(delivered);
+            }
+            if more {
+                // New messages not read yet may be due: read on, letting others in between.
+                tokio::task::yield_now().await;
+                continue;
             }
             let now_i = tokio::time::Instant::now();
             if now_i >= deadline {
@@ -462,19 +455,23 @@ impl Broker {
         req: &ReceiveRequest,
         group: &Group,
         queues: u32,
-    ) -> BrokerResult<(Vec<Delivered>, Option<i64>)> {
+    ) -> BrokerResult<Ready> {
         let mut gate = Arc::clone(&self.gate).read_owned().await;
-        let mut delivered = Vec::new();
+        let mut delivered: Vec<Delivered> = Vec::new();
         let mut wake_ms: Option<i64> = None;
+        let mut more = false;
         let failure = loop {
+            let taken: usize = delivered.iter().map(|d| d.record.data.body.len()).sum();
             let found = self.collect(
                 req,
                 req.batch - delivered.len(),
+                RECEIVE_BYTES.saturating_sub(taken),
                 group,
                 queues,
                 crate::now_ms(),
             );
             delivered.extend(found.delivered);
+            more |= found.more;
             wake_ms = match (wake_ms, found.wake) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
@@ -502,9 +499,17 @@ impl Broker {
             Some(e) if delivered.is_empty() => Err(e),
             Some(e) => {
                 tracing::warn!(group = %req.group, topic = %req.topic, error = %e, "a receive stopped early");
-                Ok((delivered, wake_ms))
+                Ok(Ready {
+                    delivered,
+                    wake_ms,
+                    more: false,
+                })
             }
-            None => Ok((delivered, wake_ms)),
+            None => Ok(Ready {
+                delivered,
+                wake_ms,
+                more,
+            }),
         }
     }
 
@@ -524,23 +529,32 @@ impl Broker {
         .await
     }
 
-    /// Picks what is ready, under the delivery lock: up to `limit` deliveries, the messages
-    /// past their max attempts (kept in their queues as out with no one until they are
-    /// moved), and when the next held message becomes visible. A storage failure stops the
-    /// look; what it found before is returned with it, and the message it could not read
-    /// stays where it was.
+    /// Picks what is ready, under the delivery lock: up to `limit` deliveries and, past the
+    /// first, `bytes` of bodies; the messages past their max attempts (kept in their queues
+    /// as settling until they are moved); and when the next held message becomes visible.
+    /// A storage failure stops the look; what it found before is returned with it, and the
+    /// message it could not read stays where it was.
+    ///
+    /// The look costs what it finds, not what waits: ready messages and the next due ones
+    /// come from [`Pendings`], and at most [`READ_AHEAD`] new messages that cannot go out
+    /// now (due later, not for this group's tags, of a busy FIFO message group) are read per
+    /// queue, the rest left for the next look (`more`). A FIFO group reads no new messages
+    /// while [`FIFO_LOOKAHEAD`] wait behind busy message groups.
     fn collect(
         &self,
         req: &ReceiveRequest,
         limit: usize,
+        bytes: usize,
         group: &Group,
         queues: u32,
         now: i64,
     ) -> Collected {
         let (max_attempts, fifo) = (group.max_attempts, group.fifo);
         let mut out = Vec::new();
+        let mut taken = 0;
         let mut dead = Vec::new();
         let mut wake: Option<i64> = None;
+        let mut more = false;
         let mut groups = self.delivery.lock();
         let states = groups.entry(req.group.clone()).or_default();
         let order: Vec<u32> = match req.queue {
@@ -552,7 +566,7 @@ impl Broker {
         };
         let mut failure = None;
         'queues: for q in order {
-            if out.len() >= limit {
+            if out.len() >= limit || taken >= bytes {
                 break;
             }
             let Some(range) = self.store.queue_range(&req.topic, q) else {
@@ -566,55 +580,35 @@ impl Broker {
                         ..Default::default()
                     },
                     next: range.start,
-                    pending: BTreeMap::new(),
+                    pending: Pendings::default(),
                 });
             if st.progress.ack_floor < range.start {
                 // Retention removed what the group never consumed.
                 st.progress.ack_floor = range.start;
                 st.progress.acked.retain(|&o| o >= range.start);
                 st.progress.attempts.retain(|&o, _| o >= range.start);
-                st.pending.retain(|&o, _| o >= range.start);
+                st.pending.drop_below(range.start);
                 st.next = st.next.max(range.start);
             }
-            // Message groups with a message out (FIFO): nothing more of them is delivered.
-            let mut busy: HashSet<String> = HashSet::new();
-            if fifo {
-                for p in st.pending.values() {
-                    if p.delivered
-                        && p.visible_at > now
-                        && let Some(g) = &p.message_group
-                    {
-                        busy.insert(g.clone());
-                    }
-                }
-            }
-            // Held or timed-out messages, oldest first.
-            let offsets: Vec<u64> = st.pending.keys().copied().collect();
-            for offset in offsets {
-                if out.len() >= limit {
+            st.pending.promote(now);
+            // Held or back from a consumer, oldest first. In a FIFO group, a message group
+            // with a message out (or settling, or handed out just now) waits.
+            let mut cursor = None;
+            while out.len() < limit && taken < bytes {
+                let Some(offset) = st.pending.next_ready(cursor) else {
                     break;
-                }
-                let Some(p) = st.pending.get(&offset).cloned() else {
+                };
+                cursor = Some(offset);
+                let Some(p) = st.pending.get(offset) else {
                     continue;
                 };
-                if p.visible_at > now {
-                    // Wake a long poll when it becomes visible (due, or back from a consumer).
-                    if p.visible_at != SETTLING {
-                        wake = Some(wake.map_or(p.visible_at, |w| w.min(p.visible_at)));
-                    }
-                    if p.delivered
-                        && let Some(g) = &p.message_group
-                    {
-                        busy.insert(g.clone());
-                    }
-                    continue;
-                }
-                if let Some(g) = &p.message_group
-                    && fifo
-                    && busy.contains(g)
+                if fifo
+                    && let Some(g) = &p.message_group
+                    && st.pending.is_out(g)
                 {
                     continue;
                 }
+                let p = p.clone();
                 let rec = match self.read_offset(&req.topic, q, offset) {
                     Ok(rec) => rec,
                     Err(e) => {
@@ -629,23 +623,24 @@ impl Broker {
                         attempts: p.attempt,
                         epoch: p.epoch,
                     });
-                    if let Some(g) = &p.message_group {
-                        busy.insert(g.clone());
-                    }
                     continue;
                 }
+                taken += rec.data.body.len();
                 out.push(hand_out(st, offset, rec, p, req, now, self.nonce));
-                if let Some(g) = out
-                    .last()
-                    .and_then(|d| sys(&d.record.data, prop::MESSAGE_GROUP))
-                {
-                    busy.insert(g.to_string());
-                }
             }
             // New messages.
-            while out.len() < limit && st.next < range.end {
+            let mut read_ahead = 0;
+            while out.len() < limit && taken < bytes && st.next < range.end {
+                if read_ahead >= READ_AHEAD {
+                    more = true;
+                    break;
+                }
+                if fifo && st.pending.ready_len() >= FIFO_LOOKAHEAD {
+                    // Read on when the busy message groups move (an ack wakes the look).
+                    break;
+                }
                 let offset = st.next;
-                if st.progress.acked.contains(&offset) || st.pending.contains_key(&offset) {
+                if st.progress.acked.contains(&offset) || st.pending.contains(offset) {
                     st.next += 1;
                     continue;
                 }
@@ -660,20 +655,13 @@ impl Broker {
                 if !req.filter.matches(&rec.data.tag) {
                     // Not for this group: done, as if consumed.
                     st.ack(offset);
+                    read_ahead += 1;
                     continue;
                 }
                 let message_group = sys(&rec.data, prop::MESSAGE_GROUP).map(str::to_string);
                 // Deliveries made before a restart still count.
                 let attempt = st.progress.attempts.get(&offset).copied().unwrap_or(0);
-                let held = Pending {
-                    visible_at: 0,
-                    attempt,
-                    epoch: 0,
-                    delivered: false,
-                    message_group: message_group.clone(),
-                    renew_for: None,
-                    renew_until: 0,
-                };
+                let held = Pending::held(0, attempt, message_group);
                 if attempt >= max_attempts {
                     st.pending.insert(offset, held.settling());
                     dead.push(DeadLetter {
@@ -681,36 +669,40 @@ impl Broker {
                         attempts: attempt,
                         epoch: 0,
                     });
-                    if let Some(g) = message_group {
-                        busy.insert(g);
-                    }
+                    read_ahead += 1;
                     continue;
                 }
                 if rec.data.kind == RecordKind::Delayed && rec.data.deliver_at > now {
-                    wake = Some(wake.map_or(rec.data.deliver_at, |w| w.min(rec.data.deliver_at)));
-                    st.pending.insert(
-                        offset,
-                        Pending {
-                            visible_at: rec.data.deliver_at,
-                            ..held
-                        },
-                    );
+                    let due = Pending {
+                        visible_at: rec.data.deliver_at,
+                        ..held
+                    };
+                    st.pending.insert(offset, due);
+                    read_ahead += 1;
                     continue;
                 }
-                if fifo && message_group.as_ref().is_some_and(|g| busy.contains(g)) {
+                if fifo
+                    && let Some(g) = &held.message_group
+                    && st.pending.is_out(g)
+                {
                     st.pending.insert(offset, held);
+                    read_ahead += 1;
                     continue;
                 }
+                taken += rec.data.body.len();
                 out.push(hand_out(st, offset, rec, held, req, now, self.nonce));
-                if let Some(g) = message_group {
-                    busy.insert(g);
-                }
+            }
+            // Wake a long poll when the next message becomes visible (due, or back from a
+            // consumer).
+            if let Some(at) = st.pending.next_visible() {
+                wake = Some(wake.map_or(at, |w| w.min(at)));
             }
         }
         Collected {
             delivered: out,
             dead,
             wake,
+            more,
             failure,
         }
     }
@@ -755,16 +747,12 @@ impl Broker {
         };
         // Not moved: they stay due and are tried again on the next receive.
         self.on_queues_of(group, &dead, |st, d| {
+            let group = sys(&d.record.data, prop::MESSAGE_GROUP).map(str::to_string);
             st.pending.insert(
                 d.record.queue_offset,
                 Pending {
-                    visible_at: 0,
-                    attempt: d.attempts,
                     epoch: d.epoch,
-                    delivered: false,
-                    message_group: sys(&d.record.data, prop::MESSAGE_GROUP).map(str::to_string),
-                    renew_for: None,
-                    renew_until: 0,
+                    ..Pending::held(0, d.attempts, group)
                 },
             );
         });
@@ -858,13 +846,17 @@ impl Broker {
             return Err(bad());
         }
         let mut groups = self.delivery.lock();
-        let p = groups
+        let pending = groups
             .get_mut(group)
             .and_then(|g| g.get_mut(&(h.topic.clone(), h.queue)))
-            .and_then(|st| st.pending.get_mut(&h.offset))
-            .filter(|p| p.delivered && p.epoch == h.epoch && p.visible_at != SETTLING)
+            .map(|st| &mut st.pending)
+            .filter(|pending| {
+                pending
+                    .get(h.offset)
+                    .is_some_and(|p| p.delivered && p.epoch == h.epoch && p.visible_at != SETTLING)
+            })
             .ok_or_else(bad)?;
-        Ok(f(p))
+        pending.update(h.offset, f).ok_or_else(bad)
     }
 
     /// Marks the message a handle names as settling (its acknowledgement or move is being
@@ -877,13 +869,17 @@ impl Broker {
     /// Puts back a message [`Broker::settle`] marked, as it was: its write failed.
     fn put_back(&self, group: &str, h: &ReceiptHandle, p: Pending) {
         let mut groups = self.delivery.lock();
-        if let Some(at) = groups
+        if let Some(pending) = groups
             .get_mut(group)
             .and_then(|g| g.get_mut(&(h.topic.clone(), h.queue)))
-            .and_then(|st| st.pending.get_mut(&h.offset))
-            .filter(|at| at.visible_at == SETTLING)
+            .map(|st| &mut st.pending)
+            .filter(|pending| {
+                pending
+                    .get(h.offset)
+                    .is_some_and(|at| at.visible_at == SETTLING)
+            })
         {
-            *at = p;
+            pending.insert(h.offset, p);
         }
     }
 
@@ -1249,15 +1245,7 @@ mod tests {
             store_timestamp: 0,
             data: RecordData::new(RecordKind::Normal, "t", 0, b"x".to_vec()),
         };
-        let new = Pending {
-            visible_at: 0,
-            attempt: 0,
-            epoch: 0,
-            delivered: false,
-            message_group: None,
-            renew_for: None,
-            renew_until: 0,
-        };
+        let new = Pending::held(0, 0, None);
         let mut st = QueueState::default();
         // A push consumer receives it, and loses its stream: its invisible time runs out.
         hand_out(
@@ -1269,7 +1257,7 @@ mod tests {
             1_000,
             1,
         );
-        let out = st.pending[&0].clone();
+        let out = st.pending.get(0).cloned().expect("handed out");
         assert_eq!(out.renew_for.as_deref(), Some("push-a"));
         // A simple consumer receives it; then the push consumer connects again.
         let now = 100_000;
@@ -1283,12 +1271,191 @@ mod tests {
         let connected = HashSet::from(["push-a".to_string()]);
         delivery.renew(now + 4_000, &connected, 30_000);
         let groups = delivery.lock();
-        let p = &groups["g"][&("t".to_string(), 0)].pending[&0];
+        let p = groups["g"][&("t".to_string(), 0)]
+            .pending
+            .get(0)
+            .expect("still out");
         assert_eq!(
             p.visible_at,
             now + 5_000,
             "back after the simple consumer's invisible time, not kept out by the push consumer"
         );
         assert_eq!((p.renew_for.as_deref(), p.renew_until), (None, 0));
+    }
+
+    fn broker(dir: &std::path::Path) -> Arc<Broker> {
+        Broker::open(crate::BrokerConfig {
+            data_dir: dir.to_path_buf(),
+            segment_size: 8 << 20,
+            durability: "async".into(),
+            ..Default::default()
+        })
+        .expect("open broker")
+    }
+
+    fn message(
+        topic: &str,
+        id: &str,
+        message_group: Option<&str>,
+        due: Option<i64>,
+    ) -> crate::message::NewMessage {
+        use crate::message::SendType;
+        crate::message::NewMessage {
+            topic: topic.into(),
+            message_id: id.into(),
+            tag: None,
+            keys: Vec::new(),
+            send_type: match (message_group, due) {
+                (Some(_), _) => SendType::Fifo,
+                (None, Some(_)) => SendType::Delay,
+                (None, None) => SendType::Normal,
+            },
+            message_group: message_group.map(str::to_string),
+            delivery_timestamp: due,
+            orphaned_recovery_ms: None,
+            user_properties: Vec::new(),
+            body: id.as_bytes().to_vec(),
+            gzip: false,
+            born_timestamp: crate::now_ms(),
+            born_host: "test".into(),
+            trace_context: None,
+        }
+    }
+
+    async fn send_all(b: &Arc<Broker>, messages: Vec<crate::message::NewMessage>) {
+        let mut messages = messages.into_iter().peekable();
+        while messages.peek().is_some() {
+            b.send(messages.by_ref().take(128).collect())
+                .await
+                .expect("send");
+        }
+    }
+
+    /// Messages of a group's queue the broker keeps in memory (out, held or due later).
+    fn held(b: &Broker, group: &str, topic: &str) -> usize {
+        b.delivery.lock()[group][&(topic.to_string(), 0)]
+            .pending
+            .len()
+    }
+
+    fn ids(got: &[Delivered]) -> Vec<String> {
+        got.iter()
+            .map(|d| d.record.data.message_id.clone())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_backlog_of_later_messages_is_read_a_part_at_a_time_and_the_one_due_still_goes_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = broker(dir.path());
+        b.metadata()
+            .create_topic("later", TopicType::Delay, 1)
+            .unwrap();
+        let in_an_hour = crate::now_ms() + 3_600_000;
+        let backlog = READ_AHEAD * 5 / 2;
+        send_all(
+            &b,
+            (0..backlog)
+                .map(|i| message("later", &format!("l{i}"), None, Some(in_an_hour)))
+                .collect(),
+        )
+        .await;
+        let soon = crate::now_ms() + 300;
+        send_all(&b, vec![message("later", "soon", None, Some(soon))]).await;
+        let req = ReceiveRequest {
+            topic: "later".into(),
+            ..request(None, 30_000)
+        };
+        let group = b.group_or_default("g").unwrap();
+        let look = b.collect(&req, 32, RECEIVE_BYTES, &group, 1, crate::now_ms());
+        assert!(look.delivered.is_empty() && look.more);
+        assert_eq!(held(&b, "g", "later"), READ_AHEAD, "one part read per look");
+        // A long poll reads on, and gets the message due at its time.
+        let got = b
+            .receive(&ReceiveRequest {
+                long_poll: Duration::from_secs(10),
+                batch: 32,
+                ..req.clone()
+            })
+            .await
+            .unwrap();
+        assert_eq!(ids(&got), ["soon"]);
+        assert!(crate::now_ms() >= soon);
+        assert_eq!(
+            held(&b, "g", "later"),
+            backlog + 1,
+            "the rest waits for its time"
+        );
+        assert!(b.receive(&req).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_fifo_group_reads_no_further_than_its_lookahead_behind_a_busy_message_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = broker(dir.path());
+        b.metadata().create_topic("f", TopicType::Fifo, 1).unwrap();
+        b.metadata().put_group("g", 16, true, Vec::new()).unwrap();
+        let behind = FIFO_LOOKAHEAD + 100;
+        let mut messages: Vec<_> = (0..behind)
+            .map(|i| message("f", &format!("a{i}"), Some("a"), None))
+            .collect();
+        messages.push(message("f", "b", Some("b"), None));
+        send_all(&b, messages).await;
+        let req = ReceiveRequest {
+            topic: "f".into(),
+            batch: 32,
+            ..request(None, 30_000)
+        };
+        let first = b.receive(&req).await.unwrap();
+        assert_eq!(ids(&first), ["a0"]);
+        assert_eq!(
+            held(&b, "g", "f"),
+            FIFO_LOOKAHEAD + 1,
+            "the message out and the look-ahead behind it, no more"
+        );
+        assert!(b.receive(&req).await.unwrap().is_empty());
+        // As the busy message group moves, the queue is read on, in order.
+        let mut seen = ids(&first);
+        let mut handles = vec![first[0].handle.clone()];
+        while seen.len() < behind + 1 {
+            for acked in b.ack("g", "f", &handles).await {
+                acked.unwrap();
+            }
+            let got = b.receive(&req).await.unwrap();
+            assert!(!got.is_empty(), "stuck after {} messages", seen.len());
+            handles = got.iter().map(|d| d.handle.clone()).collect();
+            seen.extend(ids(&got));
+            assert!(held(&b, "g", "f") <= FIFO_LOOKAHEAD + 2);
+        }
+        let a: Vec<String> = seen
+            .iter()
+            .filter(|id| id.starts_with('a'))
+            .cloned()
+            .collect();
+        let expected: Vec<String> = (0..behind).map(|i| format!("a{i}")).collect();
+        assert_eq!(a, expected);
+        assert!(seen.contains(&"b".to_string()));
+    }
+
+    #[tokio::test]
+    async fn a_receive_returns_about_its_byte_budget_of_bodies() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = broker(dir.path());
+        let big = (4 << 20) - 1024;
+        let expected = RECEIVE_BYTES.div_ceil(big);
+        let count = expected + 4;
+        for i in 0..count {
+            let mut m = message("t", &format!("m{i}"), None, None);
+            m.body = vec![b'x'; big];
+            b.send(vec![m]).await.expect("send");
+        }
+        let req = ReceiveRequest {
+            batch: 1024,
+            ..request(None, 30_000)
+        };
+        let got = b.receive(&req).await.unwrap();
+        assert_eq!(got.len(), expected, "stops once the budget is taken");
+        let rest = b.receive(&req).await.unwrap();
+        assert_eq!(rest.len(), 4);
     }
 }

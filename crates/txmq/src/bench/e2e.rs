@@ -15,10 +15,15 @@
 //! counts as an error only when the client gives up, and its latency includes the retries.
 //! A message's arrival time is when the receive call that brought it returned (the server
 //! writes a batch's messages out at once, and the client reads the stream to its end).
+//!
+//! With `--delay-ms` or `--backlog` the messages are delay messages, each due `--delay-ms`
+//! after its send, and its latency runs from the time it is due; `--backlog` first sends
+//! that many delay messages due in an hour, which wait in the topic through the run, so
+//! the figures show what a large set of waiting messages costs the ones due now.
 
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, bail};
 use serde::Serialize;
@@ -51,6 +56,10 @@ const LONG_POLLING_TIMEOUT: Duration = Duration::from_secs(5);
 const ERROR_BACKOFF: Duration = Duration::from_millis(100);
 /// How often the drain checks whether everything arrived.
 const DRAIN_POLL: Duration = Duration::from_millis(10);
+/// When the backlog's messages are due, after their send.
+const BACKLOG_DUE_IN: Duration = Duration::from_secs(3600);
+/// Sends of the backlog in flight at once.
+const BACKLOG_TASKS: u64 = 64;
 
 /// Per-message state bits: the send was acknowledged / the message was received.
 const ACKED: u8 = 1;
@@ -134,6 +143,12 @@ struct Report {
     senders: u64,
     consumers: u64,
     target_rate: u64,
+    /// Messages due this long after their send (0 without delay messages).
+    delay_ms: u64,
+    /// Delay messages due in an hour, sent before the run and waiting through it.
+    backlog: u64,
+    /// How long the backlog took to send.
+    backlog_secs: f64,
     /// Sends the server acknowledged.
     sent: u64,
     /// Acknowledged sends per second over the sending time.
@@ -147,7 +162,7 @@ struct Report {
     duplicates: u64,
     /// Messages of other runs (or without the benchmark's properties) received and acked.
     stale: u64,
-    /// Send time to receive time.
+    /// Send time (or, for delay messages, the time due) to receive time.
     e2e: LatencySummary,
     /// Send to the server's acknowledgement.
     send: LatencySummary,
@@ -199,6 +214,8 @@ struct Consuming {
     consumers: Vec<SimpleConsumer>,
     run_id: String,
     base: Instant,
+    /// How long after its send a message is due.
+    delay: Duration,
     ledger: Arc<Ledger>,
     latencies: Latencies,
     max_latency: Mutex<Duration>,
@@ -214,6 +231,8 @@ struct Sending {
     topic: String,
     run_id: String,
     base: Instant,
+    /// Due this long after the send, as delay messages; `None`: normal messages.
+    delay: Option<Duration>,
     rate: u64,
     body: Vec<u8>,
     next: AtomicU64,
@@ -251,7 +270,12 @@ async fn measure(args: &BenchE2eArgs) -> anyhow::Result<Report> {
     // One message per producer before the clock starts, so that the topic exists (the first
     // send creates it) when the consumers begin to poll, and every producer has the topic's
     // route; consumers acknowledge them and count them nowhere.
-    warm_up(&producers, &args.topic).await?;
+    let delay =
+        (args.delay_ms > 0 || args.backlog > 0).then(|| Duration::from_millis(args.delay_ms));
+    warm_up(&producers, &args.topic, delay.is_some()).await?;
+    let backlog_started = Instant::now();
+    send_backlog(&producers, &args.topic, args.backlog, args.size).await?;
+    let backlog_secs = round3(backlog_started.elapsed().as_secs_f64());
     let run_id = uuid::Uuid::now_v7().simple().to_string();
     let total = args.rate.saturating_mul(args.seconds);
     let ledger = Arc::new(Ledger::new(total));
@@ -261,6 +285,7 @@ async fn measure(args: &BenchE2eArgs) -> anyhow::Result<Report> {
         consumers,
         run_id: run_id.clone(),
         base,
+        delay: delay.unwrap_or_default(),
         ledger: ledger.clone(),
         latencies: Latencies::new(args.consumers as usize)?,
         max_latency: Mutex::new(Duration::ZERO),
@@ -279,6 +304,7 @@ async fn measure(args: &BenchE2eArgs) -> anyhow::Result<Report> {
         topic: args.topic.clone(),
         run_id: run_id.clone(),
         base,
+        delay,
         rate: args.rate,
         body: bench_body(args.size),
         next: AtomicU64::new(0),
@@ -348,6 +374,9 @@ async fn measure(args: &BenchE2eArgs) -> anyhow::Result<Report> {
         senders: args.senders,
         consumers: args.consumers,
         target_rate: args.rate,
+        delay_ms: args.delay_ms,
+        backlog: args.backlog,
+        backlog_secs,
         sent,
         achieved_rate: round3(sent as f64 / secs),
         max_send_lag_ms: round3(
@@ -375,13 +404,47 @@ async fn measure(args: &BenchE2eArgs) -> anyhow::Result<Report> {
     })
 }
 
-/// Sends one message that belongs to no run through each producer.
-async fn warm_up(producers: &[Producer], topic: &str) -> anyhow::Result<()> {
+/// Sends one message that belongs to no run through each producer (a delay message due
+/// now if `delayed`).
+async fn warm_up(producers: &[Producer], topic: &str, delayed: bool) -> anyhow::Result<()> {
     let sends = producers.iter().map(|p| {
-        p.send(Message::new(topic, b"warm-up".to_vec()).with_property(WARM_UP_PROPERTY, "1"))
+        let m = Message::new(topic, b"warm-up".to_vec()).with_property(WARM_UP_PROPERTY, "1");
+        p.send(if delayed {
+            m.with_delivery_time(SystemTime::now())
+        } else {
+            m
+        })
     });
     for sent in futures::future::join_all(sends).await {
         sent.context("warm-up send failed")?;
+    }
+    Ok(())
+}
+
+/// Sends `count` delay messages due in an hour, [`BACKLOG_TASKS`] at a time over the
+/// producers. They belong to no run: received, they would count as stale.
+async fn send_backlog(
+    producers: &[Producer],
+    topic: &str,
+    count: u64,
+    size: u64,
+) -> anyhow::Result<()> {
+    let next = AtomicU64::new(0);
+    let body = bench_body(size);
+    let tasks = (0..BACKLOG_TASKS.min(count)).map(|task| {
+        let producer = &producers[usize::try_from(task).unwrap_or(0) % producers.len()];
+        let (next, body) = (&next, &body);
+        async move {
+            while next.fetch_add(1, Ordering::Relaxed) < count {
+                let m = Message::new(topic, body.clone())
+                    .with_delivery_time(SystemTime::now() + BACKLOG_DUE_IN);
+                producer.send(m).await.context("backlog send failed")?;
+            }
+            anyhow::Ok(())
+        }
+    });
+    for sent in futures::future::join_all(tasks).await {
+        sent?;
     }
     Ok(())
 }
@@ -406,10 +469,13 @@ async fn send(s: Arc<Sending>, task: u64) {
             *max = (*max).max(lag);
         }
         let sent_ns = now.duration_since(s.base).as_nanos();
-        let message = Message::new(s.topic.as_str(), s.body.clone())
+        let mut message = Message::new(s.topic.as_str(), s.body.clone())
             .with_property(RUN_PROPERTY, s.run_id.as_str())
             .with_property(SEQ_PROPERTY, seq.to_string())
             .with_property(SENT_NS_PROPERTY, sent_ns.to_string());
+        if let Some(delay) = s.delay {
+            message = message.with_delivery_time(SystemTime::now() + delay);
+        }
         match producer.send(message).await {
             Ok(_) => {
                 let latency = now.elapsed();
@@ -486,8 +552,8 @@ fn record(c: &Consuming, task: u64, m: &MessageView, at: Instant) {
     };
     match c.ledger.mark(seq, RECEIVED) {
         Some(before) if before & RECEIVED == 0 => {
-            let sent = c.base + Duration::from_nanos(sent_ns);
-            let latency = at.saturating_duration_since(sent);
+            let due = c.base + Duration::from_nanos(sent_ns) + c.delay;
+            let latency = at.saturating_duration_since(due);
             c.latencies.record(task, latency);
             let mut max = c.max_latency.lock().unwrap_or_else(|e| e.into_inner());
             *max = (*max).max(latency);
@@ -507,6 +573,7 @@ fn table(r: &Report) -> String {
             l.p50_ms, l.p99_ms, l.p999_ms, l.max_ms
         )
     };
+    let delayed = r.delay_ms > 0 || r.backlog > 0;
     let mut rows = vec![
         (
             "run",
@@ -519,6 +586,17 @@ fn table(r: &Report) -> String {
             "server",
             format!("{}, topic {}, group {}", r.server, r.topic, r.group),
         ),
+    ];
+    if delayed {
+        rows.push((
+            "delay",
+            format!(
+                "each due {} ms after its send, latency from then; {} waiting, due in an hour (sent in {:.3} s)",
+                r.delay_ms, r.backlog, r.backlog_secs
+            ),
+        ));
+    }
+    rows.extend([
         (
             "sent",
             format!(
@@ -533,7 +611,14 @@ fn table(r: &Report) -> String {
                 r.received, r.sent, r.lost, r.duplicates, r.drain_secs
             ),
         ),
-        ("send to receive", latency(&r.e2e)),
+        (
+            if delayed {
+                "due to receive"
+            } else {
+                "send to receive"
+            },
+            latency(&r.e2e),
+        ),
         ("send to ack", latency(&r.send)),
         (
             "errors",
@@ -542,7 +627,7 @@ fn table(r: &Report) -> String {
                 r.send_errors, r.receive_errors, r.ack_errors
             ),
         ),
-    ];
+    ]);
     if r.stale > 0 {
         rows.push((
             "stale",
