@@ -354,6 +354,55 @@ async fn bad_requests_get_rocketmq_status_codes_and_garbage_does_not_disturb_oth
     server.stop().await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_client_may_read_dead_letters_as_the_group_a_redrive_reads_them_as() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(config(dir.path())).await.unwrap();
+    let mut c = client(&server).await;
+    let (st, msgs) = receive(&mut c, "%REDRIVE%g", "%DLQ%g").await;
+    assert_eq!((st, msgs.len()), (Code::IllegalConsumerGroup, 0));
+    let acked = c
+        .ack_message(req(
+            "c1",
+            pb::AckMessageRequest {
+                group: resource("%REDRIVE%g"),
+                topic: resource("%DLQ%g"),
+                entries: vec![pb::AckMessageEntry {
+                    message_id: "m".into(),
+                    receipt_handle: "h".into(),
+                    ..Default::default()
+                }],
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(code(&acked.status), Code::IllegalConsumerGroup);
+    let changed = c
+        .change_invisible_duration(req(
+            "c1",
+            pb::ChangeInvisibleDurationRequest {
+                group: resource("%REDRIVE%g"),
+                topic: resource("%DLQ%g"),
+                receipt_handle: "h".into(),
+                invisible_duration: Some(prost_types::Duration {
+                    seconds: 1,
+                    nanos: 0,
+                }),
+                message_id: "m".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(code(&changed.status), Code::IllegalConsumerGroup);
+    // The group it stands for is a client's as any other.
+    let (st, _) = receive(&mut c, "g", "%DLQ%g").await;
+    assert_eq!(st, Code::TopicNotFound);
+    server.stop().await.unwrap();
+}
+
 /// The Telemetry stream of producer `client_id` that declared `topics`, once the broker
 /// answered its settings: the sender that keeps it open, and what the broker sends on it.
 async fn producer_stream(

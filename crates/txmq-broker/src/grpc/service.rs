@@ -207,6 +207,20 @@ fn name(r: &Option<pb::Resource>) -> String {
     r.as_ref().map(|r| r.name.clone()).unwrap_or_default()
 }
 
+/// The consumer group a client names. The group a redrive reads dead letters as is the
+/// broker's own: a client that received or acknowledged as it could keep dead letters
+/// from going back.
+fn client_group(r: &Option<pb::Resource>) -> Result<String, BrokerError> {
+    let group = name(r);
+    if group.starts_with(crate::names::REDRIVE_PREFIX) {
+        return Err(BrokerError::new(
+            Code::IllegalConsumerGroup,
+            format!("consumer group {group} is reserved"),
+        ));
+    }
+    Ok(group)
+}
+
 fn accept_types(t: TopicType) -> Vec<i32> {
     vec![match t {
         TopicType::Normal => MessageType::Normal,
@@ -379,8 +393,8 @@ impl MessagingService for Messaging {
     ) -> Result<Response<pb::QueryAssignmentResponse>, Status> {
         let req = request.into_inner();
         let topic = name(&req.topic);
-        let group = name(&req.group);
         let result = (|| {
+            let group = client_group(&req.group)?;
             let t = self
                 .broker
                 .metadata()
@@ -479,8 +493,12 @@ impl MessagingService for Messaging {
             n if n <= 0 => 32,
             n => (n as usize).min(1024),
         };
+        let group = match client_group(&req.group) {
+            Ok(group) => group,
+            Err(e) => return one(error_status(&e)),
+        };
         let rr = ReceiveRequest {
-            group: name(&req.group),
+            group,
             topic,
             // Like the RocketMQ proxy, a receive reads every queue of the topic: the official
             // simple consumers name one route queue per call, picked at random.
@@ -518,14 +536,16 @@ impl MessagingService for Messaging {
         request: Request<pb::AckMessageRequest>,
     ) -> Result<Response<pb::AckMessageResponse>, Status> {
         let req = request.into_inner();
-        let group = name(&req.group);
         let topic = name(&req.topic);
         let handles: Vec<String> = req
             .entries
             .iter()
             .map(|e| e.receipt_handle.clone())
             .collect();
-        let results = self.broker.ack(&group, &topic, &handles).await;
+        let results = match client_group(&req.group) {
+            Ok(group) => self.broker.ack(&group, &topic, &handles).await,
+            Err(e) => vec![Err(e); handles.len()],
+        };
         let mut all_ok = true;
         let entries = req
             .entries
@@ -564,11 +584,15 @@ impl MessagingService for Messaging {
         request: Request<pb::ForwardMessageToDeadLetterQueueRequest>,
     ) -> Result<Response<pb::ForwardMessageToDeadLetterQueueResponse>, Status> {
         let req = request.into_inner();
-        let st = match self
-            .broker
-            .forward_to_dead_letter(&name(&req.group), &name(&req.topic), &req.receipt_handle)
-            .await
-        {
+        let forwarded = match client_group(&req.group) {
+            Ok(group) => {
+                self.broker
+                    .forward_to_dead_letter(&group, &name(&req.topic), &req.receipt_handle)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        let st = match forwarded {
             Ok(()) => ok(),
             Err(e) => error_status(&e),
         };
@@ -679,12 +703,11 @@ impl MessagingService for Messaging {
             .invisible_duration
             .as_ref()
             .map_or(-1, convert::duration_ms);
-        let resp = match self.broker.change_invisible(
-            &name(&req.group),
-            &name(&req.topic),
-            &req.receipt_handle,
-            ms,
-        ) {
+        let changed = client_group(&req.group).and_then(|group| {
+            self.broker
+                .change_invisible(&group, &name(&req.topic), &req.receipt_handle, ms)
+        });
+        let resp = match changed {
             Ok(handle) => pb::ChangeInvisibleDurationResponse {
                 status: Some(ok()),
                 receipt_handle: handle,
