@@ -122,6 +122,11 @@ impl Broker {
         self.closing.send_replace(true);
     }
 
+    /// Whether a shutdown has begun.
+    pub(crate) fn is_closing(&self) -> bool {
+        *self.closing.borrow()
+    }
+
     /// Resolves once a shutdown has begun.
     pub(crate) async fn closed(&self) {
         let mut rx = self.closing.subscribe();
