@@ -19,6 +19,7 @@ use std::time::Duration;
 use common::{client, start, within};
 use sqlx::{MySql, Pool, Postgres, Sqlite};
 use txmq_broker::metadata::TopicType;
+use txmq_broker::transactions::TxState;
 use txmq_client::db::fault::{self, Crash};
 use txmq_client::db::{
     self, BoxFuture, DbChecker, DbTransaction, Dialect, ProcessError, Processed,
@@ -994,6 +995,61 @@ async fn mariadb_a_sender_fenced_by_the_check_back_writes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sqlite_a_sender_fenced_by_the_check_back_writes_nothing() {
     with_scratch::<Sqlite, _, _>(a_sender_fenced_by_the_check_back_writes_nothing).await;
+}
+
+/// A COMMIT the database refuses for certain (a deferred unique constraint: SQLSTATE 23505)
+/// rolls the message back at once, without waiting for a check-back, and writes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_a_commit_the_database_refuses_rolls_the_message_back_at_once() {
+    with_scratch::<Postgres, _, _>(|pool: Pool<Postgres>| async move {
+        let dir = tempfile::tempdir().unwrap();
+        let server = payments_server(dir.path()).await;
+        within(60, async {
+            orders_schema(&pool).await;
+            let deferred = "CREATE TABLE refs (r BIGINT UNIQUE DEFERRABLE INITIALLY DEFERRED)";
+            Postgres::exec_pool(&pool, deferred.into()).await.unwrap();
+            let watched = Watched::new(DbChecker::new(pool.clone()), false);
+            let (producer, consumer) = payments_clients(&server, watched.clone()).await;
+            let message = Message::new("payments", "refused");
+            let err = db::send_in_transaction(&producer, &pool, message, |tx| {
+                Box::pin(async move {
+                    Postgres::exec(tx, "INSERT INTO orders (id) VALUES (1)".into()).await?;
+                    Postgres::exec(tx, "INSERT INTO refs (r) VALUES (7), (7)".into()).await?;
+                    Ok::<_, sqlx::Error>(())
+                })
+            })
+            .await
+            .unwrap_err();
+            match &err {
+                SendInTransactionError::Database(sqlx::Error::Database(e)) => {
+                    assert_eq!(e.code().as_deref(), Some("23505"), "{e}");
+                }
+                other => panic!("{other:?}"),
+            }
+            let txs = server.broker.transactions().list(&[
+                TxState::Prepared,
+                TxState::Committed,
+                TxState::RolledBack,
+                TxState::Unresolved,
+            ]);
+            assert_eq!(txs.len(), 1, "{txs:?}");
+            assert_eq!((txs[0].state, txs[0].checks), (TxState::RolledBack, 0));
+            assert_eq!(
+                drain(&consumer, Duration::from_secs(2)).await,
+                HashMap::new()
+            );
+            assert!(watched.answers_to("refused").is_empty());
+            for table in ["orders", "refs", "txmq_tx_log"] {
+                let sql = format!("SELECT COUNT(*) FROM {table}");
+                assert_eq!(Postgres::scalar(&pool, sql).await.unwrap(), 0, "{table}");
+            }
+            producer.shutdown().await;
+            consumer.shutdown().await;
+        })
+        .await;
+        server.stop().await.unwrap();
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

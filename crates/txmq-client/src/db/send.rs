@@ -38,8 +38,9 @@ pub enum SendInTransactionError<E> {
     /// The half message was not sent; the database was not touched.
     #[error("half message not sent: {0}")]
     Send(SendError),
-    /// A database call before the commit failed; the database transaction and the message
-    /// were rolled back.
+    /// A database call failed, before the commit or as the commit with an error that says
+    /// the database rolled back (a deferred constraint, a serialization failure); the
+    /// database transaction and the message were rolled back.
     #[error("database error, rolled back the database and the message: {0}")]
     Database(sqlx::Error),
     /// A check-back had already answered ROLLBACK for this transaction (the sender was
@@ -66,8 +67,9 @@ pub enum SendInTransactionError<E> {
     /// The closure failed; the database transaction and the message were rolled back.
     #[error("the local transaction failed, rolled back the database and the message: {0}")]
     Local(E),
-    /// The database commit call failed, so whether it committed is unknown; the message is
-    /// left open and the check-back settles it from the log table.
+    /// The database commit call failed in a way that leaves unknown whether it committed
+    /// (a lost connection); the message is left open and the check-back settles it from
+    /// the log table.
     #[error(
         "database commit of transaction {transaction_id} has an unknown outcome; the check-back settles the message: {cause}"
     )]
@@ -228,6 +230,9 @@ where
                     Ok(true) => {
                         return match tx.commit().await {
                             Ok(()) => Local::Committed(value),
+                            Err(cause) if refused_commit(&cause) => {
+                                Local::RolledBack(SendInTransactionError::Database(cause))
+                            }
                             Err(cause) => Local::Unknown(SendInTransactionError::CommitUnknown {
                                 transaction_id: half.transaction_id().to_string(),
                                 cause,
@@ -257,6 +262,21 @@ where
         tracing::debug!(error = %e, "database rollback failed");
     }
     Local::RolledBack(failure)
+}
+
+/// Whether `e`, the error of a COMMIT, says for certain that the database rolled the
+/// transaction back: a constraint checked at commit failed (SQLSTATE class 23: a deferred
+/// constraint on PostgreSQL), or the database gave the transaction up (40001 serialization
+/// failure, 40P01 deadlock, 40002; MariaDB Galera's certification failure is 40001). Any
+/// other error, a lost connection above all, leaves the outcome unknown: PostgreSQL, for
+/// one, may end the session with the transaction committed while it waits for a
+/// synchronous standby.
+fn refused_commit(e: &sqlx::Error) -> bool {
+    let sqlx::Error::Database(d) = e else {
+        return false;
+    };
+    d.code()
+        .is_some_and(|c| c.starts_with("23") || matches!(&*c, "40001" | "40P01" | "40002"))
 }
 
 /// Deletes transaction-log rows older than `older_than` by the database's clock,
