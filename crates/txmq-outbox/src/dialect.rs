@@ -701,9 +701,17 @@ impl OutboxDb for Postgres {
 
     fn listen(pool: &Pool<Self>, wake: Arc<Notify>) -> Option<tokio::task::JoinHandle<()>> {
         let pool = pool.clone();
+        // The listening connection is one of its own, with the pool's settings, not one
+        // held from the pool: that would leave the workers a connection short, and a pool
+        // of one none at all.
+        let own = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_lazy_with((*pool.connect_options()).clone());
         Some(tokio::spawn(async move {
             loop {
-                let mut listener = match sqlx::postgres::PgListener::connect_with(&pool).await {
+                let mut listener = match sqlx::postgres::PgListener::connect_with(&own).await {
                     Ok(l) => l,
                     Err(e) => {
                         tracing::warn!(error = %e, "relay: cannot LISTEN; polling until it can");

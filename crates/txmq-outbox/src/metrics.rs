@@ -61,6 +61,7 @@ pub struct Metrics {
     dead_lettered: AtomicU64,
     batches: AtomicU64,
     database_errors: AtomicU64,
+    panics: AtomicU64,
     publish_seconds: Histogram,
     commit_to_ack_seconds: Histogram,
 }
@@ -84,6 +85,16 @@ impl Metrics {
     /// Database errors of claims, marks and cleanups.
     pub fn database_errors(&self) -> u64 {
         self.database_errors.load(Ordering::Relaxed)
+    }
+
+    /// Panics caught: in the sink's publish calls (their rows count as failed attempts)
+    /// and in the relay's batches (their claims are released).
+    pub fn panics(&self) -> u64 {
+        self.panics.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn panicked(&self) {
+        self.panics.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn observe_publish(&self, d: Duration) {
@@ -150,6 +161,12 @@ impl Metrics {
             "txmq_outbox_database_errors_total",
             "Failed claims, marks and cleanups.",
             self.database_errors(),
+        );
+        counter(
+            &mut out,
+            "txmq_outbox_panics_total",
+            "Panics caught in the sink's publish calls and in the relay's batches.",
+            self.panics(),
         );
         self.publish_seconds.render(
             &mut out,
@@ -224,6 +241,7 @@ mod tests {
         }
         m.failed(false);
         m.failed(true);
+        m.panicked();
         let table = TableStats {
             pending: 5,
             retrying: 1,
@@ -235,6 +253,7 @@ mod tests {
             "txmq_outbox_published_total 10",
             "txmq_outbox_failed_attempts_total 2",
             "txmq_outbox_dead_lettered_total 1",
+            "txmq_outbox_panics_total 1",
             "txmq_outbox_publish_seconds_bucket{le=\"0.002\"} 0",
             "txmq_outbox_publish_seconds_bucket{le=\"0.005\"} 1",
             "txmq_outbox_commit_to_ack_seconds_bucket{le=\"0.05\"} 10",

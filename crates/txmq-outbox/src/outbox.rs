@@ -196,7 +196,7 @@ impl Outbox {
             });
         }
         // Past the lease the relay may publish them too: wait no longer than that.
-        let results = relay::publish(sink, &rows, self.fast_path_lease).await;
+        let results = relay::publish(sink, &rows, self.fast_path_lease, None).await;
         let marked =
             relay::mark_published(pool, None, Some(FAST_PATH), &rows, &results, &self.retry).await;
         let published = match marked {

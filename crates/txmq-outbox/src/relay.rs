@@ -2,10 +2,12 @@
 //! after the sink confirmed them) or failed with backoff, and deletes old delivered rows.
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
 use sqlx::Pool;
 use tokio::sync::{Notify, watch};
 
@@ -30,7 +32,7 @@ pub struct RelayConfig {
     /// take it (default 60 s). Must be longer than `publish_timeout`.
     pub lease: Duration,
     /// Longest wait for the sink's confirmations of one batch (default 30 s); past it the
-    /// batch counts as failed.
+    /// batch counts as failed. At least the sink's [`Sink::longest_publish`] (Kafka).
     pub publish_timeout: Duration,
     /// Backoff and maximum attempts of a failing row; the waits must be above zero.
     pub retry: RetryPolicy,
@@ -55,6 +57,20 @@ pub enum RelayConfigError {
     /// retried back to back.
     #[error("retry.{0} must be above zero: a failing row would be retried back to back")]
     ZeroBackoff(&'static str),
+    /// The publish timeout is shorter than the sink may go on publishing a row after the
+    /// relay stops waiting ([`Sink::longest_publish`]): the row would be counted failed and
+    /// published again while the first try may still land.
+    #[error(
+        "publish_timeout ({publish_timeout:?}) must be at least {longest:?}: the {sink} sink may go on publishing a row that long"
+    )]
+    PublishTimeoutBelowSink {
+        /// The sink's name.
+        sink: &'static str,
+        /// How long the sink may go on publishing.
+        longest: Duration,
+        /// The publish timeout given.
+        publish_timeout: Duration,
+    },
     /// On SQLite the lease is not longer than the publish timeout: another relay could
     /// take and publish a batch while this one still waits for its confirmations.
     #[error(
@@ -69,8 +85,17 @@ pub enum RelayConfigError {
 }
 
 impl RelayConfig {
-    /// Checks the settings for a relay on `DB`.
-    fn check<DB: OutboxDb>(&self) -> Result<(), RelayConfigError> {
+    /// Checks the settings for a relay on `DB` publishing through `sink`.
+    fn check<DB: OutboxDb>(&self, sink: &dyn Sink) -> Result<(), RelayConfigError> {
+        if let Some(longest) = sink.longest_publish()
+            && self.publish_timeout < longest
+        {
+            return Err(RelayConfigError::PublishTimeoutBelowSink {
+                sink: sink.name(),
+                longest,
+                publish_timeout: self.publish_timeout,
+            });
+        }
         if self.retry.initial.is_zero() {
             return Err(RelayConfigError::ZeroBackoff("initial"));
         }
@@ -134,14 +159,14 @@ impl<DB: OutboxDb> Relay<DB> {
     /// A relay of `pool`'s outbox to `sink`.
     ///
     /// # Errors
-    /// [`RelayConfigError`]: a zero backoff, or on SQLite a lease not longer than the
-    /// publish timeout.
+    /// [`RelayConfigError`]: a zero backoff, a publish timeout shorter than the sink may go
+    /// on publishing, or on SQLite a lease not longer than the publish timeout.
     pub fn new(
         pool: Pool<DB>,
         sink: Box<dyn Sink>,
         config: RelayConfig,
     ) -> Result<Self, RelayConfigError> {
-        config.check::<DB>()?;
+        config.check::<DB>(&*sink)?;
         Ok(Self {
             pool,
             sink: Arc::from(sink),
@@ -178,12 +203,19 @@ impl<DB: OutboxDb> Relay<DB> {
         }
         let started = Instant::now();
         let claiming = started - began;
-        let results = publish(&*self.sink, &rows, self.config.publish_timeout).await;
+        let results = publish(
+            &*self.sink,
+            &rows,
+            self.config.publish_timeout,
+            Some(&self.metrics),
+        )
+        .await;
         let publishing = started.elapsed();
         self.metrics.observe_publish(publishing);
         // A lease is marked only while it is still this claim's; row locks need no check.
-        let holder = claimed.tx.is_none().then_some(worker.as_str());
-        let marked = mark_published(
+        let locked = claimed.tx.is_some();
+        let holder = (!locked).then_some(worker.as_str());
+        let marked = match mark_published(
             &self.pool,
             claimed.tx,
             holder,
@@ -191,7 +223,23 @@ impl<DB: OutboxDb> Relay<DB> {
             &results,
             &self.config.retry,
         )
-        .await?;
+        .await
+        {
+            Ok(m) => m,
+            // The claim's transaction failed (its connection lost, or ended by the server's
+            // `idle_in_transaction_session_timeout` during a slow publish): the rows are
+            // unlocked now, and marking them anew spares republishing what went out. The
+            // marks only touch rows still pending, so a row another relay took and marked
+            // meanwhile keeps its mark; one it is publishing waits for its commit. (Should
+            // the failed call have been a COMMIT that went through, a failed row counts this
+            // attempt twice.)
+            Err(e) if locked => {
+                self.metrics.database_error();
+                tracing::warn!(error = %e, rows = rows.len(), "relay: the claim's transaction failed; marking in a new one");
+                mark_published(&self.pool, None, None, &rows, &results, &self.config.retry).await?
+            }
+            Err(e) => return Err(e),
+        };
         tracing::debug!(
             rows = rows.len(),
             failed = marked.failed,
@@ -254,24 +302,35 @@ impl<DB: OutboxDb> Relay<DB> {
             let notified = wake.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let pause = match self.run_once().await {
-                // More may be due at once: the rest of a backlog, or the next ordered row of
-                // a key whose row was just delivered.
-                Ok(n) if n > 0 => {
+            // A panic in a batch (the sink's own are caught in `publish`) must not end the
+            // worker: its claim is released as an error's would be, and it goes on.
+            let batch = AssertUnwindSafe(self.run_once()).catch_unwind().await;
+            let failed = match batch {
+                // More may be due at once: the rest of a backlog, or the next ordered row of a
+                // key whose row was just delivered.
+                Ok(Ok(n)) if n > 0 => {
                     error_pause = Duration::from_millis(200);
                     continue;
                 }
-                Ok(_) => {
-                    error_pause = Duration::from_millis(200);
-                    self.config.poll_interval
-                }
-                Err(e) => {
+                Ok(Ok(_)) => false,
+                Ok(Err(e)) => {
                     self.metrics.database_error();
                     tracing::warn!(error = %e, pause = ?error_pause, "relay: database error; retrying");
-                    let p = error_pause;
-                    error_pause = (error_pause * 2).min(Duration::from_secs(10));
-                    p
+                    true
                 }
+                Err(panic) => {
+                    self.metrics.panicked();
+                    tracing::error!(panic = %panic_message(&*panic), pause = ?error_pause, "relay: a batch panicked; going on");
+                    true
+                }
+            };
+            let pause = if failed {
+                let p = error_pause;
+                error_pause = (error_pause * 2).min(Duration::from_secs(10));
+                p
+            } else {
+                error_pause = Duration::from_millis(200);
+                self.config.poll_interval
             };
             tokio::select! {
                 _ = &mut notified => {}
@@ -304,15 +363,28 @@ impl<DB: OutboxDb> Relay<DB> {
 }
 
 /// Publishes `rows` through `sink`, waiting at most `timeout`: one result per row. Every
-/// row fails if the sink does not answer in time, or answers for another number of rows.
+/// row fails if the sink does not answer in time, answers for another number of rows, or
+/// panics (counted in `metrics`); a failed row is retried with backoff, as for any failure.
 pub(crate) async fn publish(
     sink: &dyn Sink,
     rows: &[OutboxRow],
     timeout: Duration,
+    metrics: Option<&Metrics>,
 ) -> Vec<Result<(), SinkError>> {
-    let failure = match tokio::time::timeout(timeout, sink.publish(rows)).await {
-        Ok(r) if r.len() == rows.len() => return r,
-        Ok(r) => format!(
+    // The call itself inside the future, so that a sink panicking before it returns its
+    // future is caught too.
+    let call = AssertUnwindSafe(async { sink.publish(rows).await }).catch_unwind();
+    let failure = match tokio::time::timeout(timeout, call).await {
+        Ok(Ok(r)) if r.len() == rows.len() => return r,
+        Ok(Err(panic)) => {
+            if let Some(m) = metrics {
+                m.panicked();
+            }
+            let why = panic_message(&*panic);
+            tracing::error!(sink = sink.name(), rows = rows.len(), panic = %why, "relay: the sink panicked");
+            format!("the {} sink panicked: {why}", sink.name())
+        }
+        Ok(Ok(r)) => format!(
             "the {} sink answered {} results for {} rows",
             sink.name(),
             r.len(),
@@ -324,6 +396,15 @@ pub(crate) async fn publish(
         ),
     };
     vec![Err(SinkError::new(failure)); rows.len()]
+}
+
+/// The text of a panic's payload.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("a panic without a message")
 }
 
 /// What [`mark_published`] recorded.

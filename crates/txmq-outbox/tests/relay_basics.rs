@@ -1,8 +1,9 @@
 //! The outbox and relay on each real database (PostgreSQL, MariaDB, SQLite) with a real
 //! sink (Redis Streams): rolled-back rows never published, transactions committing out of
 //! order, per-key order, a poison row going dead, redrive and drop, cleanup, the fast path
-//! (and what it leaves to the relay), ids compared byte for byte on MariaDB, and the relay
-//! settings refused.
+//! (and what it leaves to the relay), ids compared byte for byte on MariaDB, the relay
+//! settings refused, and faults: a sink that panics, a pool of one connection with LISTEN,
+//! a claim's transaction ended by the server during a publish.
 //!
 //! Each test makes its own schema (PostgreSQL), database (MariaDB) or file (SQLite) and
 //! Redis keys, and removes them. A service that is not running skips the test, except
@@ -10,13 +11,18 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, SystemTime};
 
 use redis::AsyncCommands;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{MySql, Pool, Postgres, Sqlite};
+use txmq_outbox::sink::BoxFuture;
 use txmq_outbox::sink::redis::RedisSink;
 use txmq_outbox::{
-    Outbox, OutboxDb, OutboxMessage, Relay, RelayConfig, RelayConfigError, RetryPolicy, Sink,
+    Outbox, OutboxDb, OutboxMessage, OutboxRow, Relay, RelayConfig, RelayConfigError, RetryPolicy,
+    Sink, SinkError,
 };
 use txmq_testkit::{ScratchDb, down, guarded, unique};
 
@@ -460,4 +466,209 @@ async fn relay_refuses_a_zero_backoff_and_a_sqlite_lease_within_the_publish_time
     assert!(e.unwrap().to_string().contains("publish_timeout"));
     let postgres = sqlx::PgPool::connect_lazy("postgres://postgres@127.0.0.1:5432/test").unwrap();
     assert!(Relay::new(postgres, sink().await, short).is_ok());
+}
+
+/// A sink that panics on its first two calls (once before it returns its future, once
+/// inside it), then publishes to Redis.
+struct PanicsTwice {
+    inner: RedisSink,
+    calls: AtomicU32,
+}
+
+impl Sink for PanicsTwice {
+    fn name(&self) -> &'static str {
+        "panics-twice"
+    }
+
+    fn publish<'a>(&'a self, rows: &'a [OutboxRow]) -> BoxFuture<'a, Vec<Result<(), SinkError>>> {
+        match self.calls.fetch_add(1, Ordering::SeqCst) {
+            0 => panic!("the sink broke before publishing {} rows", rows.len()),
+            1 => Box::pin(async move { panic!("the sink broke publishing {} rows", rows.len()) }),
+            _ => self.inner.publish(rows),
+        }
+    }
+}
+
+/// Waits until `stream` holds `n` entries (10 s at most); its ids.
+async fn await_ids(
+    conn: &mut redis::aio::MultiplexedConnection,
+    stream: &str,
+    n: usize,
+) -> Vec<String> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = ids(conn, stream).await;
+        if got.len() >= n {
+            return got;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{stream} holds {got:?}, not {n} entries"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A sink that panics does not stop a running relay: each panic fails the rows of its call,
+/// which go out on a later attempt, and the worker (the only one) goes on.
+async fn panicking_sink<DB: TestDb>(pool: Pool<DB>) {
+    let Some(mut conn) = redis().await else {
+        return;
+    };
+    let stream = unique("txmq_ob_panics");
+    txmq_outbox::migrate(&pool).await.unwrap();
+    enqueue_committed(
+        &pool,
+        ["a", "b", "c"]
+            .map(|id| OutboxMessage::new(&stream, id).with_id(id))
+            .into(),
+    )
+    .await;
+    let sink = PanicsTwice {
+        inner: RedisSink::connect(REDIS).await.unwrap(),
+        calls: AtomicU32::new(0),
+    };
+    let relay = Relay::new(
+        pool.clone(),
+        Box::new(sink),
+        RelayConfig {
+            workers: 1,
+            poll_interval: Duration::from_millis(20),
+            ..config()
+        },
+    )
+    .unwrap();
+    let metrics = relay.metrics();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(relay.run(async {
+        stopped.await.ok();
+    }));
+
+    // Unordered rows: their backoffs' jitter decides which goes first.
+    let mut published = await_ids(&mut conn, &stream, 3).await;
+    published.sort();
+    assert_eq!(published, ["a", "b", "c"]);
+    stop.send(()).unwrap();
+    running.await.unwrap();
+    assert_eq!((metrics.panics(), metrics.failed_attempts()), (2, 6));
+    let s = txmq_outbox::stats(&pool).await.unwrap();
+    assert_eq!((s.pending, s.dead), (0, 0));
+    let _: () = conn.del(&stream).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_relay_goes_on_after_its_sink_panics() {
+    on_scratch(panicking_sink::<Postgres>).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_relay_goes_on_after_its_sink_panics() {
+    on_scratch(panicking_sink::<Sqlite>).await;
+}
+
+/// The relay's LISTEN connection is not one of its pool's: with a pool of one connection,
+/// the worker still claims, and a row inserted later is published at once on its NOTIFY
+/// (the poll interval is a minute).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_listen_takes_no_connection_from_the_relays_pool() {
+    let Some(mut conn) = redis().await else {
+        return;
+    };
+    let Some(scratch) = Postgres::scratch("txmq_ob_listen", 1).await else {
+        return;
+    };
+    scratch
+        .run(|pool| async move {
+            let stream = unique("txmq_ob_listen");
+            txmq_outbox::migrate(&pool).await.unwrap();
+            let m = |id: &str| OutboxMessage::new(&stream, id).with_id(id);
+            enqueue_committed(&pool, vec![m("before")]).await;
+            let relay = Relay::new(
+                pool.clone(),
+                Box::new(RedisSink::connect(REDIS).await.unwrap()),
+                RelayConfig {
+                    workers: 1,
+                    poll_interval: Duration::from_secs(60),
+                    keep_delivered: None,
+                    ..config()
+                },
+            )
+            .unwrap();
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let running = tokio::spawn(relay.run(async {
+                stopped.await.ok();
+            }));
+            assert_eq!(await_ids(&mut conn, &stream, 1).await, ["before"]);
+            enqueue_committed(&pool, vec![m("after")]).await;
+            assert_eq!(await_ids(&mut conn, &stream, 2).await, ["before", "after"]);
+            stop.send(()).unwrap();
+            running.await.unwrap();
+            let _: () = conn.del(&stream).await.unwrap();
+        })
+        .await;
+}
+
+/// A sink that takes `delay` before publishing to Redis.
+struct Slow {
+    inner: RedisSink,
+    delay: Duration,
+}
+
+impl Sink for Slow {
+    fn name(&self) -> &'static str {
+        "slow"
+    }
+
+    fn publish<'a>(&'a self, rows: &'a [OutboxRow]) -> BoxFuture<'a, Vec<Result<(), SinkError>>> {
+        Box::pin(async move {
+            tokio::time::sleep(self.delay).await;
+            self.inner.publish(rows).await
+        })
+    }
+}
+
+/// The server ends the claim's transaction while the batch is out (its
+/// `idle_in_transaction_session_timeout` is shorter than the publish): the relay marks the
+/// published row delivered in a new transaction, and does not publish it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_batch_is_marked_after_the_server_ended_its_claim() {
+    let Some(mut conn) = redis().await else {
+        return;
+    };
+    let Some(scratch) = Postgres::scratch("txmq_ob_idle", 2).await else {
+        return;
+    };
+    let url = scratch.url.clone();
+    scratch
+        .run(|pool| async move {
+            let stream = unique("txmq_ob_idle");
+            txmq_outbox::migrate(&pool).await.unwrap();
+            enqueue_committed(
+                &pool,
+                vec![OutboxMessage::new(&stream, "x").with_id("only")],
+            )
+            .await;
+            let options = PgConnectOptions::from_str(&url)
+                .unwrap()
+                .options([("idle_in_transaction_session_timeout", "300")]);
+            let short = PgPoolOptions::new()
+                .max_connections(2)
+                .connect_with(options)
+                .await
+                .unwrap();
+            let sink = Slow {
+                inner: RedisSink::connect(REDIS).await.unwrap(),
+                delay: Duration::from_millis(1500),
+            };
+            let relay = Relay::new(short.clone(), Box::new(sink), config()).unwrap();
+            assert_eq!(relay.run_once().await.unwrap(), 1);
+            assert_eq!(relay.metrics().database_errors(), 1);
+            assert_eq!(relay.run_once().await.unwrap(), 0);
+            assert_eq!(ids(&mut conn, &stream).await, ["only"]);
+            let delivered = Postgres::list(&pool, "D", 10).await.unwrap();
+            assert_eq!(delivered.len(), 1, "{delivered:?}");
+            short.close().await;
+            let _: () = conn.del(&stream).await.unwrap();
+        })
+        .await;
 }

@@ -426,4 +426,47 @@ mod kafka {
             assert!(e.0.contains("kafka sink"), "{e}");
         }
     }
+
+    /// librdkafka goes on delivering a record after the relay stops waiting: a relay
+    /// refuses a publish timeout shorter than that, and the defaults fit together.
+    #[tokio::test]
+    async fn a_relay_waits_as_long_as_librdkafka_may_deliver() {
+        use txmq_outbox::{Relay, RelayConfig, RelayConfigError};
+
+        let pool = sqlx::SqlitePool::connect_lazy("sqlite::memory:").unwrap();
+        let port = closed_port().await;
+        let sink = |query: &'static str| async move {
+            Box::new(
+                KafkaSink::connect(&format!("kafka://127.0.0.1:{port}{query}"))
+                    .await
+                    .unwrap(),
+            )
+        };
+        let defaults = sink("").await;
+        assert_eq!(defaults.longest_publish(), Some(Duration::from_secs(30)));
+        assert!(Relay::new(pool.clone(), defaults, RelayConfig::default()).is_ok());
+
+        let e = Relay::new(
+            pool.clone(),
+            sink("?message.timeout.ms=60000").await,
+            RelayConfig::default(),
+        )
+        .err()
+        .expect("a 30 s publish timeout is refused");
+        assert_eq!(
+            e,
+            RelayConfigError::PublishTimeoutBelowSink {
+                sink: "kafka",
+                longest: Duration::from_secs(70),
+                publish_timeout: Duration::from_secs(30),
+            }
+        );
+        assert!(e.to_string().contains("publish_timeout (30s)"), "{e}");
+        let longer = RelayConfig {
+            publish_timeout: Duration::from_secs(70),
+            lease: Duration::from_secs(80),
+            ..RelayConfig::default()
+        };
+        assert!(Relay::new(pool, sink("?message.timeout.ms=60000").await, longer).is_ok());
+    }
 }

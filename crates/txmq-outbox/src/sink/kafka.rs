@@ -8,7 +8,9 @@
 //! every in-sync replica of its partition has the record, and librdkafka's retries within
 //! one producer session never duplicate or reorder records. The rows of one call are
 //! produced concurrently and each delivery report is awaited, at most
-//! `message.timeout.ms` (30 s by default) plus a margin.
+//! `message.timeout.ms` (20 s by default) plus 10 s: 5 s for room in librdkafka's queue and
+//! 5 s for the report. A relay's `publish_timeout` must be at least that (30 s by default),
+//! since librdkafka goes on delivering a record after the relay stops waiting.
 //!
 //! A row becomes a record:
 //!
@@ -45,7 +47,8 @@ pub use disabled::KafkaSink;
 pub const MESSAGE_ID_HEADER: &str = "txmq-message-id";
 
 /// `message.timeout.ms` unless the URL sets it: how long librdkafka tries to deliver a record.
-pub const DEFAULT_MESSAGE_TIMEOUT_MS: u64 = 30_000;
+/// With the margins, a call takes at most 30 s, the relay's default `publish_timeout`.
+pub const DEFAULT_MESSAGE_TIMEOUT_MS: u64 = 20_000;
 
 /// Longest `message.timeout.ms` the URL may set.
 pub const MAX_MESSAGE_TIMEOUT_MS: u64 = 300_000;
@@ -311,6 +314,10 @@ mod enabled {
             "kafka"
         }
 
+        fn longest_publish(&self) -> Option<Duration> {
+            Some(self.bound)
+        }
+
         fn publish<'a>(
             &'a self,
             rows: &'a [OutboxRow],
@@ -383,7 +390,7 @@ mod tests {
         assert_eq!(
             u.properties,
             [
-                ("message.timeout.ms".to_string(), "30000".to_string()),
+                ("message.timeout.ms".to_string(), "20000".to_string()),
                 ("linger.ms".into(), "10".into()),
                 ("client.id".into(), "outbox relay".into()),
             ]

@@ -31,6 +31,15 @@ pub trait Sink: Send + Sync + 'static {
 
     /// Publishes `rows`; one result per row, in order.
     fn publish<'a>(&'a self, rows: &'a [OutboxRow]) -> BoxFuture<'a, Vec<Result<(), SinkError>>>;
+
+    /// How long a row may still go out after `publish` began, where the broker's client
+    /// keeps trying on its own once the call is dropped (Kafka: librdkafka delivers until
+    /// `message.timeout.ms`). A relay refuses a `publish_timeout` shorter than this: it
+    /// would count such rows failed and publish them again while the first try may still
+    /// land. `None` (the default): dropping the call stops the publish.
+    fn longest_publish(&self) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 /// `url` with the secret of its user info replaced by `***`, for messages: the password,
