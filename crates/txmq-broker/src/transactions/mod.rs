@@ -9,7 +9,7 @@
 
 pub mod check_back;
 
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
@@ -84,12 +84,59 @@ struct Entry {
 /// while every other request waits.
 #[derive(Default)]
 pub struct Transactions {
-    table: Mutex<imbl::HashMap<String, Entry>>,
-    /// No prepared transaction's check-back is due before this time, ms: the table holds
-    /// the decisions of the last minutes too, and is scanned for due check-backs only from
-    /// then on. Lowered by every change of a check-back time, set by each scan, always
-    /// under the table's lock.
-    next_due_ms: AtomicI64,
+    table: Mutex<Table>,
+}
+
+/// The transactions by id, and the two orders the broker walks them in. The table holds
+/// the decisions of the last minutes too (up to 200,000): walking all of it for the few
+/// check-backs due, or for the few decisions old enough to forget, took tens of
+/// milliseconds under the lock that every half message and decision takes.
+#[derive(Default)]
+struct Table {
+    txs: imbl::HashMap<String, Entry>,
+    order: Order,
+}
+
+/// Where transactions stand in time; filed by [`Order::file`] on every change.
+#[derive(Default)]
+struct Order {
+    /// `(check-back time, id)` of prepared transactions. A pair goes in whenever a
+    /// transaction is prepared or its check-back time changes; a pair a later change left
+    /// stale is dropped, or filed again at the right time, once its time comes.
+    checks: BTreeSet<(i64, String)>,
+    /// `(decision time, id)` of committed and rolled-back transactions, in the order they
+    /// were decided: the oldest are forgotten first.
+    decided: VecDeque<(i64, String)>,
+}
+
+fn is_decided(state: TxState) -> bool {
+    matches!(state, TxState::Committed | TxState::RolledBack)
+}
+
+impl Order {
+    /// Files `tx` after a change from state `was` (`None`: new to the table).
+    fn file(&mut self, tx: &Tx, was: Option<TxState>) {
+        if tx.state == TxState::Prepared {
+            self.checks.insert((tx.next_check_ms, tx.id.clone()));
+        }
+        if is_decided(tx.state) && !was.is_some_and(is_decided) {
+            self.decided
+                .push_back((tx.resolved_ms.unwrap_or(0), tx.id.clone()));
+        }
+    }
+}
+
+impl Table {
+    /// Applies `f` to the entry of `id`, if any, and files the transaction's change.
+    fn change<R>(&mut self, id: &str, f: impl FnOnce(&mut Entry) -> R) -> Option<R> {
+        let e = self.txs.get_mut(id)?;
+        let was = (e.tx.state, e.tx.next_check_ms);
+        let r = f(e);
+        if (e.tx.state, e.tx.next_check_ms) != was {
+            self.order.file(&e.tx, Some(was.0));
+        }
+        Some(r)
+    }
 }
 
 /// A copy of the transaction table at one moment, taken in constant time.
@@ -123,19 +170,20 @@ const UNRESOLVED: &[u8] = b"unresolved";
 const RECHECK: &[u8] = b"recheck";
 
 impl Transactions {
-    fn lock(&self) -> std::sync::MutexGuard<'_, imbl::HashMap<String, Entry>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
         self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// A transaction by id.
     pub fn get(&self, id: &str) -> Option<Tx> {
-        self.lock().get(id).map(|e| e.tx.clone())
+        self.lock().txs.get(id).map(|e| e.tx.clone())
     }
 
     /// Transactions in the given states, oldest first.
     pub fn list(&self, states: &[TxState]) -> Vec<Tx> {
         let mut out: Vec<Tx> = self
             .lock()
+            .txs
             .values()
             .filter(|e| states.contains(&e.tx.state))
             .map(|e| e.tx.clone())
@@ -146,80 +194,77 @@ impl Transactions {
 
     /// The whole table as it is now, in constant time (for snapshots).
     pub fn copy(&self) -> TxTableCopy {
-        TxTableCopy(self.lock().clone())
+        TxTableCopy(self.lock().txs.clone())
     }
 
     /// Replaces the table (loading a snapshot).
-    pub fn restore(&self, txs: Vec<Tx>) {
-        let mut t = self.lock();
-        self.next_due_ms.store(i64::MIN, Ordering::Relaxed);
-        *t = txs
+    pub fn restore(&self, mut txs: Vec<Tx>) {
+        // Decisions filed oldest first.
+        txs.sort_by_key(|tx| tx.resolved_ms);
+        let mut order = Order::default();
+        for tx in &txs {
+            order.file(tx, None);
+        }
+        let txs = txs
             .into_iter()
             .map(|tx| (tx.id.clone(), Entry { tx, busy: None }))
             .collect();
+        *self.lock() = Table { txs, order };
     }
 
     /// Forgets committed and rolled-back transactions resolved before `before_ms`, and the
     /// oldest of them beyond `max_resolved`. Open and unresolved ones are always kept.
     pub fn prune(&self, before_ms: i64, max_resolved: usize) {
-        let done = |e: &Entry| {
-            e.busy.is_none() && matches!(e.tx.state, TxState::Committed | TxState::RolledBack)
-        };
-        let expired = |e: &Entry| done(e) && e.tx.resolved_ms.is_some_and(|r| r < before_ms);
         let mut t = self.lock();
-        // Runs every few seconds over up to `max_resolved` entries, on a runtime worker:
-        // scan first, and change or allocate only when something goes.
-        if t.values().any(expired) {
-            t.retain(|_, e| !expired(e));
-        }
-        let resolved = t.values().filter(|e| done(e)).count();
-        if resolved > max_resolved {
-            let mut oldest: Vec<(i64, String)> = t
-                .values()
-                .filter(|e| done(e))
-                .map(|e| (e.tx.resolved_ms.unwrap_or(0), e.tx.id.clone()))
-                .collect();
-            // The `resolved - max_resolved` oldest, in any order, come first.
-            let last = resolved - max_resolved - 1;
-            oldest.select_nth_unstable(last);
-            for (_, id) in &oldest[..=last] {
-                t.remove(id);
+        let Table { txs, order } = &mut *t;
+        // Oldest decisions first: the walk stops at the first one to keep.
+        while let Some((at, _)) = order.decided.front() {
+            if *at >= before_ms && order.decided.len() <= max_resolved {
+                break;
+            }
+            let Some((_, id)) = order.decided.pop_front() else {
+                break;
+            };
+            if txs.get(&id).is_some_and(|e| is_decided(e.tx.state)) {
+                txs.remove(&id);
             }
         }
     }
 
-    /// Prepared transactions whose check-back is due.
+    /// Prepared transactions whose check-back is due. One stays due, and is found again by
+    /// the next call, until its check is recorded or it is decided.
     pub fn due(&self, now_ms: i64) -> Vec<Tx> {
-        if now_ms < self.next_due_ms.load(Ordering::Relaxed) {
-            return Vec::new();
-        }
-        let t = self.lock();
+        let mut t = self.lock();
+        let Table { txs, order } = &mut *t;
         let mut due = Vec::new();
-        // Due ones count too: one whose check is not recorded is looked at again.
-        let mut next = i64::MAX;
-        for e in t.values().filter(|e| e.tx.state == TxState::Prepared) {
-            next = next.min(e.tx.next_check_ms);
-            if e.busy.is_none() && e.tx.next_check_ms <= now_ms {
-                due.push(e.tx.clone());
+        let mut stale = Vec::new();
+        let mut moved = Vec::new();
+        for (at, id) in order
+            .checks
+            .range(..(now_ms.saturating_add(1), String::new()))
+        {
+            match txs.get(id) {
+                Some(e) if e.tx.state == TxState::Prepared && e.tx.next_check_ms == *at => {
+                    if e.busy.is_none() {
+                        due.push(e.tx.clone());
+                    }
+                }
+                Some(e) if e.tx.state == TxState::Prepared => {
+                    stale.push((*at, id.clone()));
+                    moved.push((e.tx.next_check_ms, id.clone()));
+                }
+                _ => stale.push((*at, id.clone())),
             }
         }
-        self.next_due_ms.store(next, Ordering::Relaxed);
+        for pair in &stale {
+            order.checks.remove(pair);
+        }
+        order.checks.extend(moved);
         due
     }
 
-    /// Notes the check-back time of `tx` (under the table's lock).
-    fn note_due(&self, tx: &Tx) {
-        if tx.state == TxState::Prepared {
-            self.next_due_ms
-                .fetch_min(tx.next_check_ms, Ordering::Relaxed);
-        }
-    }
-
     pub(crate) fn update(&self, id: &str, f: impl FnOnce(&mut Tx)) {
-        if let Some(e) = self.lock().get_mut(id) {
-            f(&mut e.tx);
-            self.note_due(&e.tx);
-        }
+        self.lock().change(id, |e| f(&mut e.tx));
     }
 
     /// Applies a record read back from the log (replay) or just written.
@@ -252,47 +297,46 @@ impl Transactions {
                     resolved_ms: None,
                     resolved_at: None,
                 };
-                self.note_due(&tx);
-                t.entry(tx.id.clone()).or_insert(Entry { tx, busy: None });
+                if !t.txs.contains_key(&tx.id) {
+                    t.order.file(&tx, None);
+                    t.txs.insert(tx.id.clone(), Entry { tx, busy: None });
+                }
             }
             RecordKind::TxResolution | RecordKind::TxCheck if rec.data.topic == TX_TOPIC => {
-                let Some(e) = t.get_mut(&rec.data.message_id) else {
-                    return;
-                };
-                let tx = &mut e.tx;
-                // A record stored after its transaction was decided changes nothing: the
-                // broker stores none, and a log written before it did is read the same way.
-                let open = matches!(tx.state, TxState::Prepared | TxState::Unresolved);
-                if !open {
-                    return;
-                }
-                if rec.data.kind == RecordKind::TxCheck {
-                    tx.checks += 1;
-                    tx.next_check_ms = rec.store_timestamp + interval_ms(tx.checks);
-                    self.note_due(tx);
-                    return;
-                }
-                match rec.data.body.as_slice() {
-                    ROLLBACK => {
-                        tx.state = TxState::RolledBack;
-                        tx.resolved_ms = Some(rec.store_timestamp);
-                        tx.resolved_at = Some(rec.position);
+                t.change(&rec.data.message_id, |e| {
+                    let tx = &mut e.tx;
+                    // A record stored after its transaction was decided changes nothing: the
+                    // broker stores none, and a log written before it did is read the same way.
+                    let open = matches!(tx.state, TxState::Prepared | TxState::Unresolved);
+                    if !open {
+                        return;
                     }
-                    UNRESOLVED if tx.state == TxState::Prepared => {
-                        tx.state = TxState::Unresolved;
-                        tx.resolved_ms = Some(rec.store_timestamp);
-                        tx.resolved_at = Some(rec.position);
+                    if rec.data.kind == RecordKind::TxCheck {
+                        tx.checks += 1;
+                        tx.next_check_ms = rec.store_timestamp + interval_ms(tx.checks);
+                        return;
                     }
-                    RECHECK => {
-                        tx.state = TxState::Prepared;
-                        tx.checks = 0;
-                        tx.resolved_ms = None;
-                        tx.resolved_at = None;
-                        tx.next_check_ms = rec.store_timestamp;
-                        self.note_due(tx);
+                    match rec.data.body.as_slice() {
+                        ROLLBACK => {
+                            tx.state = TxState::RolledBack;
+                            tx.resolved_ms = Some(rec.store_timestamp);
+                            tx.resolved_at = Some(rec.position);
+                        }
+                        UNRESOLVED if tx.state == TxState::Prepared => {
+                            tx.state = TxState::Unresolved;
+                            tx.resolved_ms = Some(rec.store_timestamp);
+                            tx.resolved_at = Some(rec.position);
+                        }
+                        RECHECK => {
+                            tx.state = TxState::Prepared;
+                            tx.checks = 0;
+                            tx.resolved_ms = None;
+                            tx.resolved_at = None;
+                            tx.next_check_ms = rec.store_timestamp;
+                        }
+                        _ => {}
                     }
-                    _ => {}
-                }
+                });
             }
             _ => {
                 // A commit is the first copy of the half message in a user topic; later
@@ -300,14 +344,16 @@ impl Transactions {
                 if rec.data.topic.starts_with(SYSTEM_PREFIX) {
                     return;
                 }
-                if let Some(id) = sys(&rec.data, prop::TRANSACTION_ID)
-                    && let Some(e) = t.get_mut(id)
-                    && matches!(e.tx.state, TxState::Prepared | TxState::Unresolved)
-                {
-                    e.tx.state = TxState::Committed;
-                    e.tx.resolved_ms = Some(rec.store_timestamp);
-                    e.tx.resolved_at = Some(rec.position);
-                }
+                let Some(id) = sys(&rec.data, prop::TRANSACTION_ID) else {
+                    return;
+                };
+                t.change(id, |e| {
+                    if matches!(e.tx.state, TxState::Prepared | TxState::Unresolved) {
+                        e.tx.state = TxState::Committed;
+                        e.tx.resolved_ms = Some(rec.store_timestamp);
+                        e.tx.resolved_at = Some(rec.position);
+                    }
+                });
             }
         }
     }
@@ -357,7 +403,7 @@ impl Transactions {
     fn claim(&self, end: &End) -> Claim {
         let id = &end.id;
         let mut table = self.lock();
-        let Some(entry) = table.get_mut(id) else {
+        let Some(entry) = table.txs.get_mut(id) else {
             return Claim::Answered(Err(BrokerError::new(
                 Code::InvalidTransactionId,
                 format!("unknown transaction {id}"),
@@ -418,7 +464,7 @@ impl Transactions {
     /// marked; refused (`Answered`) when unknown or in another state.
     fn claim_open(&self, id: &str, states: &[TxState]) -> Claim {
         let mut table = self.lock();
-        let Some(entry) = table.get_mut(id) else {
+        let Some(entry) = table.txs.get_mut(id) else {
             return Claim::Answered(Err(BrokerError::new(
                 Code::InvalidTransactionId,
                 format!("unknown transaction {id}"),
@@ -447,6 +493,7 @@ impl Transactions {
         notified.as_mut().enable();
         if self
             .lock()
+            .txs
             .get(id)
             .and_then(|e| e.busy.as_ref())
             .is_some_and(|b| Arc::ptr_eq(b, mark))
@@ -457,15 +504,12 @@ impl Transactions {
 
     /// Clears the busy mark of `id`, applies `f` to it, and wakes those waiting on it.
     fn finish(&self, id: &str, f: impl FnOnce(&mut Tx)) {
-        let mut table = self.lock();
-        let Some(entry) = table.get_mut(id) else {
-            return;
-        };
-        f(&mut entry.tx);
-        self.note_due(&entry.tx);
-        if let Some(n) = entry.busy.take() {
-            n.notify_waiters();
-        }
+        self.lock().change(id, |entry| {
+            f(&mut entry.tx);
+            if let Some(n) = entry.busy.take() {
+                n.notify_waiters();
+            }
+        });
     }
 }
 
@@ -812,6 +856,88 @@ mod tests {
         let mut left: Vec<String> = t.list(&all).into_iter().map(|x| x.id).collect();
         left.sort();
         assert_eq!(left, vec!["newer-commit", "open", "unresolved"]);
+    }
+
+    /// The ids `due(now)` finds, sorted.
+    fn due_ids(t: &Transactions, now: i64) -> Vec<String> {
+        let mut ids: Vec<String> = t.due(now).into_iter().map(|x| x.id).collect();
+        ids.sort();
+        ids
+    }
+
+    #[test]
+    fn a_check_back_is_due_from_its_time_until_it_is_recorded_or_decided() {
+        let t = Transactions::default();
+        let at = |id: &str, ms: i64| Tx {
+            next_check_ms: ms,
+            ..tx(id, TxState::Prepared, None)
+        };
+        t.restore(vec![
+            at("a", 100),
+            at("b", 300),
+            tx("decided", TxState::Committed, Some(5)),
+            tx("unresolved", TxState::Unresolved, Some(5)),
+        ]);
+        assert!(due_ids(&t, 99).is_empty());
+        assert_eq!(due_ids(&t, 100), ["a"]);
+        // Not checked yet: still due.
+        assert_eq!(due_ids(&t, 150), ["a"]);
+        // Its check recorded: due again at the next time only.
+        t.update("a", |x| x.next_check_ms = 400);
+        assert!(due_ids(&t, 250).is_empty());
+        assert_eq!(due_ids(&t, 300), ["b"]);
+        assert_eq!(due_ids(&t, 400), ["a", "b"]);
+        // Moved earlier, then later again without a pair of its own: found at its time.
+        t.update("b", |x| x.next_check_ms = 350);
+        t.lock().txs.get_mut("b").unwrap().tx.next_check_ms = 500;
+        assert_eq!(due_ids(&t, 450), ["a"]);
+        assert_eq!(due_ids(&t, 500), ["a", "b"]);
+        // Busy (a decision being written) is left out; decided is gone for good.
+        let mark = t.claim(&End {
+            topic: String::new(),
+            message_id: String::new(),
+            id: "a".into(),
+            resolution: Resolution::Commit,
+        });
+        assert!(matches!(mark, Claim::Mine));
+        assert_eq!(due_ids(&t, 500), ["b"]);
+        t.finish("a", |x| {
+            x.state = TxState::Committed;
+            x.resolved_ms = Some(500);
+        });
+        assert_eq!(due_ids(&t, 1_000), ["b"]);
+        assert_eq!(t.lock().order.checks.len(), 1);
+        // An unresolved one checked again is due at once.
+        t.update("unresolved", |x| {
+            x.state = TxState::Prepared;
+            x.next_check_ms = 900;
+        });
+        assert_eq!(due_ids(&t, 1_000), ["b", "unresolved"]);
+    }
+
+    #[test]
+    fn pruning_forgets_the_oldest_decisions_first_also_those_decided_after_a_restore() {
+        let t = Transactions::default();
+        t.restore(vec![
+            tx("late", TxState::Committed, Some(300)),
+            tx("early", TxState::RolledBack, Some(100)),
+            tx("open", TxState::Prepared, None),
+        ]);
+        t.finish("open", |x| {
+            x.state = TxState::Committed;
+            x.resolved_ms = Some(400);
+        });
+        t.prune(0, 2);
+        let all = [TxState::Prepared, TxState::Committed, TxState::RolledBack];
+        let left = |t: &Transactions| -> Vec<String> {
+            let mut ids: Vec<String> = t.list(&all).into_iter().map(|x| x.id).collect();
+            ids.sort();
+            ids
+        };
+        assert_eq!(left(&t), ["late", "open"]);
+        t.prune(350, 2);
+        assert_eq!(left(&t), ["open"]);
+        assert!(t.lock().order.decided.len() == 1);
     }
 
     #[test]
