@@ -105,6 +105,10 @@ pub struct Claimed<DB: sqlx::Database> {
     pub(crate) rows: Vec<OutboxRow>,
 }
 
+/// What [`OutboxDb::relock`] returns: the transaction holding the rows, and their `seq`s.
+#[doc(hidden)]
+pub type Relocked<DB> = (Option<sqlx::Transaction<'static, DB>>, Vec<i64>);
+
 /// A database the outbox works with: [`sqlx::Postgres`], [`sqlx::MySql`] (MySQL and
 /// MariaDB) or [`sqlx::Sqlite`]. Sealed; its methods are the crate's building blocks.
 pub trait OutboxDb: sqlx::Database + sealed::Sealed {
@@ -137,6 +141,18 @@ pub trait OutboxDb: sqlx::Database + sealed::Sealed {
         lease_until: i64,
         limit: i64,
     ) -> impl Future<Output = Result<Claimed<Self>, sqlx::Error>> + Send;
+
+    /// For a batch whose claim's transaction failed (row-lock dialects): a new transaction
+    /// holding those of `seqs` still pending that no other transaction holds
+    /// (`FOR UPDATE SKIP LOCKED`), and their `seq`s. Without row locks (SQLite): no
+    /// transaction, and every `seq`.
+    #[doc(hidden)]
+    fn relock(
+        _pool: &Pool<Self>,
+        seqs: &[i64],
+    ) -> impl Future<Output = Result<Relocked<Self>, sqlx::Error>> + Send {
+        std::future::ready(Ok((None, seqs.to_vec())))
+    }
 
     /// Marks published rows delivered and failed ones for retry (or dead after
     /// `max_attempts`), and releases the claim. With `holder`, only the rows whose lease
@@ -223,16 +239,18 @@ fn marks(n: usize) -> String {
     s
 }
 
-/// `error` cut to [`MAX_ERROR`] bytes at a character boundary.
-fn clip(error: &str) -> &str {
-    if error.len() <= MAX_ERROR {
-        return error;
+/// `error` without NUL characters (PostgreSQL refuses them in text: the marking would fail
+/// each time) and cut to [`MAX_ERROR`] bytes at a character boundary.
+fn clip(error: &str) -> String {
+    let mut error = error.replace('\0', "");
+    if error.len() > MAX_ERROR {
+        let mut end = MAX_ERROR;
+        while !error.is_char_boundary(end) {
+            end -= 1;
+        }
+        error.truncate(end);
     }
-    let mut end = MAX_ERROR;
-    while !error.is_char_boundary(end) {
-        end -= 1;
-    }
-    &error[..end]
+    error
 }
 
 /// Decodes stored headers; a damaged value becomes one header saying so, and the row is
@@ -316,6 +334,12 @@ mod pg {
     /// statistics lag behind a burst of inserts.
     pub const BEGIN_INDEX_ORDER: &str =
         "BEGIN; SET LOCAL enable_bitmapscan = off; SET LOCAL enable_sort = off";
+
+    /// A claim's transaction: in index order, and idle while its batch is out, which a
+    /// server-wide `idle_in_transaction_session_timeout` shorter than a publish must not
+    /// end.
+    pub const BEGIN_CLAIM: &str = "BEGIN; SET LOCAL enable_bitmapscan = off; \
+        SET LOCAL enable_sort = off; SET LOCAL idle_in_transaction_session_timeout = 0";
 
     pub const DDL: &[&str] = &[
         "CREATE TABLE IF NOT EXISTS txmq_outbox (
@@ -622,7 +646,7 @@ impl OutboxDb for Postgres {
         _lease_until: i64,
         limit: i64,
     ) -> Result<Claimed<Self>, sqlx::Error> {
-        let mut tx = pool.begin_with(pg::BEGIN_INDEX_ORDER).await?;
+        let mut tx = pool.begin_with(pg::BEGIN_CLAIM).await?;
         let sql = numbered(&format!(
             "SELECT {COLUMNS} FROM txmq_outbox o WHERE {DUE}
              ORDER BY o.seq LIMIT ? FOR UPDATE SKIP LOCKED"
@@ -637,6 +661,18 @@ impl OutboxDb for Postgres {
             tx: Some(tx),
             rows: rows.into_iter().map(row).collect(),
         })
+    }
+
+    async fn relock(pool: &Pool<Self>, seqs: &[i64]) -> Result<Relocked<Self>, sqlx::Error> {
+        let mut tx = pool.begin_with(pg::BEGIN_INDEX_ORDER).await?;
+        let held = sqlx::query_scalar(
+            "SELECT seq FROM txmq_outbox WHERE seq = ANY($1) AND status = 'P'
+             FOR UPDATE SKIP LOCKED",
+        )
+        .bind(seqs)
+        .fetch_all(&mut *tx)
+        .await?;
+        Ok((Some(tx), held))
     }
 
     async fn finish(
@@ -701,16 +737,17 @@ impl OutboxDb for Postgres {
 
     fn listen(pool: &Pool<Self>, wake: Arc<Notify>) -> Option<tokio::task::JoinHandle<()>> {
         let pool = pool.clone();
-        // The listening connection is one of its own, with the pool's settings, not one
-        // held from the pool: that would leave the workers a connection short, and a pool
-        // of one none at all.
-        let own = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(1)
-            .idle_timeout(None)
-            .max_lifetime(None)
-            .connect_lazy_with((*pool.connect_options()).clone());
         Some(tokio::spawn(async move {
             loop {
+                // The listening connection is one of its own, with the pool's settings as
+                // they are now (they may change: rotated credentials), not one held from
+                // the pool: that would leave the workers a connection short, and a pool of
+                // one none at all.
+                let own = sqlx::postgres::PgPoolOptions::new()
+                    .max_connections(1)
+                    .idle_timeout(None)
+                    .max_lifetime(None)
+                    .connect_lazy_with((*pool.connect_options()).clone());
                 let mut listener = match sqlx::postgres::PgListener::connect_with(&own).await {
                     Ok(l) => l,
                     Err(e) => {
@@ -816,6 +853,21 @@ impl OutboxDb for MySql {
             tx: Some(tx),
             rows: rows.into_iter().map(row).collect(),
         })
+    }
+
+    async fn relock(pool: &Pool<Self>, seqs: &[i64]) -> Result<Relocked<Self>, sqlx::Error> {
+        let mut tx = pool.begin_with(mysql::BEGIN_READ_COMMITTED).await?;
+        let sql = format!(
+            "SELECT seq FROM txmq_outbox WHERE seq IN ({}) AND status = 'P'
+             FOR UPDATE SKIP LOCKED",
+            marks(seqs.len())
+        );
+        let mut q = sqlx::query_scalar(&sql);
+        for seq in seqs {
+            q = q.bind(*seq);
+        }
+        let held = q.fetch_all(&mut *tx).await?;
+        Ok((Some(tx), held))
     }
 
     finish_with_question_marks!();
@@ -925,5 +977,6 @@ mod tests {
         let c = clip(&long);
         assert!(c.len() <= 1000 && c.chars().all(|ch| ch == 'é'));
         assert_eq!(clip("short"), "short");
+        assert_eq!(clip("nul\0 inside"), "nul inside");
     }
 }

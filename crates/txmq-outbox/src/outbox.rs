@@ -105,7 +105,8 @@ impl Outbox {
     /// How long the relay leaves a fast-path row alone after its enqueue, so that it is
     /// not published twice (default 30 s). If the process dies before publishing, the
     /// relay publishes the row once the lease ends. Keep it above the commit time plus
-    /// the sink's publish time.
+    /// the sink's publish time: with a sink that may go on publishing for longer
+    /// ([`Sink::longest_publish`], Kafka), `commit_and_publish` leaves the rows to the relay.
     pub fn with_fast_path_lease(mut self, lease: Duration) -> Self {
         self.fast_path_lease = lease;
         self
@@ -184,9 +185,18 @@ impl Outbox {
     ) -> Result<FastPathReport, sqlx::Error> {
         tx.commit().await?;
         let total = messages.len();
+        // A sink that may go on publishing past the lease (Kafka with a long
+        // `message.timeout.ms`) could publish a row the relay publishes again after the
+        // lease: such rows are the relay's alone.
+        let beyond_lease = sink
+            .longest_publish()
+            .is_some_and(|longest| longest > self.fast_path_lease);
+        if beyond_lease {
+            tracing::warn!(sink = sink.name(), lease = ?self.fast_path_lease, "the sink may publish for longer than the fast-path lease; leaving the rows to the relay");
+        }
         let rows: Vec<OutboxRow> = messages
             .into_iter()
-            .filter(|m| !m.relay_only)
+            .filter(|m| !m.relay_only && !beyond_lease)
             .map(|m| m.row)
             .collect();
         if rows.is_empty() {

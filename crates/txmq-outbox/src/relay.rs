@@ -1,6 +1,7 @@
 //! The relay: claims due rows, publishes them through a sink, marks them delivered (only
 //! after the sink confirmed them) or failed with backoff, and deletes old delivered rows.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -226,17 +227,24 @@ impl<DB: OutboxDb> Relay<DB> {
         .await
         {
             Ok(m) => m,
-            // The claim's transaction failed (its connection lost, or ended by the server's
-            // `idle_in_transaction_session_timeout` during a slow publish): the rows are
-            // unlocked now, and marking them anew spares republishing what went out. The
-            // marks only touch rows still pending, so a row another relay took and marked
-            // meanwhile keeps its mark; one it is publishing waits for its commit. (Should
-            // the failed call have been a COMMIT that went through, a failed row counts this
-            // attempt twice.)
+            // The claim's transaction failed (its connection lost): the rows are unlocked
+            // now. Marking anew those still pending that no other worker took meanwhile
+            // spares publishing them again; the others are their new holder's to publish
+            // and mark. (Should the failed call have been a COMMIT that went through, a
+            // failed row counts this attempt twice.)
             Err(e) if locked => {
                 self.metrics.database_error();
                 tracing::warn!(error = %e, rows = rows.len(), "relay: the claim's transaction failed; marking in a new one");
-                mark_published(&self.pool, None, None, &rows, &results, &self.config.retry).await?
+                let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
+                let (tx, held) = DB::relock(&self.pool, &seqs).await?;
+                let held: HashSet<i64> = held.into_iter().collect();
+                let (kept, results): (Vec<OutboxRow>, Vec<_>) = rows
+                    .iter()
+                    .zip(&results)
+                    .filter(|(row, _)| held.contains(&row.seq))
+                    .map(|(row, r)| (row.clone(), r.clone()))
+                    .unzip();
+                mark_published(&self.pool, tx, None, &kept, &results, &self.config.retry).await?
             }
             Err(e) => return Err(e),
         };
@@ -363,28 +371,41 @@ impl<DB: OutboxDb> Relay<DB> {
 }
 
 /// Publishes `rows` through `sink`, waiting at most `timeout`: one result per row. Every
-/// row fails if the sink does not answer in time, answers for another number of rows, or
-/// panics (counted in `metrics`); a failed row is retried with backoff, as for any failure.
+/// row fails if the sink does not answer in time or answers for another number of rows. A
+/// call that panics (counted in `metrics`) is made again row by row, and a row whose call
+/// panics fails; a failed row is retried with backoff, as for any failure.
 pub(crate) async fn publish(
     sink: &dyn Sink,
     rows: &[OutboxRow],
     timeout: Duration,
     metrics: Option<&Metrics>,
 ) -> Vec<Result<(), SinkError>> {
-    // The call itself inside the future, so that a sink panicking before it returns its
-    // future is caught too.
-    let call = AssertUnwindSafe(async { sink.publish(rows).await }).catch_unwind();
-    let failure = match tokio::time::timeout(timeout, call).await {
-        Ok(Ok(r)) if r.len() == rows.len() => return r,
-        Ok(Err(panic)) => {
-            if let Some(m) = metrics {
-                m.panicked();
+    let call = async {
+        match caught(sink, rows, metrics).await {
+            Ok(r) => r,
+            Err(panicked) if rows.len() == 1 => vec![Err(panicked)],
+            // Which row made it panic is unknown: each goes alone, so that a row that always
+            // does fails alone, not every row claimed with it.
+            Err(_) => {
+                let mut results = Vec::with_capacity(rows.len());
+                for row in rows.chunks(1) {
+                    results.push(match caught(sink, row, metrics).await {
+                        Ok(r) if r.len() == 1 => r.into_iter().next().unwrap_or(Ok(())),
+                        Ok(r) => Err(SinkError::new(format!(
+                            "the {} sink answered {} results for 1 row",
+                            sink.name(),
+                            r.len()
+                        ))),
+                        Err(alone) => Err(alone),
+                    });
+                }
+                results
             }
-            let why = panic_message(&*panic);
-            tracing::error!(sink = sink.name(), rows = rows.len(), panic = %why, "relay: the sink panicked");
-            format!("the {} sink panicked: {why}", sink.name())
         }
-        Ok(Ok(r)) => format!(
+    };
+    let failure = match tokio::time::timeout(timeout, call).await {
+        Ok(r) if r.len() == rows.len() => return r,
+        Ok(r) => format!(
             "the {} sink answered {} results for {} rows",
             sink.name(),
             r.len(),
@@ -396,6 +417,25 @@ pub(crate) async fn publish(
         ),
     };
     vec![Err(SinkError::new(failure)); rows.len()]
+}
+
+/// `sink.publish(rows)`, or the failure of a panic in it (counted in `metrics`). The call
+/// itself is inside the caught future, so that a sink panicking before it returns its
+/// future is caught too.
+async fn caught(
+    sink: &dyn Sink,
+    rows: &[OutboxRow],
+    metrics: Option<&Metrics>,
+) -> Result<Vec<Result<(), SinkError>>, SinkError> {
+    let call = AssertUnwindSafe(async { sink.publish(rows).await }).catch_unwind();
+    call.await.map_err(|panic| {
+        if let Some(m) = metrics {
+            m.panicked();
+        }
+        let why = panic_message(&*panic);
+        tracing::error!(sink = sink.name(), rows = rows.len(), panic = %why, "relay: the sink panicked");
+        SinkError::new(format!("the {} sink panicked: {why}", sink.name()))
+    })
 }
 
 /// The text of a panic's payload.

@@ -3,7 +3,8 @@
 //! order, per-key order, a poison row going dead, redrive and drop, cleanup, the fast path
 //! (and what it leaves to the relay), ids compared byte for byte on MariaDB, the relay
 //! settings refused, and faults: a sink that panics, a pool of one connection with LISTEN,
-//! a claim's transaction ended by the server during a publish.
+//! a short `idle_in_transaction_session_timeout`, a claim's connection killed during a
+//! publish.
 //!
 //! Each test makes its own schema (PostgreSQL), database (MariaDB) or file (SQLite) and
 //! Redis keys, and removes them. A service that is not running skips the test, except
@@ -12,7 +13,8 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, SystemTime};
 
 use redis::AsyncCommands;
@@ -509,8 +511,9 @@ async fn await_ids(
     }
 }
 
-/// A sink that panics does not stop a running relay: each panic fails the rows of its call,
-/// which go out on a later attempt, and the worker (the only one) goes on.
+/// A sink that panics does not stop a running relay: a call that panics is made again row
+/// by row, a row whose call panics fails and goes out on a later attempt, and the worker
+/// (the only one) goes on.
 async fn panicking_sink<DB: TestDb>(pool: Pool<DB>) {
     let Some(mut conn) = redis().await else {
         return;
@@ -550,7 +553,9 @@ async fn panicking_sink<DB: TestDb>(pool: Pool<DB>) {
     assert_eq!(published, ["a", "b", "c"]);
     stop.send(()).unwrap();
     running.await.unwrap();
-    assert_eq!((metrics.panics(), metrics.failed_attempts()), (2, 6));
+    // The first call panics; made again row by row, the first row's call panics too (it
+    // fails and goes out later), the other two rows go out at once.
+    assert_eq!((metrics.panics(), metrics.failed_attempts()), (2, 1));
     let s = txmq_outbox::stats(&pool).await.unwrap();
     assert_eq!((s.pending, s.dead), (0, 0));
     let _: () = conn.del(&stream).await.unwrap();
@@ -608,10 +613,12 @@ async fn postgres_listen_takes_no_connection_from_the_relays_pool() {
         .await;
 }
 
-/// A sink that takes `delay` before publishing to Redis.
+/// A sink that runs `before` (a fault for the relay to meet), then takes `delay`, then
+/// publishes to Redis.
 struct Slow {
     inner: RedisSink,
     delay: Duration,
+    before: Box<dyn Fn() -> BoxFuture<'static, ()> + Send + Sync>,
 }
 
 impl Sink for Slow {
@@ -621,17 +628,31 @@ impl Sink for Slow {
 
     fn publish<'a>(&'a self, rows: &'a [OutboxRow]) -> BoxFuture<'a, Vec<Result<(), SinkError>>> {
         Box::pin(async move {
+            (self.before)().await;
             tokio::time::sleep(self.delay).await;
             self.inner.publish(rows).await
         })
     }
 }
 
-/// The server ends the claim's transaction while the batch is out (its
-/// `idle_in_transaction_session_timeout` is shorter than the publish): the relay marks the
-/// published row delivered in a new transaction, and does not publish it again.
+/// A pool on the scratch database `url` whose sessions are named `name` and whose server
+/// ends a transaction idle for more than 300 ms.
+async fn impatient_pool(url: &str, name: &str) -> Pool<Postgres> {
+    let options = PgConnectOptions::from_str(url)
+        .unwrap()
+        .application_name(name)
+        .options([("idle_in_transaction_session_timeout", "300")]);
+    PgPoolOptions::new()
+        .max_connections(2)
+        .connect_with(options)
+        .await
+        .unwrap()
+}
+
+/// A claim's transaction outlasts the server's `idle_in_transaction_session_timeout` while
+/// its batch is out: the batch is marked in it, with no database error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_batch_is_marked_after_the_server_ended_its_claim() {
+async fn postgres_a_claim_outlasts_a_short_idle_in_transaction_timeout() {
     let Some(mut conn) = redis().await else {
         return;
     };
@@ -643,32 +664,109 @@ async fn postgres_batch_is_marked_after_the_server_ended_its_claim() {
         .run(|pool| async move {
             let stream = unique("txmq_ob_idle");
             txmq_outbox::migrate(&pool).await.unwrap();
-            enqueue_committed(
-                &pool,
-                vec![OutboxMessage::new(&stream, "x").with_id("only")],
-            )
-            .await;
-            let options = PgConnectOptions::from_str(&url)
-                .unwrap()
-                .options([("idle_in_transaction_session_timeout", "300")]);
-            let short = PgPoolOptions::new()
-                .max_connections(2)
-                .connect_with(options)
-                .await
-                .unwrap();
+            let m = OutboxMessage::new(&stream, "x").with_id("only");
+            enqueue_committed(&pool, vec![m]).await;
+            let impatient = impatient_pool(&url, &unique("txmq_ob_relay")).await;
             let sink = Slow {
                 inner: RedisSink::connect(REDIS).await.unwrap(),
                 delay: Duration::from_millis(1500),
+                before: Box::new(|| Box::pin(async {})),
             };
-            let relay = Relay::new(short.clone(), Box::new(sink), config()).unwrap();
+            let relay = Relay::new(impatient.clone(), Box::new(sink), config()).unwrap();
             assert_eq!(relay.run_once().await.unwrap(), 1);
-            assert_eq!(relay.metrics().database_errors(), 1);
+            assert_eq!(relay.metrics().database_errors(), 0);
             assert_eq!(relay.run_once().await.unwrap(), 0);
             assert_eq!(ids(&mut conn, &stream).await, ["only"]);
-            let delivered = Postgres::list(&pool, "D", 10).await.unwrap();
-            assert_eq!(delivered.len(), 1, "{delivered:?}");
-            short.close().await;
+            assert_eq!(Postgres::list(&pool, "D", 10).await.unwrap().len(), 1);
+            impatient.close().await;
             let _: () = conn.del(&stream).await.unwrap();
         })
         .await;
+}
+
+/// The claim's connection dies while the first batch is out. The relay marks the row in a new
+/// transaction, unless another worker took it meanwhile (`held`): then it leaves it to that
+/// worker at once, without waiting for its locks.
+async fn claim_connection_killed(held: bool) {
+    let Some(mut conn) = redis().await else {
+        return;
+    };
+    let Some(scratch) = Postgres::scratch("txmq_ob_killed", 4).await else {
+        return;
+    };
+    let url = scratch.url.clone();
+    scratch
+        .run(move |pool| async move {
+            let stream = unique("txmq_ob_killed");
+            txmq_outbox::migrate(&pool).await.unwrap();
+            let m = OutboxMessage::new(&stream, "x").with_id("only");
+            enqueue_committed(&pool, vec![m]).await;
+            let name = unique("txmq_ob_relay");
+            let relays = impatient_pool(&url, &name).await;
+            let holder = Arc::new(tokio::sync::Mutex::new(None));
+            let armed = Arc::new(AtomicBool::new(true));
+            let before = {
+                let (pool, holder) = (pool.clone(), holder.clone());
+                move || -> BoxFuture<'static, ()> {
+                    let (pool, holder, name) = (pool.clone(), holder.clone(), name.clone());
+                    let first = armed.swap(false, Ordering::SeqCst);
+                    Box::pin(async move {
+                        if !first {
+                            return;
+                        }
+                        let killed: Vec<bool> = sqlx::query_scalar(
+                            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                             WHERE application_name = $1 AND state = 'idle in transaction'",
+                        )
+                        .bind(&name)
+                        .fetch_all(&pool)
+                        .await
+                        .unwrap();
+                        assert_eq!(killed, [true]);
+                        if held {
+                            let mut tx = pool.begin().await.unwrap();
+                            sqlx::query("SELECT seq FROM txmq_outbox FOR UPDATE")
+                                .execute(&mut *tx)
+                                .await
+                                .unwrap();
+                            *holder.lock().await = Some(tx);
+                        }
+                    })
+                }
+            };
+            let sink = Slow {
+                inner: RedisSink::connect(REDIS).await.unwrap(),
+                delay: Duration::from_millis(200),
+                before: Box::new(before),
+            };
+            let relay = Relay::new(relays.clone(), Box::new(sink), config()).unwrap();
+            let ran = tokio::time::timeout(Duration::from_secs(10), relay.run_once()).await;
+            assert_eq!(ran.expect("no wait for another's locks").unwrap(), 1);
+            assert_eq!(relay.metrics().database_errors(), 1);
+            assert_eq!(ids(&mut conn, &stream).await, ["only"]);
+            let s = txmq_outbox::stats(&pool).await.unwrap();
+            assert_eq!((s.pending, s.retrying), (i64::from(held), 0));
+            if let Some(tx) = holder.lock().await.take() {
+                // The other worker's to publish and mark: here it gives the row up.
+                tx.rollback().await.unwrap();
+            }
+            let again = relay.run_once().await.unwrap();
+            assert_eq!(again, usize::from(held));
+            let published = ids(&mut conn, &stream).await.len();
+            assert_eq!(published, 1 + usize::from(held));
+            assert_eq!(Postgres::list(&pool, "D", 10).await.unwrap().len(), 1);
+            relays.close().await;
+            let _: () = conn.del(&stream).await.unwrap();
+        })
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_batch_is_marked_after_its_claim_connection_was_killed() {
+    claim_connection_killed(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_batch_another_worker_took_after_its_claim_died_is_left_to_it() {
+    claim_connection_killed(true).await;
 }

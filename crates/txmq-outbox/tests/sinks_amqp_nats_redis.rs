@@ -330,6 +330,58 @@ async fn rabbitmq_unroutable_row_fails_alone_and_channel_recovers() {
     .await;
 }
 
+/// A call dropped before its confirmations (the relay's `publish_timeout`) leaves nothing
+/// on the channel for the next call: the return of its unroutable message, arriving late,
+/// stays with its own dropped confirmation (lapin keeps those) and is not handed to the next
+/// call's row.
+#[tokio::test(flavor = "multi_thread")]
+async fn rabbitmq_a_dropped_call_leaves_nothing_for_the_next() {
+    if !available("RabbitMQ", RABBITMQ_ADDR).await {
+        return;
+    }
+    let (connection, admin) = rabbit_admin().await;
+    let queue = unique("txmq-outbox-test");
+    declare_queue(&admin, &queue).await;
+    let body = async {
+        let sink = RabbitMqSink::connect(RABBITMQ_URL)
+            .await
+            .expect("connect the sink");
+        let mut cut = 0;
+        let mut sent = Vec::new();
+        for i in 0..40 {
+            // The default exchange routes by queue name: no queue has this one.
+            let unroutable = vec![row(i, &unique("txmq-outbox-nowhere"))];
+            let wait = Duration::from_micros(250 * (i as u64 % 8));
+            cut += usize::from(
+                tokio::time::timeout(wait, sink.publish(&unroutable))
+                    .await
+                    .is_err(),
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let next = vec![row(100 + i, &queue)];
+            let results =
+                answers_in_time("publish after a dropped call", sink.publish(&next)).await;
+            assert_all_ok(&results, &next);
+            sent.extend(next);
+        }
+        assert!(cut > 0, "no call was cut short");
+        assert_amqp_rows(
+            &drain_queue(&admin, &queue).await,
+            &sent.iter().collect::<Vec<_>>(),
+        );
+    };
+    with_cleanup(body, async {
+        let _ = admin
+            .queue_delete(
+                ShortString::from(queue.as_str()),
+                QueueDeleteOptions::default(),
+            )
+            .await;
+        let _ = connection.close(200, ShortString::from("done")).await;
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn rabbitmq_closed_port_fails_without_hanging() {
     let url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", closed_port());

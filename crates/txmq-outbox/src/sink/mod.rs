@@ -36,7 +36,8 @@ pub trait Sink: Send + Sync + 'static {
     /// keeps trying on its own once the call is dropped (Kafka: librdkafka delivers until
     /// `message.timeout.ms`). A relay refuses a `publish_timeout` shorter than this: it
     /// would count such rows failed and publish them again while the first try may still
-    /// land. `None` (the default): dropping the call stops the publish.
+    /// land. `None` (the default): no client-side retry goes on once the call is dropped
+    /// (what was already sent may still arrive).
     fn longest_publish(&self) -> Option<std::time::Duration> {
         None
     }
