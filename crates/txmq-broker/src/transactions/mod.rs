@@ -133,6 +133,11 @@ impl Table {
         let was = (e.tx.state, e.tx.next_check_ms);
         let r = f(e);
         if (e.tx.state, e.tx.next_check_ms) != was {
+            // Its old pair goes at once: most transactions are decided long before their
+            // first check-back, which may be hours away.
+            if was.0 == TxState::Prepared {
+                self.order.checks.remove(&(was.1, id.to_string()));
+            }
             self.order.file(&e.tx, Some(was.0));
         }
         Some(r)
@@ -163,6 +168,9 @@ impl TxTableCopy {
         (open, decided)
     }
 }
+
+/// Decisions [`Transactions::prune`] forgets in one hold of the table's lock.
+const PRUNE_BATCH: usize = 2048;
 
 /// Resolution records' bodies.
 const ROLLBACK: &[u8] = b"rollback";
@@ -215,18 +223,25 @@ impl Transactions {
     /// Forgets committed and rolled-back transactions resolved before `before_ms`, and the
     /// oldest of them beyond `max_resolved`. Open and unresolved ones are always kept.
     pub fn prune(&self, before_ms: i64, max_resolved: usize) {
-        let mut t = self.lock();
-        let Table { txs, order } = &mut *t;
-        // Oldest decisions first: the walk stops at the first one to keep.
-        while let Some((at, _)) = order.decided.front() {
-            if *at >= before_ms && order.decided.len() <= max_resolved {
-                break;
-            }
-            let Some((_, id)) = order.decided.pop_front() else {
-                break;
-            };
-            if txs.get(&id).is_some_and(|e| is_decided(e.tx.state)) {
-                txs.remove(&id);
+        // Oldest decisions first: the walk stops at the first one to keep. At most
+        // `PRUNE_BATCH` at a time under the lock: after a restart, or at thousands of
+        // transactions a second, tens of thousands may go at once.
+        loop {
+            let mut t = self.lock();
+            let Table { txs, order } = &mut *t;
+            for _ in 0..PRUNE_BATCH {
+                let Some((at, _)) = order.decided.front() else {
+                    return;
+                };
+                if *at >= before_ms && order.decided.len() <= max_resolved {
+                    return;
+                }
+                let Some((_, id)) = order.decided.pop_front() else {
+                    return;
+                };
+                if txs.get(&id).is_some_and(|e| is_decided(e.tx.state)) {
+                    txs.remove(&id);
+                }
             }
         }
     }
@@ -907,12 +922,19 @@ mod tests {
         });
         assert_eq!(due_ids(&t, 1_000), ["b"]);
         assert_eq!(t.lock().order.checks.len(), 1);
+        // A decision takes its pair away at once, whenever its check-back would have been.
+        t.update("b", |x| x.next_check_ms = i64::MAX);
+        t.finish("b", |x| {
+            x.state = TxState::RolledBack;
+            x.resolved_ms = Some(1_000);
+        });
+        assert!(t.lock().order.checks.is_empty());
         // An unresolved one checked again is due at once.
         t.update("unresolved", |x| {
             x.state = TxState::Prepared;
             x.next_check_ms = 900;
         });
-        assert_eq!(due_ids(&t, 1_000), ["b", "unresolved"]);
+        assert_eq!(due_ids(&t, 1_000), ["unresolved"]);
     }
 
     #[test]
@@ -938,6 +960,22 @@ mod tests {
         t.prune(350, 2);
         assert_eq!(left(&t), ["open"]);
         assert!(t.lock().order.decided.len() == 1);
+        // More than one lock hold's worth.
+        let many = (0..3 * PRUNE_BATCH as i64)
+            .map(|i| tx(&format!("d{i}"), TxState::Committed, Some(i)))
+            .collect();
+        t.restore(many);
+        t.prune(0, 10);
+        let kept: Vec<String> = t.list(&all).into_iter().map(|x| x.id).collect();
+        let newest = 3 * PRUNE_BATCH - 10;
+        assert_eq!(kept.len(), 10);
+        assert!(
+            kept.iter()
+                .all(|id| id[1..].parse::<usize>().unwrap() >= newest)
+        );
+        assert_eq!(t.lock().order.decided.len(), 10);
+        t.prune(i64::MAX, 10);
+        assert!(t.list(&all).is_empty());
     }
 
     #[test]
