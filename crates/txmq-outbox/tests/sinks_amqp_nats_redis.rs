@@ -187,15 +187,35 @@ fn assert_amqp_rows(deliveries: &[lapin::message::Delivery], rows: &[&OutboxRow]
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn rabbitmq_batch_is_confirmed_and_read_back() {
+/// Runs `body` with an admin channel and a fresh durable queue, then deletes the queue and
+/// closes the admin connection, whatever `body` did. RabbitMQ down: skipped (failed under
+/// `CI=true`).
+async fn with_rabbit_queue<F, Fut>(body: F)
+where
+    F: FnOnce(Channel, String) -> Fut,
+    Fut: Future<Output = ()>,
+{
     if !available("RabbitMQ", RABBITMQ_ADDR).await {
         return;
     }
     let (connection, admin) = rabbit_admin().await;
     let queue = unique("txmq-outbox-test");
     declare_queue(&admin, &queue).await;
-    let body = async {
+    with_cleanup(body(admin.clone(), queue.clone()), async {
+        let _ = admin
+            .queue_delete(
+                ShortString::from(queue.as_str()),
+                QueueDeleteOptions::default(),
+            )
+            .await;
+        let _ = connection.close(200, ShortString::from("done")).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rabbitmq_batch_is_confirmed_and_read_back() {
+    with_rabbit_queue(|admin, queue| async move {
         let sink = RabbitMqSink::connect(RABBITMQ_URL)
             .await
             .expect("connect the sink");
@@ -207,15 +227,6 @@ async fn rabbitmq_batch_is_confirmed_and_read_back() {
         assert_amqp_rows(&deliveries, &rows.iter().collect::<Vec<_>>());
         // An empty call publishes nothing.
         assert!(sink.publish(&[]).await.is_empty());
-    };
-    with_cleanup(body, async {
-        let _ = admin
-            .queue_delete(
-                ShortString::from(queue.as_str()),
-                QueueDeleteOptions::default(),
-            )
-            .await;
-        let _ = connection.close(200, ShortString::from("done")).await;
     })
     .await;
 }
@@ -336,13 +347,7 @@ async fn rabbitmq_unroutable_row_fails_alone_and_channel_recovers() {
 /// call's row.
 #[tokio::test(flavor = "multi_thread")]
 async fn rabbitmq_a_dropped_call_leaves_nothing_for_the_next() {
-    if !available("RabbitMQ", RABBITMQ_ADDR).await {
-        return;
-    }
-    let (connection, admin) = rabbit_admin().await;
-    let queue = unique("txmq-outbox-test");
-    declare_queue(&admin, &queue).await;
-    let body = async {
+    with_rabbit_queue(|admin, queue| async move {
         let sink = RabbitMqSink::connect(RABBITMQ_URL)
             .await
             .expect("connect the sink");
@@ -369,15 +374,6 @@ async fn rabbitmq_a_dropped_call_leaves_nothing_for_the_next() {
             &drain_queue(&admin, &queue).await,
             &sent.iter().collect::<Vec<_>>(),
         );
-    };
-    with_cleanup(body, async {
-        let _ = admin
-            .queue_delete(
-                ShortString::from(queue.as_str()),
-                QueueDeleteOptions::default(),
-            )
-            .await;
-        let _ = connection.close(200, ShortString::from("done")).await;
     })
     .await;
 }

@@ -100,9 +100,10 @@ struct Table {
 /// Where transactions stand in time; filed by [`Order::file`] on every change.
 #[derive(Default)]
 struct Order {
-    /// `(check-back time, id)` of prepared transactions. A pair goes in whenever a
-    /// transaction is prepared or its check-back time changes; a pair a later change left
-    /// stale is dropped, or filed again at the right time, once its time comes.
+    /// `(check-back time, id)`: one pair per prepared transaction, replaced whenever its
+    /// check-back time changes and removed when it stops being prepared. A pair that does
+    /// not match its transaction when its time comes (a change not filed) is dropped, or
+    /// filed again at the right time.
     checks: BTreeSet<(i64, String)>,
     /// `(decision time, id)` of committed and rolled-back transactions, in the order they
     /// were decided: the oldest are forgotten first.
