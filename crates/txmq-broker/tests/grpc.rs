@@ -328,6 +328,30 @@ async fn bad_requests_get_rocketmq_status_codes_and_garbage_does_not_disturb_oth
         .unwrap()
         .into_inner();
     assert_eq!(code(&hb.status), Code::UnrecognizedClientType);
+    // An acknowledgement of nothing: its group is checked all the same, and an empty one
+    // of a legal group is a bad request.
+    for (group, expected) in [
+        ("bad group!", Code::IllegalConsumerGroup),
+        ("g", Code::BadRequest),
+    ] {
+        let acked = c
+            .ack_message(req(
+                "c1",
+                pb::AckMessageRequest {
+                    group: resource(group),
+                    topic: resource("plain"),
+                    entries: Vec::new(),
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            (code(&acked.status), acked.entries.len()),
+            (expected, 0),
+            "{group}"
+        );
+    }
     // Garbage on the port closes only that connection.
     for junk in [
         &b"GET / HTTP/1.1\r\n\r\n"[..],

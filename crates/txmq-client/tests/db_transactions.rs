@@ -1105,3 +1105,80 @@ async fn sqlite_a_committed_transaction_whose_log_row_was_cleaned_up_is_not_roll
     )
     .await;
 }
+
+/// A check-back reads only committed log rows, whatever the isolation level of the pool it
+/// reads with: on a pool whose sessions read uncommitted rows, a sender's log row written
+/// but not yet committed is not taken for a commit. The sender then rolls back, and nothing
+/// is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mariadb_a_check_back_reads_only_committed_rows_on_a_read_uncommitted_pool() {
+    with_scratch::<MySql, _, _>(|pool| async move {
+        let dir = tempfile::tempdir().unwrap();
+        let server = payments_server(dir.path()).await;
+        within(60, async {
+            orders_schema(&pool).await;
+            let options = (*pool.connect_options()).clone();
+            let dirty_pool = sqlx::mysql::MySqlPoolOptions::new()
+                .max_connections(2)
+                .after_connect(|conn, _| {
+                    Box::pin(async move {
+                        sqlx::query("SET SESSION TRANSACTION ISOLATION LEVEL READ UNCOMMITTED")
+                            .execute(conn)
+                            .await
+                            .map(drop)
+                    })
+                })
+                .connect_with(options)
+                .await
+                .unwrap();
+            let watched = Watched::new(DbChecker::new(dirty_pool.clone()), false);
+            let (producer, consumer) = payments_clients(&server, watched.clone()).await;
+            // The sender's log row and order are written; it waits, open, through two
+            // check-backs (or until one answers otherwise than UNKNOWN), then fails.
+            let err = db::send_in_transaction(
+                &producer,
+                &dirty_pool,
+                Message::new("payments", "open"),
+                |tx| {
+                    let watched = watched.clone();
+                    Box::pin(async move {
+                        MySql::exec(tx, "INSERT INTO orders (id) VALUES (1)".into())
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        watched.next_answers(&["open"]).await;
+                        watched.next_answers(&["open"]).await;
+                        Err::<(), _>("payment declined".to_string())
+                    })
+                },
+            )
+            .await
+            .unwrap_err();
+            assert!(
+                matches!(&err, SendInTransactionError::Local(e) if e == "payment declined"),
+                "{err:?}"
+            );
+            let answers = watched.answers_to("open");
+            assert!(
+                answers.iter().all(|r| *r == TransactionResolution::Unknown),
+                "{answers:?}"
+            );
+            assert_eq!(
+                drain(&consumer, Duration::from_secs(2)).await,
+                HashMap::new()
+            );
+            for table in ["orders", "txmq_tx_log"] {
+                let sql = format!("SELECT COUNT(*) FROM {table}");
+                assert_eq!(MySql::scalar(&pool, sql).await.unwrap(), 0, "{table}");
+            }
+            // The pool's sessions keep their own isolation level.
+            let sql = "SELECT CAST(@@SESSION.tx_isolation = 'READ-UNCOMMITTED' AS SIGNED)";
+            assert_eq!(MySql::scalar(&dirty_pool, sql.into()).await.unwrap(), 1);
+            producer.shutdown().await;
+            consumer.shutdown().await;
+            dirty_pool.close().await;
+        })
+        .await;
+        server.stop().await.unwrap();
+    })
+    .await;
+}

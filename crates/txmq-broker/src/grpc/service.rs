@@ -537,6 +537,17 @@ impl MessagingService for Messaging {
     ) -> Result<Response<pb::AckMessageResponse>, Status> {
         let req = request.into_inner();
         let topic = name(&req.topic);
+        if req.entries.is_empty() {
+            // Nothing to acknowledge: the group is still checked, as for any entry.
+            let st = match client_group(&req.group).and_then(|g| crate::names::check_group(&g)) {
+                Ok(()) => status(Code::BadRequest, "AckMessage carries no entries"),
+                Err(e) => error_status(&e),
+            };
+            return Ok(Response::new(pb::AckMessageResponse {
+                status: Some(st),
+                entries: Vec::new(),
+            }));
+        }
         let handles: Vec<String> = req
             .entries
             .iter()

@@ -63,7 +63,8 @@ pub trait Dialect: sqlx::Database + sealed::Sealed {
         lock_wait: Duration,
     ) -> impl Future<Output = Result<bool, sqlx::Error>> + Send;
 
-    /// The state of a log row, if it exists.
+    /// The state of a committed log row, if it exists: never one a transaction still open
+    /// wrote, whatever the isolation level of the pool's sessions.
     #[doc(hidden)]
     fn log_state(
         pool: &Pool<Self>,
@@ -194,6 +195,10 @@ mod pg {
         ))
     }
     pub const LOCK_WAIT_RESET: Option<&str> = None;
+
+    /// READ UNCOMMITTED reads committed rows in PostgreSQL: a plain read sees only
+    /// committed log rows at any level.
+    pub const BEGIN_READ_COMMITTED: Option<&str> = None;
 }
 
 mod mysql {
@@ -266,6 +271,14 @@ mod mysql {
         "SET SESSION innodb_lock_wait_timeout = CAST(@txmq_lock_wait AS UNSIGNED), \
          @txmq_lock_wait = NULL",
     );
+
+    /// A check-back reads the log in a transaction of its own at READ COMMITTED: on a
+    /// session at READ UNCOMMITTED, a plain read would see a sender's log row before its
+    /// transaction commits, and answer COMMIT for a transaction that may yet roll back.
+    /// `SET TRANSACTION` applies to the next transaction only, and both statements go in
+    /// one round trip.
+    pub const BEGIN_READ_COMMITTED: Option<&str> =
+        Some("SET TRANSACTION ISOLATION LEVEL READ COMMITTED; START TRANSACTION READ ONLY");
 }
 
 mod sqlite {
@@ -327,6 +340,10 @@ mod sqlite {
         None
     }
     pub const LOCK_WAIT_RESET: Option<&str> = None;
+
+    /// SQLite reads uncommitted rows only in shared-cache mode with `read_uncommitted`
+    /// set, which sqlx does not use.
+    pub const BEGIN_READ_COMMITTED: Option<&str> = None;
 }
 
 macro_rules! dialect {
@@ -403,10 +420,14 @@ macro_rules! dialect {
                 pool: &Pool<Self>,
                 transaction_id: &str,
             ) -> Result<Option<String>, sqlx::Error> {
-                sqlx::query_scalar($sql::LOG_STATE)
-                    .bind(transaction_id)
-                    .fetch_optional(pool)
-                    .await
+                let read = sqlx::query_scalar($sql::LOG_STATE).bind(transaction_id);
+                let Some(begin) = $sql::BEGIN_READ_COMMITTED else {
+                    return read.fetch_optional(pool).await;
+                };
+                let mut tx = pool.begin_with(begin).await?;
+                let state = read.fetch_optional(&mut *tx).await?;
+                tx.commit().await?;
+                Ok(state)
             }
 
             async fn log_row_kept(
