@@ -41,13 +41,14 @@ const KEEP_RESOLVED_MAX: usize = 200_000;
 const SNAPSHOT_VERSIONS: [u32; 2] = [1, 2];
 const DECISIONS_PREFIX: &str = "tx-decisions-";
 
+/// Read with `T` = [`Tx`]; written with `T` = `&Tx`, borrowed from the copy of the table.
 #[derive(Serialize, Deserialize)]
-struct Snapshot {
+struct Snapshot<T = Tx> {
     version: u32,
     /// The state is that of the log below this position.
     position: u64,
     /// Version 1: every transaction; version 2: those still open.
-    transactions: Vec<Tx>,
+    transactions: Vec<T>,
     /// Version 2: the files holding the decisions made below `position`, oldest first.
     #[serde(default)]
     decision_files: Vec<DecisionFile>,

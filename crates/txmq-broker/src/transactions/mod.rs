@@ -153,15 +153,19 @@ impl TxTableCopy {
     /// decisions (committed, rolled back) stored by records at or after log position `from`;
     /// decisions stored before it are left out. A decision of unknown position (loaded from
     /// an older snapshot) counts as stored at 0.
-    pub fn split(self, from: u64) -> (Vec<Tx>, Vec<Tx>) {
+    ///
+    /// Borrowed, not taken: the copy shares its entries with the live table, and taking
+    /// them would clone every one of them (the whole table, up to `KEEP_RESOLVED_MAX`
+    /// decisions), where the snapshot only reads them.
+    pub fn split(&self, from: u64) -> (Vec<&Tx>, Vec<&Tx>) {
         let mut open = Vec::new();
         let mut decided = Vec::new();
-        for (_, e) in self.0 {
+        for e in self.0.values() {
             match e.tx.state {
-                TxState::Prepared | TxState::Unresolved => open.push(e.tx),
+                TxState::Prepared | TxState::Unresolved => open.push(&e.tx),
                 TxState::Committed | TxState::RolledBack => {
                     if e.tx.resolved_at.unwrap_or(0) >= from {
-                        decided.push(e.tx);
+                        decided.push(&e.tx);
                     }
                 }
             }
@@ -170,8 +174,10 @@ impl TxTableCopy {
     }
 }
 
-/// Decisions [`Transactions::prune`] forgets in one hold of the table's lock.
-const PRUNE_BATCH: usize = 2048;
+/// Decisions [`Transactions::prune`] forgets in one hold of the table's lock (about a
+/// millisecond), and its pause between two holds.
+const PRUNE_BATCH: usize = 1024;
+const PRUNE_PAUSE: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// Resolution records' bodies.
 const ROLLBACK: &[u8] = b"rollback";
@@ -223,6 +229,7 @@ impl Transactions {
 
     /// Forgets committed and rolled-back transactions resolved before `before_ms`, and the
     /// oldest of them beyond `max_resolved`. Open and unresolved ones are always kept.
+    /// Blocks the thread for a while: not for a runtime worker.
     pub fn prune(&self, before_ms: i64, max_resolved: usize) {
         // Oldest decisions first: the walk stops at the first one to keep. At most
         // `PRUNE_BATCH` at a time under the lock: after a restart, or at thousands of
@@ -244,6 +251,11 @@ impl Transactions {
                     txs.remove(&id);
                 }
             }
+            // A mutex is no queue: relocked at once, it would go on being this walk's, and
+            // every half message and decision would wait for the whole of it (tens of
+            // milliseconds). A pause lets those waiting go first.
+            drop(t);
+            std::thread::sleep(PRUNE_PAUSE);
         }
     }
 
@@ -992,15 +1004,16 @@ mod tests {
             tx("open", TxState::Prepared, None),
             legacy,
         ]);
-        let ids = |txs: Vec<Tx>| {
-            let mut ids: Vec<String> = txs.into_iter().map(|x| x.id).collect();
+        let ids = |txs: Vec<&Tx>| {
+            let mut ids: Vec<String> = txs.into_iter().map(|x| x.id.clone()).collect();
             ids.sort();
             ids
         };
-        let (open, decided) = t.copy().split(20);
+        let copy = t.copy();
+        let (open, decided) = copy.split(20);
         assert_eq!(ids(open), vec!["open", "unresolved"]);
         assert_eq!(ids(decided), vec!["after", "at"]);
-        let (_, decided) = t.copy().split(0);
+        let (_, decided) = copy.split(0);
         assert_eq!(ids(decided), vec!["after", "at", "before", "legacy"]);
     }
 }
