@@ -586,6 +586,52 @@ async fn a_sender_fenced_by_the_check_back_writes_nothing<DB: TestDb>(pool: Pool
     server.stop().await.unwrap();
 }
 
+/// A sender whose transaction the database ended inside the closure (as InnoDB ends one on
+/// a deadlock), and which a check-back then fenced, commits nothing: the row its commit
+/// finds is the fence's, not its own.
+async fn a_sender_ended_and_fenced_meanwhile_commits_nothing<DB: TestDb>(pool: Pool<DB>) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = payments_server(dir.path()).await;
+    within(60, async {
+        orders_schema(&pool).await;
+        let checker =
+            DbChecker::new(pool.clone()).with_max_local_transaction(Duration::from_secs(1));
+        let (producer, consumer) = payments_clients(&server, checker).await;
+        let err = db::send_in_transaction(&producer, &pool, Message::new("payments", "late"), {
+            let pool = pool.clone();
+            |tx| {
+                Box::pin(async move {
+                    DB::exec(tx, "INSERT INTO orders (id) VALUES (1)".into()).await?;
+                    DB::exec(tx, "ROLLBACK".into()).await?;
+                    let fenced = "SELECT COUNT(*) FROM txmq_tx_log WHERE state = 'R'";
+                    until_count(&pool, fenced, 1).await;
+                    Ok::<_, sqlx::Error>(())
+                })
+            }
+        })
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(err, SendInTransactionError::Aborted { .. }),
+            "{err:?}"
+        );
+        assert_eq!(
+            drain(&consumer, Duration::from_secs(2)).await,
+            HashMap::new()
+        );
+        let orders = DB::scalar(&pool, "SELECT COUNT(*) FROM orders".into())
+            .await
+            .unwrap();
+        assert_eq!(orders, 0);
+        let committed = "SELECT COUNT(*) FROM txmq_tx_log WHERE state = 'C'";
+        assert_eq!(DB::scalar(&pool, committed.into()).await.unwrap(), 0);
+        producer.shutdown().await;
+        consumer.shutdown().await;
+    })
+    .await;
+    server.stop().await.unwrap();
+}
+
 /// A check-back fences only transactions `send_in_transaction` marked with its own log: one
 /// sent with `begin` by hand, or recorded in another database's log, is answered UNKNOWN
 /// and left for its own sender (here: committed by hand), with no row written.
@@ -1109,7 +1155,7 @@ async fn sqlite_a_committed_transaction_whose_log_row_was_cleaned_up_is_not_roll
 /// A check-back reads only committed log rows, whatever the isolation level of the pool it
 /// reads with: on a pool whose sessions read uncommitted rows, a sender's log row written
 /// but not yet committed is not taken for a commit. The sender then rolls back, and nothing
-/// is delivered.
+/// is delivered; a send that committed is still answered COMMIT from that pool.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn mariadb_a_check_back_reads_only_committed_rows_on_a_read_uncommitted_pool() {
     with_scratch::<MySql, _, _>(|pool| async move {
@@ -1119,7 +1165,7 @@ async fn mariadb_a_check_back_reads_only_committed_rows_on_a_read_uncommitted_po
             orders_schema(&pool).await;
             let options = (*pool.connect_options()).clone();
             let dirty_pool = sqlx::mysql::MySqlPoolOptions::new()
-                .max_connections(2)
+                .max_connections(3)
                 .after_connect(|conn, _| {
                     Box::pin(async move {
                         sqlx::query("SET SESSION TRANSACTION ISOLATION LEVEL READ UNCOMMITTED")
@@ -1140,11 +1186,19 @@ async fn mariadb_a_check_back_reads_only_committed_rows_on_a_read_uncommitted_po
                 &dirty_pool,
                 Message::new("payments", "open"),
                 |tx| {
-                    let watched = watched.clone();
+                    let (watched, dirty_pool) = (watched.clone(), dirty_pool.clone());
                     Box::pin(async move {
                         MySql::exec(tx, "INSERT INTO orders (id) VALUES (1)".into())
                             .await
                             .map_err(|e| e.to_string())?;
+                        let id: String =
+                            sqlx::query_scalar("SELECT transaction_id FROM txmq_tx_log")
+                                .fetch_one(&mut **tx)
+                                .await
+                                .map_err(|e| e.to_string())?;
+                        // What the checker reads, from the pool that sees the row.
+                        let state = <MySql as Dialect>::log_state(&dirty_pool, &id).await;
+                        assert_eq!(state.map_err(|e| e.to_string()), Ok(None));
                         watched.next_answers(&["open"]).await;
                         watched.next_answers(&["open"]).await;
                         Err::<(), _>("payment declined".to_string())
@@ -1162,17 +1216,19 @@ async fn mariadb_a_check_back_reads_only_committed_rows_on_a_read_uncommitted_po
                 answers.iter().all(|r| *r == TransactionResolution::Unknown),
                 "{answers:?}"
             );
+            // Committed, and left to the check-back: read from the same pool, it commits.
+            send_and_crash_after_commit(&producer, &dirty_pool, "paid", 2).await;
+            watched
+                .until_answered("paid", TransactionResolution::Commit)
+                .await;
             assert_eq!(
                 drain(&consumer, Duration::from_secs(2)).await,
-                HashMap::new()
+                HashMap::from([("paid".to_string(), 1)])
             );
             for table in ["orders", "txmq_tx_log"] {
                 let sql = format!("SELECT COUNT(*) FROM {table}");
-                assert_eq!(MySql::scalar(&pool, sql).await.unwrap(), 0, "{table}");
+                assert_eq!(MySql::scalar(&pool, sql).await.unwrap(), 1, "{table}");
             }
-            // The pool's sessions keep their own isolation level.
-            let sql = "SELECT CAST(@@SESSION.tx_isolation = 'READ-UNCOMMITTED' AS SIGNED)";
-            assert_eq!(MySql::scalar(&dirty_pool, sql.into()).await.unwrap(), 1);
             producer.shutdown().await;
             consumer.shutdown().await;
             dirty_pool.close().await;
@@ -1181,4 +1237,19 @@ async fn mariadb_a_check_back_reads_only_committed_rows_on_a_read_uncommitted_po
         server.stop().await.unwrap();
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_a_sender_ended_and_fenced_meanwhile_commits_nothing() {
+    with_scratch::<Postgres, _, _>(a_sender_ended_and_fenced_meanwhile_commits_nothing).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mariadb_a_sender_ended_and_fenced_meanwhile_commits_nothing() {
+    with_scratch::<MySql, _, _>(a_sender_ended_and_fenced_meanwhile_commits_nothing).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_a_sender_ended_and_fenced_meanwhile_commits_nothing() {
+    with_scratch::<Sqlite, _, _>(a_sender_ended_and_fenced_meanwhile_commits_nothing).await;
 }

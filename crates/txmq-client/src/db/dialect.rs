@@ -71,9 +71,10 @@ pub trait Dialect: sqlx::Database + sealed::Sealed {
         transaction_id: &str,
     ) -> impl Future<Output = Result<Option<String>, sqlx::Error>> + Send;
 
-    /// Whether the log row of `transaction_id` is there, read inside the caller's
-    /// transaction: before a commit, to find a transaction the database already rolled back
-    /// (an error caught inside it), whose COMMIT would end it without writing anything.
+    /// Whether the sender's own log row of `transaction_id` (state `C`) is there, read
+    /// inside the caller's transaction: before a commit, to find a transaction the database
+    /// already rolled back (an error caught inside it), whose COMMIT would end it without
+    /// writing anything. A check-back's fence in its place counts as gone.
     #[doc(hidden)]
     fn log_row_kept(
         conn: &mut Self::Connection,
@@ -276,9 +277,11 @@ mod mysql {
     /// session at READ UNCOMMITTED, a plain read would see a sender's log row before its
     /// transaction commits, and answer COMMIT for a transaction that may yet roll back.
     /// `SET TRANSACTION` applies to the next transaction only, and both statements go in
-    /// one round trip.
+    /// one round trip. (Not `READ ONLY`: a transaction left open by a cut-short read would
+    /// refuse the writes of whoever gets the connection next; and a connection in that
+    /// state is closed, not given back, see `log_state`.)
     pub const BEGIN_READ_COMMITTED: Option<&str> =
-        Some("SET TRANSACTION ISOLATION LEVEL READ COMMITTED; START TRANSACTION READ ONLY");
+        Some("SET TRANSACTION ISOLATION LEVEL READ COMMITTED; START TRANSACTION");
 }
 
 mod sqlite {
@@ -341,9 +344,21 @@ mod sqlite {
     }
     pub const LOCK_WAIT_RESET: Option<&str> = None;
 
-    /// SQLite reads uncommitted rows only in shared-cache mode with `read_uncommitted`
-    /// set, which sqlx does not use.
+    /// SQLite reads uncommitted rows only on a shared cache with `PRAGMA
+    /// read_uncommitted` on, which a checker's pool must not set (documented).
     pub const BEGIN_READ_COMMITTED: Option<&str> = None;
+}
+
+/// A pooled connection closed when dropped, rather than given back to the pool, unless
+/// the work on it finished (`.0` taken).
+struct ClosedUnlessDone<DB: sqlx::Database>(Option<sqlx::pool::PoolConnection<DB>>);
+
+impl<DB: sqlx::Database> Drop for ClosedUnlessDone<DB> {
+    fn drop(&mut self) {
+        if let Some(conn) = self.0.as_mut() {
+            conn.close_on_drop();
+        }
+    }
 }
 
 macro_rules! dialect {
@@ -424,9 +439,16 @@ macro_rules! dialect {
                 let Some(begin) = $sql::BEGIN_READ_COMMITTED else {
                     return read.fetch_optional(pool).await;
                 };
-                let mut tx = pool.begin_with(begin).await?;
+                // Cut short once the begin went out, the server starts the transaction but
+                // sqlx knows of none to roll back: that connection is closed, not reused.
+                let mut held = ClosedUnlessDone(Some(pool.acquire().await?));
+                let Some(conn) = held.0.as_mut() else {
+                    return Err(sqlx::Error::PoolClosed);
+                };
+                let mut tx = sqlx::Connection::begin_with(&mut **conn, begin).await?;
                 let state = read.fetch_optional(&mut *tx).await?;
                 tx.commit().await?;
+                held.0.take();
                 Ok(state)
             }
 
@@ -438,7 +460,9 @@ macro_rules! dialect {
                     .bind(transaction_id)
                     .fetch_optional(conn)
                     .await?;
-                Ok(state.is_some())
+                // The sender's own row: a check-back's fence (`R`) there means the sender's
+                // transaction is gone, its row with it.
+                Ok(state.as_deref() == Some(super::checker::COMMITTED))
             }
 
             async fn inbox_row_kept(
