@@ -247,25 +247,33 @@ impl Broker {
             // would land below its position, and the replay after a second loss would skip
             // them.
             store.sync_blocking()?;
+            // Encoded first, and the copy let go before the synced writes: while it lives, the
+            // live table copies each part of itself it changes.
             let (open, decided) = transactions.split(upto);
             let oldest_open = open.iter().map(|t| t.half_position).min();
-            if !decided.is_empty() {
+            let decided = if decided.is_empty() {
+                None
+            } else {
                 let file = DecisionFile {
                     position,
                     newest_ms: decided.iter().filter_map(|t| t.resolved_ms).max().unwrap_or(0),
                 };
-                // Durable before the snapshot that lists it.
-                files.write(&file.name(), &serde_json::to_vec(&decided)?)?;
                 listed.push(file);
-            }
-            let snap = Snapshot {
+                Some((file, serde_json::to_vec(&decided)?))
+            };
+            let snap = serde_json::to_vec(&Snapshot {
                 version: 2,
                 position,
                 transactions: open,
                 decision_files: listed.clone(),
                 groups,
-            };
-            files.write(SNAPSHOT, &serde_json::to_vec(&snap)?)?;
+            })?;
+            drop(transactions);
+            if let Some((file, json)) = decided {
+                // Durable before the snapshot that lists it.
+                files.write(&file.name(), &json)?;
+            }
+            files.write(SNAPSHOT, &snap)?;
             // No snapshot lists them any more.
             for f in &expired {
                 if let Err(e) = files.remove(&f.name()) {

@@ -538,7 +538,7 @@ impl MessagingService for Messaging {
         let req = request.into_inner();
         let topic = name(&req.topic);
         if req.entries.is_empty() {
-            // Nothing to acknowledge: the group is still checked, as for any entry.
+            // Nothing to acknowledge: an illegal group is still named as such.
             let st = match client_group(&req.group).and_then(|g| crate::names::check_group(&g)) {
                 Ok(()) => status(Code::BadRequest, "AckMessage carries no entries"),
                 Err(e) => error_status(&e),
