@@ -350,13 +350,16 @@ mod sqlite {
 }
 
 /// A pooled connection closed when dropped, rather than given back to the pool, unless
-/// the work on it finished (`.0` taken).
-struct ClosedUnlessDone<DB: sqlx::Database>(Option<sqlx::pool::PoolConnection<DB>>);
+/// the work on it was marked `done`.
+struct ClosedUnlessDone<DB: sqlx::Database> {
+    conn: sqlx::pool::PoolConnection<DB>,
+    done: bool,
+}
 
 impl<DB: sqlx::Database> Drop for ClosedUnlessDone<DB> {
     fn drop(&mut self) {
-        if let Some(conn) = self.0.as_mut() {
-            conn.close_on_drop();
+        if !self.done {
+            self.conn.close_on_drop();
         }
     }
 }
@@ -441,14 +444,14 @@ macro_rules! dialect {
                 };
                 // Cut short once the begin went out, the server starts the transaction but
                 // sqlx knows of none to roll back: that connection is closed, not reused.
-                let mut held = ClosedUnlessDone(Some(pool.acquire().await?));
-                let Some(conn) = held.0.as_mut() else {
-                    return Err(sqlx::Error::PoolClosed);
+                let mut held = ClosedUnlessDone {
+                    conn: pool.acquire().await?,
+                    done: false,
                 };
-                let mut tx = sqlx::Connection::begin_with(&mut **conn, begin).await?;
+                let mut tx = sqlx::Connection::begin_with(&mut *held.conn, begin).await?;
                 let state = read.fetch_optional(&mut *tx).await?;
                 tx.commit().await?;
-                held.0.take();
+                held.done = true;
                 Ok(state)
             }
 
