@@ -4,7 +4,7 @@
 //! (and what it leaves to the relay), ids compared byte for byte on MariaDB, the relay
 //! settings refused, and faults: a sink that panics, a pool of one connection with LISTEN,
 //! a short `idle_in_transaction_session_timeout`, a claim's connection killed during a
-//! publish.
+//! publish (PostgreSQL and MariaDB).
 //!
 //! Each test makes its own schema (PostgreSQL), database (MariaDB) or file (SQLite) and
 //! Redis keys, and removes them. A service that is not running skips the test, except
@@ -684,14 +684,90 @@ async fn postgres_a_claim_outlasts_a_short_idle_in_transaction_timeout() {
         .await;
 }
 
+/// A database whose relay's claim a test can kill.
+trait KillsClaims: TestDb {
+    /// A pool of two connections on the scratch database `url` for a relay, its sessions
+    /// named `name` where the database names sessions.
+    fn relay_pool(url: &str, name: &str) -> impl Future<Output = Pool<Self>> + Send;
+
+    /// Kills the connection of the relay named `name` whose claim's transaction is open
+    /// while its batch is out; asserts it found one.
+    fn kill_claim(pool: &Pool<Self>, name: &str) -> impl Future<Output = ()> + Send;
+
+    /// A transaction on `pool` holding the locks of every outbox row, as another worker's
+    /// claim would.
+    fn hold_all(pool: &Pool<Self>)
+    -> impl Future<Output = sqlx::Transaction<'static, Self>> + Send;
+}
+
+impl KillsClaims for Postgres {
+    async fn relay_pool(url: &str, name: &str) -> Pool<Self> {
+        impatient_pool(url, name).await
+    }
+
+    async fn kill_claim(pool: &Pool<Self>, name: &str) {
+        let killed: Vec<bool> = sqlx::query_scalar(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE application_name = $1 AND state = 'idle in transaction'",
+        )
+        .bind(name)
+        .fetch_all(pool)
+        .await
+        .unwrap();
+        assert_eq!(killed, [true]);
+    }
+
+    async fn hold_all(pool: &Pool<Self>) -> sqlx::Transaction<'static, Self> {
+        let mut tx = pool.begin().await.unwrap();
+        sqlx::query("SELECT seq FROM txmq_outbox FOR UPDATE")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        tx
+    }
+}
+
+impl KillsClaims for MySql {
+    /// MariaDB names no sessions: the claim is told by its transaction, the only one open
+    /// in the scratch database while the batch is out.
+    async fn relay_pool(url: &str, _name: &str) -> Pool<Self> {
+        MySql::connect(url, 2).await
+    }
+
+    async fn kill_claim(pool: &Pool<Self>, _name: &str) {
+        let claims: Vec<u64> = sqlx::query_scalar(
+            "SELECT t.trx_mysql_thread_id FROM information_schema.INNODB_TRX t
+             JOIN information_schema.PROCESSLIST p ON p.ID = t.trx_mysql_thread_id
+             WHERE p.DB = DATABASE() AND p.ID <> CONNECTION_ID()",
+        )
+        .fetch_all(pool)
+        .await
+        .unwrap();
+        assert_eq!(claims.len(), 1, "open transactions: {claims:?}");
+        sqlx::query(&format!("KILL CONNECTION {}", claims[0]))
+            .execute(pool)
+            .await
+            .unwrap();
+    }
+
+    async fn hold_all(pool: &Pool<Self>) -> sqlx::Transaction<'static, Self> {
+        let mut tx = pool.begin().await.unwrap();
+        sqlx::query("SELECT seq FROM txmq_outbox FOR UPDATE")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        tx
+    }
+}
+
 /// The claim's connection dies while the first batch is out. The relay marks the row in a new
 /// transaction, unless another worker took it meanwhile (`held`): then it leaves it to that
 /// worker at once, without waiting for its locks.
-async fn claim_connection_killed(held: bool) {
+async fn claim_connection_killed<DB: KillsClaims>(held: bool) {
     let Some(mut conn) = redis().await else {
         return;
     };
-    let Some(scratch) = Postgres::scratch("txmq_ob_killed", 4).await else {
+    let Some(scratch) = DB::scratch("txmq_ob_killed", 4).await else {
         return;
     };
     let url = scratch.url.clone();
@@ -702,7 +778,7 @@ async fn claim_connection_killed(held: bool) {
             let m = OutboxMessage::new(&stream, "x").with_id("only");
             enqueue_committed(&pool, vec![m]).await;
             let name = unique("txmq_ob_relay");
-            let relays = impatient_pool(&url, &name).await;
+            let relays = DB::relay_pool(&url, &name).await;
             let holder = Arc::new(tokio::sync::Mutex::new(None));
             let armed = Arc::new(AtomicBool::new(true));
             let before = {
@@ -714,22 +790,9 @@ async fn claim_connection_killed(held: bool) {
                         if !first {
                             return;
                         }
-                        let killed: Vec<bool> = sqlx::query_scalar(
-                            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-                             WHERE application_name = $1 AND state = 'idle in transaction'",
-                        )
-                        .bind(&name)
-                        .fetch_all(&pool)
-                        .await
-                        .unwrap();
-                        assert_eq!(killed, [true]);
+                        DB::kill_claim(&pool, &name).await;
                         if held {
-                            let mut tx = pool.begin().await.unwrap();
-                            sqlx::query("SELECT seq FROM txmq_outbox FOR UPDATE")
-                                .execute(&mut *tx)
-                                .await
-                                .unwrap();
-                            *holder.lock().await = Some(tx);
+                            *holder.lock().await = Some(DB::hold_all(&pool).await);
                         }
                     })
                 }
@@ -754,7 +817,7 @@ async fn claim_connection_killed(held: bool) {
             assert_eq!(again, usize::from(held));
             let published = ids(&mut conn, &stream).await.len();
             assert_eq!(published, 1 + usize::from(held));
-            assert_eq!(Postgres::list(&pool, "D", 10).await.unwrap().len(), 1);
+            assert_eq!(DB::list(&pool, "D", 10).await.unwrap().len(), 1);
             relays.close().await;
             let _: () = conn.del(&stream).await.unwrap();
         })
@@ -763,10 +826,20 @@ async fn claim_connection_killed(held: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_batch_is_marked_after_its_claim_connection_was_killed() {
-    claim_connection_killed(false).await;
+    claim_connection_killed::<Postgres>(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mariadb_batch_is_marked_after_its_claim_connection_was_killed() {
+    claim_connection_killed::<MySql>(false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_batch_another_worker_took_after_its_claim_died_is_left_to_it() {
-    claim_connection_killed(true).await;
+    claim_connection_killed::<Postgres>(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mariadb_batch_another_worker_took_after_its_claim_died_is_left_to_it() {
+    claim_connection_killed::<MySql>(true).await;
 }
