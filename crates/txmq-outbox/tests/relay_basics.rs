@@ -567,6 +567,11 @@ async fn postgres_relay_goes_on_after_its_sink_panics() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mariadb_relay_goes_on_after_its_sink_panics() {
+    on_scratch(panicking_sink::<MySql>).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_relay_goes_on_after_its_sink_panics() {
     on_scratch(panicking_sink::<Sqlite>).await;
 }
