@@ -60,6 +60,21 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
+    /// Refuses a zero backoff wait (`initial` or `max`): a failing row would be retried back
+    /// to back.
+    ///
+    /// # Errors
+    /// [`RelayConfigError::ZeroBackoff`], naming the wait.
+    pub fn check(&self) -> Result<(), RelayConfigError> {
+        if self.initial.is_zero() {
+            return Err(RelayConfigError::ZeroBackoff("initial"));
+        }
+        if self.max.is_zero() {
+            return Err(RelayConfigError::ZeroBackoff("max"));
+        }
+        Ok(())
+    }
+
     /// The wait after a row's failed attempt, when it had failed `attempts` times before.
     pub fn delay(&self, attempts: u32) -> Duration {
         let factor = 1u32.checked_shl(attempts.min(31)).unwrap_or(u32::MAX);

@@ -8,7 +8,7 @@ use sqlx::{Pool, Transaction};
 use crate::dialect::{NewRow, OutboxDb};
 use crate::relay;
 use crate::sink::Sink;
-use crate::{OutboxMessage, OutboxRow, RetryPolicy, now_ms};
+use crate::{OutboxMessage, OutboxRow, RelayConfigError, RetryPolicy, now_ms};
 
 /// Longest message id, destination and key, in bytes.
 const MAX_ID: usize = 128;
@@ -113,9 +113,16 @@ impl Outbox {
     }
 
     /// The retry policy a failed fast-path publish is recorded with (use the relay's).
-    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+    ///
+    /// # Errors
+    /// [`RelayConfigError::ZeroBackoff`]: a zero backoff wait, which [`Relay::new`]
+    /// refuses too.
+    ///
+    /// [`Relay::new`]: crate::Relay::new
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Result<Self, RelayConfigError> {
+        retry.check()?;
         self.retry = retry;
-        self
+        Ok(self)
     }
 
     /// Inserts `message` into `txmq_outbox` on the caller's transaction: it is published
@@ -280,8 +287,33 @@ pub(crate) fn millis(d: Duration) -> i64 {
 
 #[cfg(test)]
 mod tests {
-    use super::{EnqueueError, validate};
-    use crate::OutboxMessage;
+    use std::time::Duration;
+
+    use super::{EnqueueError, Outbox, validate};
+    use crate::{OutboxMessage, RelayConfigError, RetryPolicy};
+
+    /// The fast path's retry policy is held to the relay's rule: no zero backoff wait.
+    #[test]
+    fn a_fast_path_retry_policy_with_a_zero_backoff_is_refused() {
+        let zero_initial = RetryPolicy {
+            initial: Duration::ZERO,
+            ..RetryPolicy::default()
+        };
+        let zero_max = RetryPolicy {
+            max: Duration::ZERO,
+            ..RetryPolicy::default()
+        };
+        let e = Outbox::new().with_retry(zero_initial).err();
+        assert_eq!(e, Some(RelayConfigError::ZeroBackoff("initial")));
+        assert!(e.unwrap().to_string().contains("retry.initial"));
+        let e = Outbox::new().with_retry(zero_max).err();
+        assert_eq!(e, Some(RelayConfigError::ZeroBackoff("max")));
+        let kept = RetryPolicy {
+            initial: Duration::from_millis(1),
+            ..RetryPolicy::default()
+        };
+        assert_eq!(Outbox::new().with_retry(kept).unwrap().retry, kept);
+    }
 
     #[test]
     fn bad_messages_are_refused_with_the_reason() {

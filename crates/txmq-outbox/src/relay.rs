@@ -97,12 +97,7 @@ impl RelayConfig {
                 publish_timeout: self.publish_timeout,
             });
         }
-        if self.retry.initial.is_zero() {
-            return Err(RelayConfigError::ZeroBackoff("initial"));
-        }
-        if self.retry.max.is_zero() {
-            return Err(RelayConfigError::ZeroBackoff("max"));
-        }
+        self.retry.check()?;
         if DB::LEASED_CLAIMS && self.lease <= self.publish_timeout {
             return Err(RelayConfigError::LeaseNotAbovePublishTimeout {
                 lease: self.lease,

@@ -314,7 +314,9 @@ async fn fast_path_leaves_to_the_relay<DB: TestDb>(pool: Pool<DB>) {
     let m = |id: &str, dest: &str| OutboxMessage::new(dest, id.as_bytes().to_vec()).with_id(id);
 
     let sink = RedisSink::connect(REDIS).await.unwrap();
-    let outbox = Outbox::new().with_retry(config().retry);
+    let outbox = Outbox::new()
+        .with_retry(config().retry)
+        .expect("valid retry policy");
     let mut tx = pool.begin().await.unwrap();
     let mut fast = Vec::new();
     for message in [
