@@ -741,15 +741,28 @@ impl KillsClaims for MySql {
         MySql::connect(url, 2).await
     }
 
+    /// InnoDB fills `INNODB_TRX` from a cache it refreshes only when the last read of it (by
+    /// any session: other tests run alongside) is over 0.1 s old, so a claim just begun may
+    /// be missing from a read. It is read again, more than 0.1 s apart and at uneven times
+    /// (two tests reading in step could each keep the other's refresh from happening), until
+    /// it shows or 3 s have passed; the claim stays open meanwhile, since the sink waits for
+    /// this hook.
     async fn kill_claim(pool: &Pool<Self>, _name: &str) {
-        let claims: Vec<u64> = sqlx::query_scalar(
-            "SELECT t.trx_mysql_thread_id FROM information_schema.INNODB_TRX t
-             JOIN information_schema.PROCESSLIST p ON p.ID = t.trx_mysql_thread_id
-             WHERE p.DB = DATABASE() AND p.ID <> CONNECTION_ID()",
-        )
-        .fetch_all(pool)
-        .await
-        .unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        let claims = loop {
+            let claims: Vec<u64> = sqlx::query_scalar(
+                "SELECT t.trx_mysql_thread_id FROM information_schema.INNODB_TRX t
+                 JOIN information_schema.PROCESSLIST p ON p.ID = t.trx_mysql_thread_id
+                 WHERE p.DB = DATABASE() AND p.ID <> CONNECTION_ID()",
+            )
+            .fetch_all(pool)
+            .await
+            .unwrap();
+            if !claims.is_empty() || tokio::time::Instant::now() >= deadline {
+                break claims;
+            }
+            tokio::time::sleep(Duration::from_millis(rand::random_range(120..300))).await;
+        };
         assert_eq!(claims.len(), 1, "open transactions: {claims:?}");
         sqlx::query(&format!("KILL CONNECTION {}", claims[0]))
             .execute(pool)
