@@ -40,6 +40,12 @@ trait TestDb: Dialect + ScratchDb {
     /// statement is refused and COMMIT rolls back), rather than only itself.
     const ABORTS_ON_ERROR: bool = false;
 
+    /// Whether `process_once` can tell that the database ended its transaction even when
+    /// another delivery has since committed the same inbox row (PostgreSQL, MySQL and
+    /// MariaDB: `ProcessError::Aborted`). SQLite cannot, and its COMMIT of the ended
+    /// transaction fails instead (`ProcessError::Database`).
+    const TELLS_ENDED_TRANSACTIONS: bool = true;
+
     /// Runs `sql` on the transaction.
     fn exec<'c>(tx: &'c mut DbTransaction<Self>, sql: String) -> BoxFuture<'c, sqlx::Result<()>>;
 
@@ -80,16 +86,30 @@ impl TestDb for MySql {
 
 impl TestDb for Sqlite {
     const POOL_SIZE: u32 = 4;
+    const TELLS_ENDED_TRANSACTIONS: bool = false;
     sql_helpers!();
 }
 
 /// A server with the transactional topic `payments` (2 queues).
 async fn payments_server(dir: &std::path::Path) -> txmq_broker::server::Server {
+    server_with_topic(dir, "payments", TopicType::Transaction).await
+}
+
+/// A server with the normal topic `paid` (2 queues).
+async fn paid_server(dir: &std::path::Path) -> txmq_broker::server::Server {
+    server_with_topic(dir, "paid", TopicType::Normal).await
+}
+
+async fn server_with_topic(
+    dir: &std::path::Path,
+    topic: &str,
+    kind: TopicType,
+) -> txmq_broker::server::Server {
     let server = start(dir).await;
     server
         .broker
         .metadata()
-        .create_topic("payments", TopicType::Transaction, 2)
+        .create_topic(topic, kind, 2)
         .unwrap();
     server
 }
@@ -832,6 +852,41 @@ async fn mariadb_rows_are_stamped_and_aged_by_the_database_clock() {
     .await;
 }
 
+/// Makes the inbox's tables and `shipments` (`message_id`, and the `run` that wrote it),
+/// sends one message to `paid` and receives it in group `logistics`, invisible for
+/// `invisible`; the producer and consumer stay open.
+async fn one_paid_delivery<DB: TestDb>(
+    server: &txmq_broker::server::Server,
+    pool: &Pool<DB>,
+    invisible: Duration,
+) -> (txmq_client::Producer, SimpleConsumer, MessageView) {
+    db::migrate(pool).await.unwrap();
+    DB::exec_pool(
+        pool,
+        "CREATE TABLE shipments (message_id VARCHAR(128) PRIMARY KEY, run VARCHAR(8))".into(),
+    )
+    .await
+    .unwrap();
+    let producer = txmq_client::Producer::connect(client(server), ["paid"])
+        .await
+        .unwrap();
+    producer
+        .send(Message::new("paid", "order 1"))
+        .await
+        .unwrap();
+    let consumer =
+        SimpleConsumer::connect(client(server), "logistics", [Subscription::all("paid")])
+            .await
+            .unwrap();
+    let m = loop {
+        let mut got = consumer.receive(1, invisible).await.unwrap();
+        if let Some(m) = got.pop() {
+            break m;
+        }
+    };
+    (producer, consumer, m)
+}
+
 /// A handler writing one shipment per message, counting its runs, failing if `fail`.
 fn ship<DB: TestDb>(
     runs: Arc<AtomicU32>,
@@ -859,38 +914,11 @@ fn ship<DB: TestDb>(
 /// leaves nothing and the next delivery runs it.
 async fn duplicate_delivery_runs_the_handler_once<DB: TestDb>(pool: Pool<DB>) {
     let dir = tempfile::tempdir().unwrap();
-    let server = start(dir.path()).await;
-    server
-        .broker
-        .metadata()
-        .create_topic("paid", TopicType::Normal, 2)
-        .unwrap();
+    let server = paid_server(dir.path()).await;
     within(60, async {
-        db::migrate(&pool).await.unwrap();
-        DB::exec_pool(
-            &pool,
-            "CREATE TABLE shipments (message_id VARCHAR(128) PRIMARY KEY)".into(),
-        )
-        .await
-        .unwrap();
-        let producer = txmq_client::Producer::connect(client(&server), ["paid"])
-            .await
-            .unwrap();
-        producer
-            .send(Message::new("paid", "order 1"))
-            .await
-            .unwrap();
-        let consumer =
-            SimpleConsumer::connect(client(&server), "logistics", [Subscription::all("paid")])
-                .await
-                .unwrap();
         // Not acked, short invisibility: the server delivers it again.
-        let first: MessageView = loop {
-            let mut got = consumer.receive(1, Duration::from_secs(1)).await.unwrap();
-            if let Some(m) = got.pop() {
-                break m;
-            }
-        };
+        let (producer, consumer, first) =
+            one_paid_delivery(&server, &pool, Duration::from_secs(1)).await;
         let runs = Arc::new(AtomicU32::new(0));
         let failed =
             db::process_once(&pool, "logistics", &first, ship::<DB>(runs.clone(), true)).await;
@@ -933,6 +961,67 @@ async fn duplicate_delivery_runs_the_handler_once<DB: TestDb>(pool: Pool<DB>) {
             0
         );
         assert_eq!(db::cleanup_inbox(&pool, Duration::ZERO).await.unwrap(), 2);
+        producer.shutdown().await;
+        consumer.shutdown().await;
+    })
+    .await;
+    server.stop().await.unwrap();
+}
+
+/// A delivery whose transaction the database ended under its handler is not reported done
+/// when another delivery of the same message has committed the inbox row meanwhile (a
+/// deadlock's victim stops holding the row, and the delivery waiting for it goes on): the
+/// row it reads back before its commit is not its own.
+async fn an_ended_delivery_is_not_done_by_another_deliverys_row<DB: TestDb>(pool: Pool<DB>) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = paid_server(dir.path()).await;
+    within(60, async {
+        let (producer, consumer, m) =
+            one_paid_delivery(&server, &pool, Duration::from_secs(30)).await;
+        let other = pool.clone();
+        let first = db::process_once(&pool, "logistics", &m, |tx, m| {
+            Box::pin(async move {
+                let sql = format!(
+                    "INSERT INTO shipments (message_id, run) VALUES ('{}', 'first')",
+                    m.message_id()
+                );
+                DB::exec(tx, sql).await?;
+                // Ended as InnoDB ends a deadlock's victim; the handler goes on.
+                DB::exec(tx, "ROLLBACK".into()).await?;
+                let second = db::process_once(&other, "logistics", m, |tx, m| {
+                    let sql = format!(
+                        "INSERT INTO shipments (message_id, run) VALUES ('{}', 'second')",
+                        m.message_id()
+                    );
+                    Box::pin(async move { DB::exec(tx, sql).await })
+                })
+                .await;
+                assert_eq!(second.unwrap(), Processed::Done(()));
+                Ok::<_, sqlx::Error>(())
+            })
+        })
+        .await;
+        if DB::TELLS_ENDED_TRANSACTIONS {
+            assert!(matches!(first, Err(ProcessError::Aborted)), "{first:?}");
+        } else {
+            assert!(matches!(first, Err(ProcessError::Database(_))), "{first:?}");
+        }
+        let shipped = DB::scalar(
+            &pool,
+            "SELECT COUNT(*) FROM shipments WHERE run = 'second'".into(),
+        )
+        .await
+        .unwrap();
+        let all = DB::scalar(&pool, "SELECT COUNT(*) FROM shipments".into())
+            .await
+            .unwrap();
+        assert_eq!((all, shipped), (1, 1));
+        let again = db::process_once(&pool, "logistics", &m, |_tx, _m| {
+            Box::pin(async { Ok::<_, sqlx::Error>(()) })
+        })
+        .await;
+        assert_eq!(again.unwrap(), Processed::Duplicate);
+        consumer.ack(&m).await.unwrap();
         producer.shutdown().await;
         consumer.shutdown().await;
     })
@@ -1026,6 +1115,21 @@ async fn mariadb_duplicate_delivery_runs_the_handler_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sqlite_duplicate_delivery_runs_the_handler_once() {
     with_scratch::<Sqlite, _, _>(duplicate_delivery_runs_the_handler_once).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_an_ended_delivery_is_not_done_by_another_deliverys_row() {
+    with_scratch::<Postgres, _, _>(an_ended_delivery_is_not_done_by_another_deliverys_row).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mariadb_an_ended_delivery_is_not_done_by_another_deliverys_row() {
+    with_scratch::<MySql, _, _>(an_ended_delivery_is_not_done_by_another_deliverys_row).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_an_ended_delivery_is_not_done_by_another_deliverys_row() {
+    with_scratch::<Sqlite, _, _>(an_ended_delivery_is_not_done_by_another_deliverys_row).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -90,8 +90,12 @@ pub trait Dialect: sqlx::Database + sealed::Sealed {
         message_id: &str,
     ) -> impl Future<Output = Result<bool, sqlx::Error>> + Send;
 
-    /// Whether the inbox row of `(group, message_id)` is there, read inside the caller's
-    /// transaction: as [`Dialect::log_row_kept`].
+    /// Whether the inbox row of `(group, message_id)` that the caller's transaction inserted
+    /// is still there: as [`Dialect::log_row_kept`], but the key is not the caller's alone.
+    /// Once the database has ended the caller's transaction (a deadlock's victim, say), a
+    /// later delivery of the same message can insert that row, and a read would find it;
+    /// so where the database ends transactions by itself and goes on, the transaction is
+    /// first checked to be still open (see `STILL_OPEN`).
     #[doc(hidden)]
     fn inbox_row_kept(
         conn: &mut Self::Connection,
@@ -200,6 +204,16 @@ mod pg {
     /// READ UNCOMMITTED reads committed rows in PostgreSQL: a plain read sees only
     /// committed log rows at any level.
     pub const BEGIN_READ_COMMITTED: Option<&str> = None;
+
+    /// PostgreSQL ends a transaction only when told to, but a handler can still send its own
+    /// `ROLLBACK`; after it, statements run on their own. A savepoint is refused outside a
+    /// transaction block (25P01) and in a failed one (25P02).
+    pub const STILL_OPEN: Option<&str> =
+        Some("SAVEPOINT txmq_still_open; RELEASE SAVEPOINT txmq_still_open");
+    pub fn ended(e: &sqlx::Error) -> bool {
+        matches!(e, sqlx::Error::Database(d)
+            if matches!(d.code().as_deref(), Some("25P01" | "25P02")))
+    }
 }
 
 mod mysql {
@@ -282,6 +296,18 @@ mod mysql {
     /// state is closed, not given back, see `log_state`.)
     pub const BEGIN_READ_COMMITTED: Option<&str> =
         Some("SET TRANSACTION ISOLATION LEVEL READ COMMITTED; START TRANSACTION");
+
+    /// InnoDB ends a deadlock's victim by itself, and the session's later statements then
+    /// run on their own, each committed at once. A savepoint outside a transaction lives for
+    /// its own statement only, so releasing it in the next fails with
+    /// ER_SP_DOES_NOT_EXIST (1305).
+    pub const STILL_OPEN: Option<&str> =
+        Some("SAVEPOINT txmq_still_open; RELEASE SAVEPOINT txmq_still_open");
+    pub fn ended(e: &sqlx::Error) -> bool {
+        e.as_database_error()
+            .and_then(|d| d.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>())
+            .is_some_and(|d| d.number() == 1305)
+    }
 }
 
 mod sqlite {
@@ -347,6 +373,13 @@ mod sqlite {
     /// SQLite reads uncommitted rows only on a shared cache with `PRAGMA
     /// read_uncommitted` on, which a checker's pool must not set (documented).
     pub const BEGIN_READ_COMMITTED: Option<&str> = None;
+
+    /// A savepoint outside a transaction starts one in SQLite, so it tells nothing. SQLite
+    /// refuses the COMMIT of a transaction it ended instead ("no transaction is active").
+    pub const STILL_OPEN: Option<&str> = None;
+    pub fn ended(_: &sqlx::Error) -> bool {
+        false
+    }
 }
 
 /// A pooled connection closed when dropped, rather than given back to the pool, unless
@@ -473,6 +506,15 @@ macro_rules! dialect {
                 group: &str,
                 message_id: &str,
             ) -> Result<bool, sqlx::Error> {
+                if let Some(probe) = $sql::STILL_OPEN {
+                    // No arguments: one simple query, both statements in one round trip.
+                    match sqlx::Executor::execute(&mut *conn, probe).await {
+                        Ok(_) => {}
+                        Err(e) if $sql::ended(&e) => return Ok(false),
+                        Err(e) => return Err(e),
+                    }
+                }
+                // Open: the row, if there, is this transaction's, since it holds the key.
                 let row = sqlx::query($sql::INBOX_ROW)
                     .bind(group)
                     .bind(message_id)
