@@ -100,6 +100,7 @@ async fn paid_server(dir: &std::path::Path) -> txmq_broker::server::Server {
     server_with_topic(dir, "paid", TopicType::Normal).await
 }
 
+/// A server with `topic` of `kind` (2 queues).
 async fn server_with_topic(
     dir: &std::path::Path,
     topic: &str,
