@@ -211,8 +211,8 @@ mod pg {
     pub const STILL_OPEN: Option<&str> =
         Some("SAVEPOINT txmq_still_open; RELEASE SAVEPOINT txmq_still_open");
     pub fn ended(e: &sqlx::Error) -> bool {
-        matches!(e, sqlx::Error::Database(d)
-            if matches!(d.code().as_deref(), Some("25P01" | "25P02")))
+        super::ended_by_database(e)
+            || matches!(e, sqlx::Error::Database(d) if d.code().as_deref() == Some("25P01"))
     }
 }
 
